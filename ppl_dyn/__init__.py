@@ -1,0 +1,23 @@
+"""ppl_dyn: learning stochastic dynamical systems written as NumPyro models.
+
+The library never changes JAX's precision on import; enable float64 yourself with
+``jax.config.update("jax_enable_x64", True)`` when you need it.
+"""
+
+from ppl_dyn import infer, models
+from ppl_dyn.simulate import simulate
+from ppl_dyn.state_space import LinearStructure, Regression, StateSpace, bind, markov
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "infer",
+    "models",
+    "simulate",
+    "markov",
+    "bind",
+    "StateSpace",
+    "LinearStructure",
+    "Regression",
+    "__version__",
+]

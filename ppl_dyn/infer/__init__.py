@@ -1,0 +1,19 @@
+"""Inference plug-ins: E-steps, M-steps and the EM driver."""
+
+from ppl_dyn.infer.em import EM, EMResult, EMState, fit_em
+from ppl_dyn.infer.kalman import GaussianPosterior, KalmanSmoother
+from ppl_dyn.infer.mstep import LinearGaussianMStep
+from ppl_dyn.infer.stats import InitStats, LinearStats, RegressionStats
+
+__all__ = [
+    "EM",
+    "EMResult",
+    "EMState",
+    "fit_em",
+    "KalmanSmoother",
+    "GaussianPosterior",
+    "LinearGaussianMStep",
+    "LinearStats",
+    "RegressionStats",
+    "InitStats",
+]

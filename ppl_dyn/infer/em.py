@@ -1,0 +1,227 @@
+"""The EM driver, shaped like NumPyro's ``SVI``: ``init`` / ``update`` / ``run``."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from ppl_dyn._validation import check_params, check_rng_key
+from ppl_dyn.infer._run import hashable_items, split_static, validate_data
+from ppl_dyn.infer.mstep import LinearGaussianMStep
+from ppl_dyn.state_space import bind, inspect_model
+
+
+class EMState(NamedTuple):
+    """What EM carries between iterations."""
+
+    params: dict  # values of the free parameter sites
+    iteration: int
+    rng_key: jax.Array
+
+
+class EMResult(NamedTuple):
+    """Outcome of :meth:`EM.run`.
+
+    Attributes:
+        params: final values of every parameter site (free and frozen).
+        state: the final :class:`EMState` (to continue with :meth:`EM.update`).
+        log_marginals: ``log p(y | theta_k)`` for each iteration ``k`` (the E-step of
+            iteration ``k`` evaluates the parameters *entering* it); non-decreasing for
+            exact E-steps.
+        floor_counts: per covariance site, how many iterations hit the eigenvalue floor.
+        converged: whether the relative-tolerance criterion stopped the run.
+        num_iters: iterations run.
+    """
+
+    params: dict
+    state: EMState
+    log_marginals: np.ndarray
+    floor_counts: dict
+    converged: bool
+    num_iters: int
+
+
+class EM:
+    """Expectation-maximisation for state-space models written as NumPyro functions.
+
+    Args:
+        model: a model function declaring its dynamics with :func:`ppl_dyn.markov`.
+        e_step: an E-step plug-in (e.g. :class:`~ppl_dyn.infer.KalmanSmoother`).
+        m_step: an M-step plug-in; defaults to :class:`LinearGaussianMStep`.
+
+    Frozen parameters are sites conditioned with ``numpyro.handlers.condition``; they are
+    never changed. The objective is the marginal likelihood (priors are not used by EM).
+
+    Example:
+        >>> import jax, ppl_dyn
+        >>> from ppl_dyn.models import lds
+        >>> from ppl_dyn.infer import EM, KalmanSmoother
+        >>> y = ppl_dyn.simulate(jax.random.key(0), lds, num_steps=100,
+        ...                      state_dim=1, obs_dim=2)["y"]
+        >>> res = EM(lds, KalmanSmoother()).run(jax.random.key(1), 20, y=y,
+        ...                                     state_dim=1, progress_bar=False)
+        >>> len(res.log_marginals)
+        20
+    """
+
+    def __init__(self, model: Callable, e_step, m_step=None):
+        self.model = model
+        self.e_step = e_step
+        self.m_step = LinearGaussianMStep() if m_step is None else m_step
+
+    # -- SVI-shaped API ----------------------------------------------------------------
+    def init(self, rng_key, init_params: Union[dict, "EMResult", None] = None, **kwargs) -> EMState:
+        """Initial state: ``init_params`` where given, prior draws (from ``rng_key``) for
+        the remaining free sites."""
+        check_rng_key(rng_key)
+        kwargs = validate_data(kwargs)
+        init_key, run_key = jax.random.split(rng_key)
+        info = inspect_model(self.model, rng_key=init_key, **kwargs)
+        if not info.free:
+            raise ValueError("the model has no free parameter sites: nothing to estimate")
+        self.m_step.check(info.spec.structure, info.free)
+        given = dict(_params_of(init_params))
+        params = {k: jnp.asarray(given.get(k, s["value"])) for k, s in info.free.items()}
+        check_params(params, info.free)
+        return EMState(params=params, iteration=0, rng_key=run_key)
+
+    def update(self, state: EMState, **kwargs):
+        """One EM iteration: returns ``(new_state, log_marginal_of_old_params)``."""
+        step, dynamic = self._compiled(kwargs)
+        key, sub = jax.random.split(state.rng_key)
+        new_params, ll, _, _ = step(state.params, dynamic, sub)
+        return EMState(new_params, state.iteration + 1, key), ll
+
+    def run(
+        self,
+        rng_key: jax.Array,
+        num_iters: int,
+        *,
+        init_params: Union[dict, "EMResult", None] = None,
+        rtol: Optional[float] = None,
+        progress_bar: bool = True,
+        **kwargs,
+    ) -> EMResult:
+        """Run up to ``num_iters`` iterations.
+
+        Args:
+            rng_key: PRNG key (initialisation draws and stochastic E-steps).
+            num_iters: maximum number of iterations (>= 1).
+            init_params: starting values (a dict of site values or a previous
+                :class:`EMResult`); missing sites are drawn from their priors.
+            rtol: stop when ``|l_k - l_{k-1}| <= rtol * |l_{k-1}|``; None runs all.
+            progress_bar: show a tqdm progress bar.
+            **kwargs: the model's arguments (``y=...``, ``state_dim=...``, ...).
+
+        Raises:
+            FloatingPointError: when an iteration produces a non-finite log-marginal or
+                parameter; the message names the iteration and the site.
+        """
+        if not isinstance(num_iters, (int, np.integer)) or num_iters < 1:
+            raise ValueError(f"num_iters must be a positive int; got {num_iters!r}")
+        kwargs = validate_data(kwargs)
+        state = self.init(rng_key, init_params=init_params, **kwargs)
+        step, dynamic = self._compiled(kwargs)
+        lls: list[float] = []
+        floor_counts: dict = {}
+        converged = False
+        bar = tqdm(range(num_iters), disable=not progress_bar, desc="EM", leave=False)
+        key = state.rng_key
+        params = state.params
+        for it in bar:
+            key, sub = jax.random.split(key)
+            new_params, ll, floors, finite = step(params, dynamic, sub)
+            ll = float(ll)
+            finite = {k: bool(v) for k, v in finite.items()}
+            if not np.isfinite(ll):
+                raise FloatingPointError(
+                    f"EM iteration {it}: the log-marginal is {ll} at the parameters entering "
+                    "this iteration (the E-step diverged)"
+                )
+            bad = [k for k, ok in finite.items() if not ok]
+            if bad:
+                raise FloatingPointError(
+                    f"EM iteration {it}: the M-step produced non-finite values for {bad}"
+                )
+            for k, v in floors.items():
+                floor_counts[k] = floor_counts.get(k, 0) + int(v)
+            lls.append(ll)
+            params = new_params
+            if progress_bar and (it % 10 == 0 or it == num_iters - 1):
+                bar.set_postfix(log_marginal=f"{ll:.4f}", refresh=False)
+            if rtol is not None and it > 0 and abs(ll - lls[-2]) <= rtol * abs(lls[-2]):
+                converged = True
+                break
+        bar.close()
+        hits = {k: v for k, v in floor_counts.items() if v}
+        if hits:
+            warnings.warn(
+                f"EM applied the covariance eigenvalue floor (iterations per site): {hits}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        final = EMState(params, state.iteration + len(lls), key)
+        all_params = self._all_params(params, kwargs)
+        return EMResult(
+            params=all_params,
+            state=final,
+            log_marginals=np.asarray(lls),
+            floor_counts=floor_counts,
+            converged=converged,
+            num_iters=len(lls),
+        )
+
+    # -- internals ---------------------------------------------------------------------
+    def _compiled(self, kwargs):
+        dynamic, static = split_static(kwargs)
+        items = hashable_items(static)
+        if items is None:
+            fn = _make_step(self.model, self.e_step, self.m_step, tuple(static.items()))
+        else:
+            fn = _cached_step(self.model, self.e_step, self.m_step, items)
+        return fn, dynamic
+
+    def _all_params(self, params, kwargs):
+        ss, _ = bind(self.model, params, **kwargs)
+        return {k: v for k, v in ss.params.items()}
+
+
+def _params_of(init):
+    if init is None:
+        return {}
+    if isinstance(init, EMResult):
+        return init.params
+    if isinstance(init, dict):
+        return init
+    raise ValueError(f"init_params must be a dict or an EMResult; got {type(init).__name__}")
+
+
+def _make_step(model, e_step, m_step, static_items):
+    static = dict(static_items)
+
+    def step(params, dynamic, rng_key):
+        kwargs = {**static, **dynamic}
+        ss, spec = bind(model, params, **kwargs)
+        stats, ll = e_step.expected_statistics(rng_key, ss, spec.y, spec.u)
+        new, floors = m_step.update(stats, ss.structure, ss.params, frozenset(params))
+        new_params = {k: new.get(k, v) for k, v in params.items()}
+        finite = {k: jnp.all(jnp.isfinite(v)) for k, v in new_params.items()}
+        return new_params, ll, floors, finite
+
+    return jax.jit(step)
+
+
+@functools.lru_cache(maxsize=128)
+def _cached_step(model, e_step, m_step, static_items):
+    return _make_step(model, e_step, m_step, static_items)
+
+
+def fit_em(model: Callable, e_step, rng_key, num_iters: int, *, m_step=None, **kwargs) -> EMResult:
+    """``EM(model, e_step, m_step).run(rng_key, num_iters, **kwargs)``."""
+    return EM(model, e_step, m_step).run(rng_key, num_iters, **kwargs)

@@ -1,0 +1,216 @@
+"""Closed-form M-steps: one linear-in-parameters Gaussian regression per map.
+
+For ``z = W r + e``, ``e ~ N(0, Sigma)`` with expected statistics ``S_zr, S_rr, S_zz, n``
+(``docs/math.md`` section 1) the maximiser over the free column blocks of ``W`` is
+
+.. math::
+    W_f = (S_{zr}[:, f] - W_x S_{rr}[x, f])\\, S_{rr}[f, f]^{-1}
+
+(``x`` the frozen blocks), independent of ``Sigma``; then
+
+.. math::
+    \\Sigma = \\tfrac1n (S_{zz} - W S_{zr}^T - S_{zr} W^T + W S_{rr} W^T)
+
+in the full form, valid whether or not blocks are frozen. Diagonal noise takes its
+diagonal. Every covariance leaving the M-step is exactly symmetric with eigenvalues at
+least ``covariance_floor * trace / dim``; each use of the floor is counted and reported.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ppl_dyn.infer.stats import InitStats, LinearStats, RegressionStats
+from ppl_dyn.state_space import LinearStructure, Regression
+
+
+def _sym(P):
+    return 0.5 * (P + jnp.swapaxes(P, -1, -2))
+
+
+def floor_covariance(P, rel_floor):
+    """Symmetrise ``P`` and lift eigenvalues below ``rel_floor * tr(P) / d``.
+
+    Returns ``(P_floored, applied)`` where ``applied`` is 1 when the floor changed P.
+    """
+    P = _sym(P)
+    d = P.shape[-1]
+    tiny = jnp.sqrt(jnp.finfo(P.dtype).tiny)
+    floor = jnp.maximum(rel_floor * jnp.trace(P) / d, tiny)
+    lam, V = jnp.linalg.eigh(P)
+    applied = jnp.any(lam < floor)
+    lifted = _sym((V * jnp.maximum(lam, floor)) @ V.T)
+    return jnp.where(applied, lifted, P), applied.astype(jnp.int32)
+
+
+def floor_variances(v, rel_floor):
+    tiny = jnp.sqrt(jnp.finfo(v.dtype).tiny)
+    floor = jnp.maximum(rel_floor * jnp.mean(v), tiny)
+    applied = jnp.any(v < floor)
+    return jnp.maximum(v, floor), applied.astype(jnp.int32)
+
+
+def _pinv_psd(S):
+    """Pseudo-inverse of a symmetric PSD matrix (no NaN on rank deficiency)."""
+    lam, V = jnp.linalg.eigh(_sym(S))
+    cut = jnp.finfo(S.dtype).eps * S.shape[-1] * jnp.max(jnp.abs(lam))
+    inv = jnp.where(lam > cut, 1.0 / jnp.where(lam > cut, lam, 1.0), 0.0)
+    return (V * inv) @ V.T
+
+
+def regression_blocks(reg: Regression, k: int, du: int):
+    """Column slices of the regressor ``[phi (k); u (du); 1]`` and their site names."""
+    blocks = [(reg.weight, slice(0, k))]
+    if reg.input_weight is not None:
+        blocks.append((reg.input_weight, slice(k, k + du)))
+    if reg.bias is not None:
+        blocks.append((reg.bias, slice(k + du, k + du + 1)))
+    return blocks
+
+
+def solve_regression(
+    stats: RegressionStats,
+    reg: Regression,
+    params: dict,
+    free: frozenset,
+    k: int,
+    du: int,
+    rel_floor: float,
+):
+    """Maximise the expected log-likelihood of one regression; returns (updates, floors)."""
+    blocks = regression_blocks(reg, k, du)
+    cols = jnp.concatenate([jnp.arange(s.start, s.stop) for _, s in blocks])
+    S_zr = stats.S_zr[:, cols]
+    S_rr = stats.S_rr[jnp.ix_(cols, cols)]
+    dz = S_zr.shape[0]
+
+    def as_matrix(name, value):
+        if name == reg.bias:
+            return jnp.reshape(value, (dz, 1))
+        return value
+
+    # positions of blocks within the active columns
+    pos, start = [], 0
+    for name, s in blocks:
+        width = s.stop - s.start
+        pos.append((name, start, start + width))
+        start += width
+    free_idx = [jnp.arange(a, b) for n, a, b in pos if n in free]
+    fixed_idx = [jnp.arange(a, b) for n, a, b in pos if n not in free]
+    W = jnp.zeros((dz, start), S_zr.dtype)
+    for n, a, b in pos:
+        if n not in free:
+            W = W.at[:, a:b].set(as_matrix(n, params[n]).astype(S_zr.dtype))
+    out = {}
+    if free_idx:
+        f = jnp.concatenate(free_idx)
+        rhs = S_zr[:, f]
+        if fixed_idx:
+            x = jnp.concatenate(fixed_idx)
+            rhs = rhs - W[:, x] @ S_rr[jnp.ix_(x, f)]
+        W_f = rhs @ _pinv_psd(S_rr[jnp.ix_(f, f)])
+        W = W.at[:, f].set(W_f)
+        for n, a, b in pos:
+            if n in free:
+                blk = W[:, a:b]
+                out[n] = blk[:, 0] if n == reg.bias else blk
+    floors = {}
+    if reg.noise in free:
+        n = jnp.maximum(stats.n, 1.0)
+        WS = W @ S_zr.T
+        Sigma = (stats.S_zz - WS - WS.T + W @ S_rr @ W.T) / n
+        if reg.diagonal_noise:
+            out[reg.noise], floors[reg.noise] = floor_variances(jnp.diagonal(Sigma), rel_floor)
+        else:
+            out[reg.noise], floors[reg.noise] = floor_covariance(Sigma, rel_floor)
+    # no terms (e.g. T = 1 gives no transitions): keep the old values
+    has_data = stats.n > 0
+    out = {n: jnp.where(has_data, v, params[n]) for n, v in out.items()}
+    return out, floors
+
+
+def solve_init(stats: InitStats, st: LinearStructure, params, free, rel_floor):
+    out, floors = {}, {}
+    n = jnp.maximum(stats.n, 1.0)
+    mu = stats.sum_m / n if st.init_mean in free else params[st.init_mean]
+    if st.init_mean in free:
+        out[st.init_mean] = mu
+    if st.init_cov in free:
+        # E[(x1 - mu)(x1 - mu)^T] pooled over sequences (mu may be frozen)
+        P = (
+            stats.sum_mm
+            - jnp.outer(stats.sum_m, mu)
+            - jnp.outer(mu, stats.sum_m)
+            + stats.n * jnp.outer(mu, mu)
+        ) / n
+        if st.diagonal_init:
+            out[st.init_cov], floors[st.init_cov] = floor_variances(jnp.diagonal(P), rel_floor)
+        else:
+            out[st.init_cov], floors[st.init_cov] = floor_covariance(P, rel_floor)
+    return out, floors
+
+
+def structure_sites(st: LinearStructure) -> set:
+    names = {st.init_mean, st.init_cov}
+    for reg in (st.dynamics, st.emission):
+        names |= {reg.weight, reg.noise}
+        names |= {n for n in (reg.input_weight, reg.bias) if n is not None}
+    return names
+
+
+class LinearGaussianMStep(NamedTuple):
+    """Closed-form M-step for models declaring a :class:`LinearStructure`.
+
+    Args:
+        covariance_floor: relative eigenvalue floor for covariance outputs.
+    """
+
+    covariance_floor: float = 1e-6
+
+    def check(self, structure, free_names) -> None:
+        """Raise if the model has free sites this M-step cannot estimate."""
+        if structure is None:
+            raise ValueError(
+                "the model declares no LinearStructure, so no closed-form M-step applies; "
+                "use GradientMStep"
+            )
+        unknown = set(free_names) - structure_sites(structure)
+        if unknown:
+            raise ValueError(
+                f"the closed-form M-step cannot estimate the sites {sorted(unknown)}; "
+                "condition them (numpyro.handlers.condition) or use GradientMStep"
+            )
+
+    def update(self, stats: LinearStats, structure: LinearStructure, params: dict, free):
+        """New values of the free sites, and per-site floor indicators."""
+        free = frozenset(free)
+        k_dyn = stats.dynamics.S_rr.shape[-1]
+        k_emi = stats.emission.S_rr.shape[-1]
+        du = _input_dim(structure, params)
+        new, floors = {}, {}
+        for reg, s, p in (
+            (structure.dynamics, stats.dynamics, k_dyn),
+            (structure.emission, stats.emission, k_emi),
+        ):
+            k = p - du - 1
+            o, f = solve_regression(s, reg, params, free, k, du, self.covariance_floor)
+            new.update(o)
+            floors.update(f)
+        o, f = solve_init(stats.init, structure, params, free, self.covariance_floor)
+        new.update(o)
+        floors.update(f)
+        new = {n: v.astype(jnp.result_type(params[n])) for n, v in new.items()}
+        return new, floors
+
+
+def _input_dim(st: LinearStructure, params) -> int:
+    if st.dynamics.input_weight is not None:
+        return int(jnp.shape(params[st.dynamics.input_weight])[-1])
+    if st.emission.input_weight is not None:
+        return int(jnp.shape(params[st.emission.input_weight])[-1])
+    return 0
+
+

@@ -1,0 +1,94 @@
+"""State-space model with radial-basis-function dynamics (Ghahramani & Roweis)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from ppl_dyn.models._linear_family import linear_in_params_model
+
+
+def rbf_features(x, centres, widths):
+    r"""Features :math:`[\rho_1(x), \dots, \rho_I(x), x]` with
+    :math:`\rho_i(x) = \mathcal N(x; c_i, S_i)`, :math:`S_i = w_i^2 I`.
+
+    ``x``: ``(..., dx)``; ``centres``: ``(I, dx)``; ``widths``: ``(I,)`` standard deviations.
+    """
+    dx = centres.shape[-1]
+    s2 = widths**2
+    sq = jnp.sum((x[..., None, :] - centres) ** 2, -1)  # (..., I)
+    rho = jnp.exp(-0.5 * sq / s2 - 0.5 * dx * jnp.log(2 * jnp.pi * s2))
+    return jnp.concatenate([rho, x], -1)
+
+
+def rbf_grid(x_range, num_centres: int = 11, state_dim: int = 1):
+    """Centres on a regular grid over ``x_range=(low, high)`` (per coordinate) and one
+    shared width equal to the grid spacing. Returns ``(centres, widths)``."""
+    low, high = float(x_range[0]), float(x_range[1])
+    if not high > low:
+        raise ValueError(f"x_range must satisfy low < high; got {x_range}")
+    if num_centres < 1:
+        raise ValueError(f"num_centres must be >= 1; got {num_centres}")
+    if state_dim != 1:
+        raise ValueError("rbf_grid places centres for state_dim=1 only; pass your own centres")
+    c = np.linspace(low, high, num_centres)[:, None]
+    spacing = (high - low) / max(num_centres - 1, 1)
+    return jnp.asarray(c), jnp.full((num_centres,), spacing)
+
+
+def rbf(
+    y=None,
+    *,
+    u=None,
+    num_steps=None,
+    num_sequences=None,
+    state_dim: int,
+    obs_dim=None,
+    centres,
+    widths,
+    bias: bool = True,
+    dynamics_noise: str = "full",
+    emission_noise: str = "full",
+    init_noise: str = "full",
+):
+    r"""RBF-network dynamics with a linear read-out.
+
+    .. math::
+        x_t \sim \mathcal N\Big(\sum_i h_i \rho_i(x_{t-1}) + A_x x_{t-1} + B u_t + b, Q\Big),
+        \quad y_t \sim \mathcal N(C x_t + D u_t + d, R)
+
+    Site ``A`` has shape ``(state_dim, I + state_dim)``: its first ``I`` columns are the
+    RBF weights ``h_i``, the rest the linear part ``A_x``. ``centres``: ``(I, state_dim)``,
+    ``widths``: ``(I,)`` (standard deviations). Centres and widths are fixed (not sites).
+    """
+    centres = jnp.asarray(centres)
+    widths = jnp.asarray(widths)
+    if centres.ndim != 2 or centres.shape[1] != state_dim:
+        raise ValueError(
+            f"centres must have shape (num_centres, {state_dim}); got {tuple(centres.shape)}"
+        )
+    if widths.shape != (centres.shape[0],):
+        raise ValueError(f"widths must have shape ({centres.shape[0]},); got {tuple(widths.shape)}")
+
+    def phi(x):
+        return rbf_features(x, centres, widths)
+
+    return linear_in_params_model(
+        y=y,
+        u=u,
+        num_steps=num_steps,
+        num_sequences=num_sequences,
+        state_dim=state_dim,
+        obs_dim=obs_dim,
+        dynamics_feature="rbf",
+        emission_feature="linear",
+        phi=phi,
+        psi=lambda x: x,
+        num_phi=centres.shape[0] + state_dim,
+        num_psi=state_dim,
+        bias=bias,
+        dynamics_noise=dynamics_noise,
+        emission_noise=emission_noise,
+        init_noise=init_noise,
+        feature_args=(centres, widths),
+    )

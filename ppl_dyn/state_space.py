@@ -1,0 +1,494 @@
+"""The bridge between NumPyro model functions and ppl_dyn's inference plug-ins.
+
+This is the only module that touches NumPyro internals (the effect-handler stack).
+A model declares its Markov structure with :func:`markov`; :func:`bind` runs the model
+with given parameter values under a capturing handler and returns a :class:`StateSpace`,
+a bundle of pure functions (initial law, transition, emission) that every E-step consumes.
+
+Convention for a model written by a user (see ``docs/models.md``):
+
+* parameters are ``numpyro.sample`` sites with priors, drawn *before* calling
+  :func:`markov`;
+* ``transition(x_prev, u_t)`` and ``emission(x_t, u_t)`` return NumPyro distributions and
+  broadcast over leading batch dimensions of their arguments (``x @ A.T``, not ``A @ x``);
+* ``u_t`` is an array of shape ``(..., input_dim)`` (``input_dim`` may be 0);
+* NaN entries of ``y`` are missing observations.
+
+When the model runs outside :func:`bind` (under NUTS, ``Predictive`` or
+:func:`ppl_dyn.simulate`), :func:`markov` samples the latent states with
+``numpyro.contrib.control_flow.scan``: sites ``x_1``/``y_1`` for the first step and
+``x``/``y`` (leading time axis) for steps ``2..T``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from numpyro import handlers
+from numpyro.contrib.control_flow import scan as numpyro_scan
+from numpyro.primitives import Messenger, apply_stack
+
+__all__ = [
+    "Regression",
+    "LinearStructure",
+    "MarkovSpec",
+    "StateSpace",
+    "markov",
+    "bind",
+    "inspect_model",
+    "ModelInfo",
+    "gaussian_moments",
+]
+
+_MSG_TYPE = "ppl_dyn_markov"
+_LATENT = {"ppl_dyn_role": "markov"}  # marks the state/observation sites markov() samples
+
+
+def is_markov_site(site: dict) -> bool:
+    """Whether a trace site is a state or observation site sampled by :func:`markov`."""
+    return site.get("infer", {}).get("ppl_dyn_role") == "markov"
+
+
+class Regression(NamedTuple):
+    """Roles of the sites in one linear-in-parameters Gaussian map.
+
+    ``z ~ N(W phi(x) + V u + c, Sigma)`` where the names below are the *site names*
+    of ``W`` (``weight``), ``V`` (``input_weight``), ``c`` (``bias``) and ``Sigma``
+    (``noise``). ``feature`` names ``phi``: ``"linear"`` (identity) or ``"tanh"``.
+    ``diagonal_noise`` says that the noise site holds a vector of variances.
+    """
+
+    weight: str
+    noise: str
+    feature: str = "linear"
+    input_weight: Optional[str] = None
+    bias: Optional[str] = None
+    diagonal_noise: bool = False
+    feature_args: tuple = ()  # e.g. (centres, widths) for "rbf"
+
+
+class LinearStructure(NamedTuple):
+    """Declares that a model is linear in its parameters (closed-form M-steps apply)."""
+
+    dynamics: Regression
+    emission: Regression
+    init_mean: str
+    init_cov: str
+    diagonal_init: bool = False
+
+
+class MarkovSpec(NamedTuple):
+    """What a model declares through :func:`markov` (data already normalised)."""
+
+    init: dist.Distribution
+    transition: Callable[[jax.Array, jax.Array], dist.Distribution]
+    emission: Callable[[jax.Array, jax.Array], dist.Distribution]
+    y: Optional[jax.Array]  # (S, T, obs_dim), NaN = missing; None when simulating
+    u: jax.Array  # (S, T, input_dim), input_dim may be 0
+    num_steps: int
+    num_sequences: int
+    batched: bool  # whether the user passed a leading sequence axis
+    state_dim: int
+    obs_dim: int
+    structure: Optional[LinearStructure]
+    state_name: str
+    obs_name: str
+
+
+class StateSpace(NamedTuple):
+    """Pure functions of one parameter set, shared by all sequences.
+
+    Attributes:
+        init: distribution of ``x_1`` (event shape ``(state_dim,)``).
+        transition: ``(x_prev, u_t) -> distribution of x_t`` (broadcasting).
+        emission: ``(x_t, u_t) -> distribution of y_t`` (broadcasting).
+        params: values of every parameter site (free and frozen).
+        structure: the model's :class:`LinearStructure`, or ``None``.
+    """
+
+    init: dist.Distribution
+    transition: Callable[[jax.Array, jax.Array], dist.Distribution]
+    emission: Callable[[jax.Array, jax.Array], dist.Distribution]
+    params: dict
+    structure: Optional[LinearStructure]
+    state_dim: int
+    obs_dim: int
+    input_dim: int
+
+    # Gaussian moment views (used by Kalman / extended Kalman smoothers) -------------
+    def transition_mean(self, x: jax.Array, u: jax.Array) -> jax.Array:
+        return self.transition(x, u).mean
+
+    def emission_mean(self, x: jax.Array, u: jax.Array) -> jax.Array:
+        return self.emission(x, u).mean
+
+    def init_moments(self) -> tuple[jax.Array, jax.Array]:
+        return gaussian_moments(self.init, "initial state distribution")
+
+    def transition_cov(self, u: jax.Array) -> jax.Array:
+        x0 = jnp.zeros((self.state_dim,), dtype=u.dtype)
+        return gaussian_moments(self.transition(x0, u), "transition")[1]
+
+    def emission_cov(self, u: jax.Array) -> jax.Array:
+        x0 = jnp.zeros((self.state_dim,), dtype=u.dtype)
+        return gaussian_moments(self.emission(x0, u), "emission")[1]
+
+
+def gaussian_moments(d: dist.Distribution, what: str) -> tuple[jax.Array, jax.Array]:
+    """Mean and covariance of a Gaussian distribution (MVN or independent Normals)."""
+    base = d
+    reinterpreted = 0
+    while isinstance(base, dist.Independent):
+        reinterpreted += base.reinterpreted_batch_ndims
+        base = base.base_dist
+    if isinstance(base, dist.MultivariateNormal):
+        return base.loc, base.covariance_matrix
+    if isinstance(base, dist.Normal) and reinterpreted == 1:
+        var = jnp.broadcast_to(base.scale**2, base.batch_shape)
+        return jnp.broadcast_to(base.loc, base.batch_shape), var[..., :, None] * jnp.eye(
+            var.shape[-1], dtype=var.dtype
+        )
+    raise TypeError(
+        f"the {what} must be Gaussian (MultivariateNormal or Normal(...).to_event(1)) "
+        f"for a Kalman-type smoother; got {type(d).__name__}. Use a particle smoother."
+    )
+
+
+# --------------------------------------------------------------------------------------
+# The primitive a model calls
+# --------------------------------------------------------------------------------------
+
+
+def markov(
+    init: dist.Distribution,
+    transition: Callable,
+    emission: Callable,
+    *,
+    y: Optional[jax.Array] = None,
+    u: Optional[jax.Array] = None,
+    num_steps: Optional[int] = None,
+    num_sequences: Optional[int] = None,
+    obs_dim: Optional[int] = None,
+    structure: Optional[LinearStructure] = None,
+    state_name: str = "x",
+    obs_name: str = "y",
+):
+    """Declare a Markov state-space model inside a NumPyro model function.
+
+    .. math::
+        x_1 \\sim p(x_1),\\quad x_t \\mid x_{t-1} \\sim p(x_t\\mid x_{t-1}, u_t),
+        \\quad y_t \\mid x_t \\sim p(y_t \\mid x_t, u_t)
+
+    Args:
+        init: distribution of ``x_1`` with event shape ``(state_dim,)``.
+        transition: ``(x_prev, u_t) -> Distribution`` broadcasting over batch dims.
+        emission: ``(x_t, u_t) -> Distribution`` broadcasting over batch dims.
+        y: observations ``(T, obs_dim)`` or ``(S, T, obs_dim)``; NaN = missing.
+        u: inputs ``(T, input_dim)`` (shared by all sequences) or ``(S, T, input_dim)``.
+        num_steps, num_sequences, obs_dim: needed only when ``y`` is None.
+        structure: roles of the parameter sites, for closed-form M-steps.
+
+    Returns:
+        ``None`` under :func:`bind`; otherwise a dict with the sampled ``x`` and ``y``
+        of shape ``(S, T, dim)`` (or ``(T, dim)`` for one unbatched sequence).
+    """
+    state_dim = int(init.event_shape[-1]) if init.event_shape else 1
+    y, u, T, S, batched, dy = normalise_data(y, u, num_steps, num_sequences, obs_dim)
+    spec = MarkovSpec(
+        init=init,
+        transition=transition,
+        emission=emission,
+        y=y,
+        u=u,
+        num_steps=T,
+        num_sequences=S,
+        batched=batched,
+        state_dim=state_dim,
+        obs_dim=dy,
+        structure=structure,
+        state_name=state_name,
+        obs_name=obs_name,
+    )
+    msg = {
+        "type": _MSG_TYPE,
+        "fn": lambda: None,
+        "args": (),
+        "kwargs": {},
+        "value": None,
+        "spec": spec,
+        "captured": False,
+    }
+    apply_stack(msg)
+    if msg["captured"]:
+        return None
+    return _sample_latent(spec)
+
+
+def normalise_data(y, u, num_steps, num_sequences, obs_dim):
+    """Validate shapes of ``y`` and ``u`` and bring them to ``(S, T, dim)``."""
+    batched = False
+    if y is not None:
+        if isinstance(y, np.ma.MaskedArray):
+            y = np.ma.filled(y.astype(float), np.nan)
+        y = jnp.asarray(y)
+        if y.ndim not in (2, 3):
+            raise ValueError(
+                "y must have shape (num_steps, obs_dim) or (num_sequences, num_steps, "
+                f"obs_dim); got shape {tuple(y.shape)}"
+            )
+        batched = y.ndim == 3
+        if not batched:
+            y = y[None]
+        S, T, dy = y.shape
+        if T == 0:
+            raise ValueError("y has num_steps = 0; state-space models need T >= 1")
+        if S == 0:
+            raise ValueError("y has num_sequences = 0; need at least one sequence")
+        for name, given, actual in (
+            ("num_steps", num_steps, T),
+            ("obs_dim", obs_dim, dy),
+        ):
+            if given is not None and int(given) != actual:
+                raise ValueError(f"{name}={given} disagrees with y of shape {tuple(y.shape)}")
+        if num_sequences is not None and batched and int(num_sequences) != S:
+            raise ValueError(
+                f"num_sequences={num_sequences} disagrees with y of shape {tuple(y.shape)}"
+            )
+    else:
+        if num_steps is None or obs_dim is None:
+            raise ValueError("without y, pass num_steps and obs_dim")
+        T, dy = int(num_steps), int(obs_dim)
+        if T < 1:
+            raise ValueError(f"num_steps must be >= 1 (T >= 1); got {num_steps}")
+        batched = num_sequences is not None
+        S = int(num_sequences) if batched else 1
+        if S < 1:
+            raise ValueError(f"num_sequences must be >= 1; got {num_sequences}")
+    dtype = y.dtype if y is not None else jnp.result_type(float)
+    if u is None:
+        u = jnp.zeros((S, T, 0), dtype=dtype)
+    else:
+        u = jnp.asarray(u, dtype=dtype)
+        if u.ndim == 2:
+            if u.shape[0] != T:
+                raise ValueError(
+                    f"u must have shape ({T}, input_dim) or ({S}, {T}, input_dim) to match "
+                    f"y; got shape {tuple(u.shape)}"
+                )
+            u = jnp.broadcast_to(u[None], (S,) + u.shape)
+        elif u.ndim == 3:
+            if u.shape[:2] != (S, T) and not (not batched and u.shape[1] == T):
+                raise ValueError(
+                    f"u must have shape ({T}, input_dim) or ({S}, {T}, input_dim) to match "
+                    f"y; got shape {tuple(u.shape)}"
+                )
+            if not batched and y is None and u.shape[0] != 1:
+                S, batched = u.shape[0], True
+        else:
+            raise ValueError(
+                f"u must have shape (num_steps, input_dim) or (num_sequences, num_steps, "
+                f"input_dim); got shape {tuple(u.shape)}"
+            )
+    return y, u, T, S, batched, dy
+
+
+class _MaskedObservation(dist.Distribution):
+    """Emission distribution whose log-density ignores missing (NaN) entries."""
+
+    def __init__(self, base: dist.Distribution, mask: jax.Array):
+        self.base = base
+        self.mask = mask
+        super().__init__(base.batch_shape, base.event_shape, validate_args=False)
+
+    support = dist.constraints.real_vector
+
+    def sample(self, key, sample_shape=()):
+        return self.base.sample(key, sample_shape)
+
+    def log_prob(self, value):
+        mean, cov = gaussian_moments(self.base, "emission")
+        return masked_gaussian_logpdf(value, mean, cov, self.mask)
+
+
+def masked_gaussian_logpdf(y, mean, cov, mask):
+    """log N(y_o; mean_o, cov_oo) over the observed entries (``mask`` True)."""
+    maskf = mask.astype(cov.dtype)
+    r = jnp.where(mask, y - mean, 0.0)
+    outer = maskf[..., :, None] * maskf[..., None, :]
+    eye = jnp.eye(cov.shape[-1], dtype=cov.dtype)
+    cov_m = cov * outer + eye * (1.0 - maskf)[..., None, :]
+    L = jnp.linalg.cholesky(cov_m)
+    z = jax.scipy.linalg.solve_triangular(L, r[..., None], lower=True)[..., 0]
+    logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(L, axis1=-2, axis2=-1)), -1)
+    n_obs = jnp.sum(maskf, -1)
+    return -0.5 * (jnp.sum(z**2, -1) + logdet + n_obs * jnp.log(2 * jnp.pi))
+
+
+def _sample_latent(spec: MarkovSpec):
+    """Generative NumPyro semantics of :func:`markov` (NUTS, Predictive, simulate)."""
+    S, T = spec.num_sequences, spec.num_steps
+    u_tm = jnp.swapaxes(spec.u, 0, 1)  # (T, S, du)
+    if spec.y is not None:
+        y_tm = jnp.swapaxes(spec.y, 0, 1)
+        mask_tm = ~jnp.isnan(y_tm)
+        yfill_tm = jnp.where(mask_tm, y_tm, 0.0)
+    else:
+        yfill_tm = mask_tm = None
+
+    def emit(name, x, u_t, y_t, m_t):
+        d = spec.emission(x, u_t)
+        if y_t is None:
+            return numpyro.sample(name, d.to_event(1), infer=_LATENT)
+        d = _MaskedObservation(d, m_t)
+        return numpyro.sample(name, d.to_event(1), obs=y_t, infer=_LATENT)
+
+    x1 = numpyro.sample(f"{spec.state_name}_1", spec.init.expand((S,)).to_event(1), infer=_LATENT)
+    y1 = emit(
+        f"{spec.obs_name}_1",
+        x1,
+        u_tm[0],
+        None if yfill_tm is None else yfill_tm[0],
+        None if mask_tm is None else mask_tm[0],
+    )
+    xs, ys = x1[None], y1[None]
+    if T > 1:
+
+        def body(x_prev, inputs):
+            u_t, y_t, m_t = inputs
+            x = numpyro.sample(
+                spec.state_name, spec.transition(x_prev, u_t).to_event(1), infer=_LATENT
+            )
+            y_out = emit(spec.obs_name, x, u_t, y_t, m_t)
+            return x, (x, y_out)
+
+        rest = (u_tm[1:], None if yfill_tm is None else yfill_tm[1:],
+                None if mask_tm is None else mask_tm[1:])
+        _, (x_rest, y_rest) = numpyro_scan(body, x1, rest, length=T - 1)
+        xs = jnp.concatenate([xs, x_rest], 0)
+        ys = jnp.concatenate([ys, y_rest], 0)
+    xs, ys = jnp.swapaxes(xs, 0, 1), jnp.swapaxes(ys, 0, 1)
+    if spec.y is not None:
+        ys = spec.y
+    if not spec.batched:
+        xs, ys = xs[0], ys[0]
+    return {spec.state_name: xs, spec.obs_name: ys}
+
+
+# --------------------------------------------------------------------------------------
+# Capturing the declaration
+# --------------------------------------------------------------------------------------
+
+
+class _Capture(Messenger):
+    def __init__(self, fn=None):
+        super().__init__(fn)
+        self.spec: Optional[MarkovSpec] = None
+
+    def process_message(self, msg):
+        if msg["type"] == _MSG_TYPE:
+            if self.spec is not None:
+                raise ValueError("a model may call ppl_dyn.markov only once")
+            self.spec = msg["spec"]
+            msg["captured"] = True
+            msg["stop"] = True
+
+
+class ModelInfo(NamedTuple):
+    """What :func:`inspect_model` learns from one run of a model."""
+
+    spec: MarkovSpec
+    free: dict  # site name -> trace site (latent parameters EM estimates)
+    frozen: dict  # site name -> value (conditioned parameters)
+
+
+def _run_captured(model, args, kwargs, substitute=None, rng_key=None):
+    fn = model
+    if substitute is not None:
+        fn = handlers.substitute(fn, data=substitute)
+    if rng_key is not None:
+        fn = handlers.seed(fn, rng_seed=rng_key)
+    capture = _Capture()
+    with capture:
+        tr = handlers.trace(fn).get_trace(*args, **kwargs)
+    if capture.spec is None:
+        raise ValueError(
+            f"model {getattr(model, '__name__', model)!r} does not declare its dynamics "
+            "with ppl_dyn.markov(...); see docs/models.md"
+        )
+    return capture.spec, tr
+
+
+def inspect_model(model: Callable, *args, rng_key=None, **kwargs) -> ModelInfo:
+    """Run ``model`` once (prior draws) and report its parameter sites."""
+    if rng_key is None:
+        rng_key = jax.random.key(0)  # only used to draw throw-away prior values
+    spec, tr = _run_captured(model, args, kwargs, rng_key=rng_key)
+    free, frozen = {}, {}
+    for name, site in tr.items():
+        if site["type"] != "sample":
+            continue
+        if site["is_observed"]:
+            frozen[name] = site["value"]
+        else:
+            free[name] = site
+    return ModelInfo(spec=spec, free=free, frozen=frozen)
+
+
+def bind(model: Callable, params: dict, *args, **kwargs) -> tuple[StateSpace, MarkovSpec]:
+    """Run ``model`` with parameter values ``params`` and return its state space.
+
+    Works under ``jax.jit`` (``params`` may be tracers). Every free parameter site must
+    be in ``params``; conditioned (frozen) sites keep their conditioned values.
+    """
+    missing: list[str] = []
+
+    def value_of(msg):  # conditioned (frozen) sites keep their conditioned value
+        if msg["type"] != "sample" or msg["is_observed"]:
+            return None
+        if msg["name"] not in params:
+            missing.append(msg["name"])
+            return None
+        return params[msg["name"]]
+
+    fn = handlers.substitute(model, substitute_fn=value_of)
+    fn = handlers.seed(fn, rng_seed=0)
+    capture = _Capture()
+    with capture:
+        tr = handlers.trace(fn).get_trace(*args, **kwargs)
+    if missing:
+        raise ValueError(
+            f"params lacks values for the parameter sites {missing}; pass them or "
+            "condition them with numpyro.handlers.condition"
+        )
+    if capture.spec is None:
+        raise ValueError(
+            f"model {getattr(model, '__name__', model)!r} does not declare its dynamics "
+            "with ppl_dyn.markov(...); see docs/models.md"
+        )
+    spec = capture.spec
+    values = {k: s["value"] for k, s in tr.items() if s["type"] == "sample"}
+    ss = StateSpace(
+        init=spec.init,
+        transition=spec.transition,
+        emission=spec.emission,
+        params=values,
+        structure=spec.structure,
+        state_dim=spec.state_dim,
+        obs_dim=spec.obs_dim,
+        input_dim=spec.u.shape[-1],
+    )
+    return ss, spec
+
+
+def site_value_shapes(info: ModelInfo) -> dict[str, tuple]:
+    """Expected shapes of the free parameter sites."""
+    return {k: tuple(jnp.shape(s["value"])) for k, s in info.free.items()}
+
+
+def site_supports(info: ModelInfo) -> dict[str, Any]:
+    return {k: s["fn"].support for k, s in info.free.items()}
