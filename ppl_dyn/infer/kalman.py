@@ -18,8 +18,8 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import cho_solve, solve_triangular
 
+from ppl_dyn.infer import _linalg as la
 from ppl_dyn.state_space import StateSpace
 
 _LOG2PI = 1.8378770664093453
@@ -76,10 +76,6 @@ def linear_gaussian_view(ss: StateSpace, u: jax.Array) -> LinearGaussianView:
     return LinearGaussianView(*map(cast, (m0, P0, F, c, Q, H, e, R)))
 
 
-def _sym(P):
-    return 0.5 * (P + jnp.swapaxes(P, -1, -2))
-
-
 def masked_emission(H, R, mask):
     """Rows of ``H`` zeroed and the missing block of ``R`` replaced by the identity."""
     maskf = mask.astype(R.dtype)
@@ -94,25 +90,25 @@ def kalman_filter(view: LinearGaussianView, y: jax.Array):
     mask = ~jnp.isnan(y)
     yf = jnp.where(mask, y, 0.0)
     eye = jnp.eye(dx, dtype=view.F.dtype)
+    F, FT, Q = view.F, view.F.T, view.Q
     c_next = jnp.concatenate([view.c[1:], jnp.zeros_like(view.c[:1])], 0)
 
     def step(carry, inp):
         m_pred, P_pred = carry
         y_t, mask_t, e_t, c_n = inp
         Ht, Rt = masked_emission(view.H, view.R, mask_t)
-        r = jnp.where(mask_t, y_t - Ht @ m_pred - e_t, 0.0)
-        PHt = P_pred @ Ht.T
-        S = _sym(Ht @ PHt + Rt)
-        L = jnp.linalg.cholesky(S)
-        K = cho_solve((L, True), PHt.T).T
-        m_f = m_pred + K @ r
-        IKH = eye - K @ Ht
-        P_f = _sym(IKH @ P_pred @ IKH.T + K @ Rt @ K.T)
-        z = solve_triangular(L, r, lower=True)
+        r = jnp.where(mask_t, y_t - la.mv(Ht, m_pred) - e_t, 0.0)
+        PHt = la.mm(P_pred, Ht.T)
+        L = la.cholesky(la.sym(la.mm(Ht, PHt) + Rt))
+        K = la.cho_solve(L, PHt.T).T
+        m_f = m_pred + la.mv(K, r)
+        IKH = eye - la.mm(K, Ht)
+        P_f = la.sym(la.mm(la.mm(IKH, P_pred), IKH.T) + la.mm(la.mm(K, Rt), K.T))
+        z = la.solve_lower(L, r)
         n_obs = jnp.sum(mask_t)
-        ll = -0.5 * (z @ z + 2.0 * jnp.sum(jnp.log(jnp.diagonal(L))) + n_obs * _LOG2PI)
-        m_next = view.F @ m_f + c_n
-        P_next = _sym(view.F @ P_f @ view.F.T + view.Q)
+        ll = -0.5 * (jnp.sum(z * z) + la.log_det_from_cholesky(L) + n_obs * _LOG2PI)
+        m_next = la.mv(F, m_f) + c_n
+        P_next = la.sym(la.mm(la.mm(F, P_f), FT) + Q)
         return (m_next, P_next), (m_pred, P_pred, m_f, P_f, ll)
 
     _, (m_p, P_p, m_f, P_f, ll) = jax.lax.scan(
@@ -129,13 +125,18 @@ def rts_smoother(view: LinearGaussianView, m_p, P_p, m_f, P_f):
     def step(carry, inp):
         m_s_next, P_s_next = carry
         m_f_t, P_f_t, m_p_next, P_p_next = inp
-        Lp = jnp.linalg.cholesky(P_p_next)
-        J = cho_solve((Lp, True), F @ P_f_t).T  # P_f F^T P_p^{-1}
-        m_s = m_f_t + J @ (m_s_next - m_p_next)
-        IJF = eye - J @ F
-        # Joseph form of the backward conditional covariance, then add J P_s J^T
-        P_s = _sym(IJF @ P_f_t @ IJF.T + J @ Q @ J.T + J @ P_s_next @ J.T)
-        cross = P_s_next @ J.T
+        Lp = la.cholesky(P_p_next)
+        J = la.cho_solve(Lp, la.mm(F, P_f_t)).T  # P_f F^T P_p^{-1}
+        m_s = m_f_t + la.mv(J, m_s_next - m_p_next)
+        IJF = eye - la.mm(J, F)
+        JT = J.T
+        # Joseph form of the backward conditional covariance, plus J P_s J^T
+        P_s = la.sym(
+            la.mm(la.mm(IJF, P_f_t), IJF.T)
+            + la.mm(la.mm(J, Q), JT)
+            + la.mm(la.mm(J, P_s_next), JT)
+        )
+        cross = la.mm(P_s_next, JT)
         return (m_s, P_s), (m_s, P_s, cross)
 
     last = (m_f[-1], P_f[-1])
