@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
-SMALL = 12
+SMALL = 8
 
 
 def _small(*dims: int) -> bool:

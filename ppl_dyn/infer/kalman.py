@@ -85,7 +85,18 @@ def masked_emission(H, R, mask):
 
 
 def kalman_filter(view: LinearGaussianView, y: jax.Array):
-    """Forward pass. Returns predicted and filtered moments and per-step log-densities."""
+    """Forward pass. Returns predicted and filtered moments and per-step log-densities.
+
+    Uses the covariance (Joseph) form when ``obs_dim <= state_dim`` and the information
+    form otherwise, so that the work inside the time loop never scales with ``obs_dim``
+    beyond ``state_dim``.
+    """
+    if view.H.shape[0] > view.F.shape[0]:
+        return _filter_information(view, y)
+    return _filter_covariance(view, y)
+
+
+def _filter_covariance(view: LinearGaussianView, y: jax.Array):
     dx = view.F.shape[0]
     mask = ~jnp.isnan(y)
     yf = jnp.where(mask, y, 0.0)
@@ -113,6 +124,57 @@ def kalman_filter(view: LinearGaussianView, y: jax.Array):
 
     _, (m_p, P_p, m_f, P_f, ll) = jax.lax.scan(
         step, (view.m0, view.P0), (yf, mask, view.e, c_next)
+    )
+    return m_p, P_p, m_f, P_f, ll
+
+
+def _filter_information(view: LinearGaussianView, y: jax.Array):
+    """Information-form update: per step only state-sized factorisations.
+
+    With ``Rt`` the masked emission covariance, ``G_t = H_t^T Rt^{-1} H_t``,
+    ``g_t = H_t^T Rt^{-1}(y_t - e_t)`` and ``q_t = (y_t - e_t)^T Rt^{-1} (y_t - e_t)``
+    are computed for all t at once outside the loop; then
+    ``P_f = (P^{-1} + G)^{-1}``, ``m_f = m + P_f (g - G m)``, and the innovation density
+    follows from Woodbury and the determinant lemma
+    ``|S| = |Rt| |P| |P^{-1} + G|``.
+    """
+    dx = view.F.shape[0]
+    dtype = view.F.dtype
+    mask = ~jnp.isnan(y)
+    resid0 = jnp.where(mask, y - view.e, 0.0)  # y_t - e_t, zero where missing
+    Ht, Rt = jax.vmap(masked_emission, in_axes=(None, None, 0))(view.H, view.R, mask)
+    LR = jnp.linalg.cholesky(Rt)  # (T, dy, dy), batched outside the loop
+    W = jax.scipy.linalg.solve_triangular(LR, Ht, lower=True)  # LR^{-1} H_t
+    v = jax.scipy.linalg.solve_triangular(LR, resid0[..., None], lower=True)[..., 0]
+    G = jnp.einsum("tki,tkj->tij", W, W)
+    g = jnp.einsum("tki,tk->ti", W, v)
+    q = jnp.sum(v * v, -1)
+    logdetR = 2.0 * jnp.sum(jnp.log(jnp.diagonal(LR, axis1=-2, axis2=-1)), -1)
+    n_obs = jnp.sum(mask, -1).astype(dtype)
+    const = logdetR + n_obs * _LOG2PI
+    eye = jnp.eye(dx, dtype=dtype)
+    F, FT, Q = view.F, view.F.T, view.Q
+    c_next = jnp.concatenate([view.c[1:], jnp.zeros_like(view.c[:1])], 0)
+
+    def step(carry, inp):
+        m_pred, P_pred = carry
+        G_t, g_t, q_t, const_t, c_n = inp
+        Lp = la.cholesky(P_pred)
+        P_inv = la.cho_solve(Lp, eye)
+        Ll = la.cholesky(la.sym(P_inv + G_t))
+        P_f = la.sym(la.cho_solve(Ll, eye))
+        b = g_t - la.mv(G_t, m_pred)
+        m_f = m_pred + la.mv(P_f, b)
+        quad = q_t - 2.0 * jnp.sum(m_pred * g_t) + jnp.sum(m_pred * la.mv(G_t, m_pred))
+        quad = quad - jnp.sum(b * la.mv(P_f, b))
+        logdet = const_t + la.log_det_from_cholesky(Lp) + la.log_det_from_cholesky(Ll)
+        ll = -0.5 * (quad + logdet)
+        m_next = la.mv(F, m_f) + c_n
+        P_next = la.sym(la.mm(la.mm(F, P_f), FT) + Q)
+        return (m_next, P_next), (m_pred, P_pred, m_f, P_f, ll)
+
+    _, (m_p, P_p, m_f, P_f, ll) = jax.lax.scan(
+        step, (view.m0, view.P0), (G, g, q, const, c_next)
     )
     return m_p, P_p, m_f, P_f, ll
 

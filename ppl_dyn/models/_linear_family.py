@@ -9,7 +9,8 @@ All three share one site-role contract (control notation):
 
 Priors (weakly informative; documented in ``docs/models.md``):
 
-* ``A ~ Normal(0, 1/sqrt(n_features))`` entrywise (circular law: spectral radius ~ 1),
+* ``A ~ Normal(0, 0.5/sqrt(n_features))`` entrywise (circular law: spectral radius
+  about 0.5, so prior draws are mostly stable),
 * ``B, C, D ~ Normal(0, 1)``, ``b, d, m0 ~ Normal(0, 1)``,
 * full covariances ``Q, R ~ InverseWishart(dim + 2, 0.1 I)`` (mean ``0.1 I``),
   ``P0 ~ InverseWishart(dx + 2, I)`` (mean ``I``),
@@ -73,7 +74,7 @@ def linear_in_params_model(
     dx = state_dim
 
     A = numpyro.sample(
-        "A", dist.Normal(0.0, 1.0 / jnp.sqrt(num_phi)).expand([dx, num_phi]).to_event(2)
+        "A", dist.Normal(0.0, 0.5 / jnp.sqrt(num_phi)).expand([dx, num_phi]).to_event(2)
     )
     C = numpyro.sample("C", dist.Normal(0.0, 1.0).expand([dy, num_psi]).to_event(2))
     B = D = None
