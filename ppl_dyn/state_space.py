@@ -22,7 +22,7 @@ When the model runs outside :func:`bind` (under NUTS, ``Predictive`` or
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -315,17 +315,21 @@ class _MaskedObservation(dist.Distribution):
         return masked_gaussian_logpdf(value, mean, cov, self.mask)
 
 
+def mask_covariance(R, mask):
+    """``R`` with the rows/columns of missing entries (``mask`` False) replaced by the
+    identity: Gaussian densities and Kalman updates with it use only observed entries."""
+    maskf = mask.astype(R.dtype)
+    eye = jnp.eye(R.shape[-1], dtype=R.dtype)
+    return R * (maskf[..., :, None] * maskf[..., None, :]) + eye * (1.0 - maskf)[..., None, :]
+
+
 def masked_gaussian_logpdf(y, mean, cov, mask):
     """log N(y_o; mean_o, cov_oo) over the observed entries (``mask`` True)."""
-    maskf = mask.astype(cov.dtype)
     r = jnp.where(mask, y - mean, 0.0)
-    outer = maskf[..., :, None] * maskf[..., None, :]
-    eye = jnp.eye(cov.shape[-1], dtype=cov.dtype)
-    cov_m = cov * outer + eye * (1.0 - maskf)[..., None, :]
-    L = jnp.linalg.cholesky(cov_m)
+    L = jnp.linalg.cholesky(mask_covariance(cov, mask))
     z = jax.scipy.linalg.solve_triangular(L, r[..., None], lower=True)[..., 0]
     logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(L, axis1=-2, axis2=-1)), -1)
-    n_obs = jnp.sum(maskf, -1)
+    n_obs = jnp.sum(mask.astype(cov.dtype), -1)
     return -0.5 * (jnp.sum(z**2, -1) + logdet + n_obs * jnp.log(2 * jnp.pi))
 
 
@@ -406,12 +410,11 @@ class ModelInfo(NamedTuple):
     frozen: dict  # site name -> value (conditioned parameters)
 
 
-def _run_captured(model, args, kwargs, substitute=None, rng_key=None):
+def _run_captured(model, args, kwargs, substitute_fn=None, rng_key=None):
     fn = model
-    if substitute is not None:
-        fn = handlers.substitute(fn, data=substitute)
-    if rng_key is not None:
-        fn = handlers.seed(fn, rng_seed=rng_key)
+    if substitute_fn is not None:
+        fn = handlers.substitute(fn, substitute_fn=substitute_fn)
+    fn = handlers.seed(fn, rng_seed=rng_key if rng_key is not None else 0)
     capture = _Capture()
     with capture:
         tr = handlers.trace(fn).get_trace(*args, **kwargs)
@@ -455,22 +458,12 @@ def bind(model: Callable, params: dict, *args, **kwargs) -> tuple[StateSpace, Ma
             return None
         return params[msg["name"]]
 
-    fn = handlers.substitute(model, substitute_fn=value_of)
-    fn = handlers.seed(fn, rng_seed=0)
-    capture = _Capture()
-    with capture:
-        tr = handlers.trace(fn).get_trace(*args, **kwargs)
+    spec, tr = _run_captured(model, args, kwargs, substitute_fn=value_of)
     if missing:
         raise ValueError(
             f"params lacks values for the parameter sites {missing}; pass them or "
             "condition them with numpyro.handlers.condition"
         )
-    if capture.spec is None:
-        raise ValueError(
-            f"model {getattr(model, '__name__', model)!r} does not declare its dynamics "
-            "with ppl_dyn.markov(...); see docs/models.md"
-        )
-    spec = capture.spec
     values = {k: s["value"] for k, s in tr.items() if s["type"] == "sample"}
     ss = StateSpace(
         init=spec.init,
@@ -483,12 +476,3 @@ def bind(model: Callable, params: dict, *args, **kwargs) -> tuple[StateSpace, Ma
         input_dim=spec.u.shape[-1],
     )
     return ss, spec
-
-
-def site_value_shapes(info: ModelInfo) -> dict[str, tuple]:
-    """Expected shapes of the free parameter sites."""
-    return {k: tuple(jnp.shape(s["value"])) for k, s in info.free.items()}
-
-
-def site_supports(info: ModelInfo) -> dict[str, Any]:
-    return {k: s["fn"].support for k, s in info.free.items()}

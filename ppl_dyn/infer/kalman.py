@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from ppl_dyn.infer import _linalg as la
-from ppl_dyn.state_space import StateSpace
+from ppl_dyn.state_space import StateSpace, mask_covariance
 
 _LOG2PI = 1.8378770664093453
 
@@ -78,10 +78,7 @@ def linear_gaussian_view(ss: StateSpace, u: jax.Array) -> LinearGaussianView:
 
 def masked_emission(H, R, mask):
     """Rows of ``H`` zeroed and the missing block of ``R`` replaced by the identity."""
-    maskf = mask.astype(R.dtype)
-    Ht = H * maskf[:, None]
-    Rt = R * (maskf[:, None] * maskf[None, :]) + jnp.diag(1.0 - maskf)
-    return Ht, Rt
+    return H * mask.astype(H.dtype)[:, None], mask_covariance(R, mask)
 
 
 def kalman_filter(view: LinearGaussianView, y: jax.Array):

@@ -20,15 +20,11 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 
+from ppl_dyn.infer import _linalg as la
 from ppl_dyn.infer.stats import InitStats, LinearStats, RegressionStats
 from ppl_dyn.state_space import LinearStructure, Regression
-
-
-def _sym(P):
-    return 0.5 * (P + jnp.swapaxes(P, -1, -2))
 
 
 def floor_covariance(P, rel_floor):
@@ -36,13 +32,13 @@ def floor_covariance(P, rel_floor):
 
     Returns ``(P_floored, applied)`` where ``applied`` is 1 when the floor changed P.
     """
-    P = _sym(P)
+    P = la.sym(P)
     d = P.shape[-1]
     tiny = jnp.sqrt(jnp.finfo(P.dtype).tiny)
     floor = jnp.maximum(rel_floor * jnp.trace(P) / d, tiny)
     lam, V = jnp.linalg.eigh(P)
     applied = jnp.any(lam < floor)
-    lifted = _sym((V * jnp.maximum(lam, floor)) @ V.T)
+    lifted = la.sym((V * jnp.maximum(lam, floor)) @ V.T)
     return jnp.where(applied, lifted, P), applied.astype(jnp.int32)
 
 
@@ -55,7 +51,7 @@ def floor_variances(v, rel_floor):
 
 def _pinv_psd(S):
     """Pseudo-inverse of a symmetric PSD matrix (no NaN on rank deficiency)."""
-    lam, V = jnp.linalg.eigh(_sym(S))
+    lam, V = jnp.linalg.eigh(la.sym(S))
     cut = jnp.finfo(S.dtype).eps * S.shape[-1] * jnp.max(jnp.abs(lam))
     inv = jnp.where(lam > cut, 1.0 / jnp.where(lam > cut, lam, 1.0), 0.0)
     return (V * inv) @ V.T

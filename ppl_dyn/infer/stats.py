@@ -13,7 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ppl_dyn.state_space import StateSpace
+from ppl_dyn.state_space import StateSpace, mask_covariance
 
 
 class RegressionStats(NamedTuple):
@@ -62,7 +62,7 @@ def imputed_observations(H, e, R, y, means, covs):
     def one(mask_t, y_t, e_t, m_t, P_t):
         o = mask_t.astype(R.dtype)
         miss = 1.0 - o
-        Rt = R * (o[:, None] * o[None, :]) + jnp.diag(miss)
+        Rt = mask_covariance(R, mask_t)
         # K_full[:, obs] = R[:, obs] R_oo^{-1}, zero columns for missing entries
         K = jnp.linalg.solve(Rt, (R * o[None, :]).T).T * o[None, :]
         M = miss[:, None] * (H - K @ H)
