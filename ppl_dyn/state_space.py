@@ -71,6 +71,18 @@ class Regression(NamedTuple):
     diagonal_noise: bool = False
     feature_args: tuple = ()  # e.g. (centres, widths) for "rbf"
 
+    def features(self, x: jax.Array) -> jax.Array:
+        """The regressor features ``phi(x)`` for states ``x`` ``(..., dx)``."""
+        if self.feature == "linear":
+            return x
+        if self.feature == "tanh":
+            return jnp.tanh(x)
+        if self.feature == "rbf":
+            from ppl_dyn.models.rbf import rbf_features
+
+            return rbf_features(x, *self.feature_args)
+        raise ValueError(f"unknown feature {self.feature!r}")
+
 
 class LinearStructure(NamedTuple):
     """Declares that a model is linear in its parameters (closed-form M-steps apply)."""
@@ -137,6 +149,17 @@ class StateSpace(NamedTuple):
     def emission_cov(self, u: jax.Array) -> jax.Array:
         x0 = jnp.zeros((self.state_dim,), dtype=u.dtype)
         return gaussian_moments(self.emission(x0, u), "emission")[1]
+
+
+def is_gaussian(d: dist.Distribution) -> bool:
+    """Whether ``d`` is a MultivariateNormal or a Normal with one reinterpreted dim."""
+    base, reinterpreted = d, 0
+    while isinstance(base, dist.Independent):
+        reinterpreted += base.reinterpreted_batch_ndims
+        base = base.base_dist
+    return isinstance(base, dist.MultivariateNormal) or (
+        isinstance(base, dist.Normal) and reinterpreted == 1
+    )
 
 
 def gaussian_moments(d: dist.Distribution, what: str) -> tuple[jax.Array, jax.Array]:

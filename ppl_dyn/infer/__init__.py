@@ -3,6 +3,7 @@
 from ppl_dyn.infer.em import EM, EMResult, EMState, fit_em
 from ppl_dyn.infer.kalman import GaussianPosterior, KalmanSmoother
 from ppl_dyn.infer.mstep import LinearGaussianMStep
+from ppl_dyn.infer.particle import ParticlePosterior, ParticleSmoother
 from ppl_dyn.infer.stats import InitStats, LinearStats, RegressionStats
 
 __all__ = [
@@ -13,6 +14,8 @@ __all__ = [
     "KalmanSmoother",
     "GaussianPosterior",
     "LinearGaussianMStep",
+    "ParticleSmoother",
+    "ParticlePosterior",
     "LinearStats",
     "RegressionStats",
     "InitStats",

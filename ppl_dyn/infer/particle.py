@@ -1,0 +1,423 @@
+"""Particle filtering and smoothing in the log domain (the E-step for nonlinear models).
+
+* Forward: bootstrap particle filter with ESS-triggered resampling (blackjax's
+  systematic / stratified / multinomial schemes), normalised log-weights, and the
+  unbiased estimate of ``p(y_{1:T})`` (its log is returned).
+* Backward, mode ``"ffbsm"``: forward-filtering backward-smoothing (seed 000, eqs 17-20,
+  with the eq 23 index typos corrected, ``docs/math.md``) entirely in the log domain; the
+  ``N x N`` transition matrix is evaluated in row chunks and never stored, and the one
+  pair statistic EM needs, ``sum_ij W_t^{ij} x_{t+1}^j phi(x_t^i)^T``, is accumulated on the
+  fly.
+* Backward, mode ``"ffbsi"``: backward simulation of ``M`` trajectories (O(N M) per step).
+
+Any model written by the documented convention works: Gaussian transitions use one
+Cholesky factor of the noise covariance per step; other transitions use their own
+``log_prob``. NaN observations contribute a weight increment of 0.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpyro.distributions as dist
+from blackjax.smc import resampling as bj_resampling
+from jax.scipy.special import logsumexp
+
+from ppl_dyn.infer.stats import InitStats, LinearStats, RegressionStats, sum_stats
+from ppl_dyn.state_space import (
+    StateSpace,
+    is_gaussian,
+    mask_covariance,
+    masked_gaussian_logpdf,
+)
+
+_RESAMPLERS = {
+    "systematic": bj_resampling.systematic,
+    "stratified": bj_resampling.stratified,
+    "multinomial": bj_resampling.multinomial,
+}
+
+
+class FilterOutput(NamedTuple):
+    particles: jax.Array  # (T, N, dx)
+    log_weights: jax.Array  # (T, N) normalised filter log-weights
+    ancestors: jax.Array  # (T, N) indices into the particles at t-1 (t=0: identity)
+    log_marginal: jax.Array  # () log of the unbiased estimate of p(y_{1:T})
+    ess: jax.Array  # (T,) effective sample size before resampling decisions
+    resampled: jax.Array  # (T,) whether step t resampled
+
+
+class ParticlePosterior(NamedTuple):
+    """Particle approximation of the smoothing distribution (leading ``S`` axis when
+    batched).
+
+    Attributes:
+        particles: filter particles ``(T, N, dx)``.
+        filter_log_weights: normalised filter log-weights ``(T, N)``.
+        smoothed_log_weights: FFBSm marginal log-weights ``log v_t^i`` ``(T, N)``.
+        pair_moments: ``sum_ij W_t^{ij} x_{t+1}^j phi(x_t^i)^T`` ``(T-1, dx, k)`` for the
+            dynamics features ``phi`` (what the closed-form M-step needs).
+        trajectories: backward-simulated paths ``(M, T, dx)`` (mode ``"ffbsi"``), else None.
+        log_marginal: log of the unbiased likelihood estimate.
+        ess: filter effective sample sizes ``(T,)``.
+    """
+
+    particles: jax.Array
+    filter_log_weights: jax.Array
+    smoothed_log_weights: jax.Array
+    pair_moments: Optional[jax.Array]
+    trajectories: Optional[jax.Array]
+    log_marginal: jax.Array
+    ess: jax.Array
+
+    @property
+    def means(self):
+        """Smoothed means ``E[x_t | y]`` ``(T, dx)``."""
+        w = jnp.exp(self.smoothed_log_weights)
+        return jnp.einsum("...tn,...tnd->...td", w, self.particles)
+
+    @property
+    def covs(self):
+        """Smoothed covariances ``(T, dx, dx)``."""
+        w = jnp.exp(self.smoothed_log_weights)
+        m = self.means
+        d = self.particles - m[..., None, :]
+        return jnp.einsum("...tn,...tni,...tnj->...tij", w, d, d)
+
+
+# --------------------------------------------------------------------------------------
+# log-densities through the bridge
+# --------------------------------------------------------------------------------------
+
+
+def emission_log_lik(ss: StateSpace, x, u_t, y_t, mask_t):
+    """``log p(y_t | x)`` for particles ``x`` ``(N, dx)``, observed entries only."""
+    d = ss.emission(x, u_t)
+    yf = jnp.where(mask_t, y_t, 0.0)
+    if is_gaussian(d):
+        cov = ss.emission_cov(u_t)  # one factorisation per step, shared by particles
+        ll = masked_gaussian_logpdf(yf, d.mean, cov, mask_t)
+        return jnp.broadcast_to(ll, x.shape[:1])
+    if isinstance(d, dist.Independent) and d.reinterpreted_batch_ndims == 1:
+        lp = d.base_dist.log_prob(yf)
+        return jnp.sum(jnp.where(mask_t, lp, 0.0), -1)
+    # a multivariate non-Gaussian emission: a step with any missing entry is dropped
+    return jnp.where(jnp.all(mask_t), d.log_prob(yf), 0.0)
+
+
+def pairwise_transition_log_prob(ss: StateSpace, x_next, x_prev, u_next):
+    """``log p(x_next^j | x_prev^i)`` as a ``(len(x_next), len(x_prev))`` matrix.
+
+    Gaussian transitions: whiten once with the Cholesky factor of ``Q`` and take pairwise
+    squared distances (the normalising constant is included).
+    """
+    if is_gaussian(ss.transition(x_prev[:1], u_next)):
+        mu = ss.transition_mean(x_prev, u_next)
+        Q = ss.transition_cov(u_next)
+        L = jnp.linalg.cholesky(Q)
+        a = jax.scipy.linalg.solve_triangular(L, x_next.T, lower=True).T  # (B, dx)
+        b = jax.scipy.linalg.solve_triangular(L, mu.T, lower=True).T  # (N, dx)
+        sq = (
+            jnp.sum(a * a, -1)[:, None]
+            + jnp.sum(b * b, -1)[None, :]
+            - 2.0 * a @ b.T
+        )
+        sq = jnp.maximum(sq, 0.0)
+        dx = x_next.shape[-1]
+        const = jnp.sum(jnp.log(jnp.diagonal(L))) + 0.5 * dx * jnp.log(2 * jnp.pi)
+        return -0.5 * sq - const
+    d = ss.transition(x_prev[None, :, :], u_next)
+    return d.log_prob(x_next[:, None, :])
+
+
+# --------------------------------------------------------------------------------------
+# forward pass
+# --------------------------------------------------------------------------------------
+
+
+def _normalise(logw):
+    lse = logsumexp(logw)
+    return logw - lse, lse
+
+
+def particle_filter(
+    rng_key,
+    ss: StateSpace,
+    y,
+    u,
+    num_particles: int,
+    resampling: str = "systematic",
+    ess_threshold: float = 0.5,
+) -> FilterOutput:
+    """Bootstrap particle filter for one sequence (``y`` ``(T, dy)``, NaN = missing).
+
+    If every weight is zero (log-weights all ``-inf``) the log-marginal is ``-inf``
+    and the weights stay ``-inf``; no NaN is produced and no index is silently chosen.
+    """
+    resample = _RESAMPLERS[resampling]
+    N = num_particles
+    T = y.shape[0]
+    mask = ~jnp.isnan(y)
+    k_init, k_rest = jax.random.split(rng_key)
+    step_keys = jax.random.split(k_rest, (max(T - 1, 0), 2))
+    x1 = ss.init.sample(k_init, (N,))
+    lw1 = emission_log_lik(ss, x1, u[0], y[0], mask[0])
+    lw1 = jnp.where(jnp.isnan(lw1), -jnp.inf, lw1)
+    logZ1 = logsumexp(lw1) - jnp.log(N)
+    lw1n, _ = _normalise(lw1)
+    ess1 = 1.0 / jnp.sum(jnp.exp(2 * jnp.where(jnp.isfinite(lw1n), lw1n, -jnp.inf)))
+
+    def step(carry, inp):
+        x_prev, lw_prev, logZ = carry  # lw_prev normalised
+        k_res, k_mov, u_t, y_t, m_t = inp
+        w = jnp.exp(lw_prev)
+        ess = 1.0 / jnp.sum(w**2)
+        degenerate = ~jnp.isfinite(logZ)
+        do_res = (ess < ess_threshold * N) & ~degenerate
+        idx = jax.lax.cond(
+            do_res,
+            lambda: resample(k_res, jnp.where(degenerate, 1.0 / N, w), N).astype(jnp.int32),
+            lambda: jnp.arange(N, dtype=jnp.int32),
+        )
+        lw_base = jnp.where(do_res, -jnp.log(N) * jnp.ones(N, lw_prev.dtype), lw_prev)
+        x_anc = x_prev[idx]
+        x = ss.transition(x_anc, u_t).sample(k_mov)
+        inc = emission_log_lik(ss, x, u_t, y_t, m_t)
+        inc = jnp.where(jnp.isnan(inc), -jnp.inf, inc)
+        lw_tilde = lw_base + inc
+        step_lz = logsumexp(lw_tilde)
+        lw_new = jnp.where(jnp.isfinite(step_lz), lw_tilde - step_lz, -jnp.inf)
+        return (x, lw_new, logZ + step_lz), (x, lw_new, idx, ess, do_res)
+
+    xs = (step_keys[:, 0], step_keys[:, 1], u[1:], y[1:], mask[1:])
+    (_, _, logZ), (x_rest, lw_rest, anc, ess, res) = jax.lax.scan(
+        step, (x1, lw1n, logZ1), xs
+    )
+    return FilterOutput(
+        particles=jnp.concatenate([x1[None], x_rest], 0),
+        log_weights=jnp.concatenate([lw1n[None], lw_rest], 0),
+        ancestors=jnp.concatenate([jnp.arange(N, dtype=jnp.int32)[None], anc], 0),
+        log_marginal=logZ,
+        ess=jnp.concatenate([ess1[None], ess], 0),
+        resampled=jnp.concatenate([jnp.zeros((1,), bool), res], 0),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# backward passes
+# --------------------------------------------------------------------------------------
+
+
+def _chunks(n: int, chunk_size: Optional[int]):
+    size = n if chunk_size is None else max(1, min(int(chunk_size), n))
+    num = -(-n // size)
+    return size, num
+
+
+def ffbsm(ss: StateSpace, filt: FilterOutput, u, feature, chunk_size: Optional[int] = None):
+    """Marginal smoothing log-weights and the pair moments, in one reverse scan.
+
+    ``feature`` maps states ``(N, dx)`` to dynamics features ``(N, k)``.
+    """
+    X, LW = filt.particles, filt.log_weights
+    T, N, dx = X.shape
+    size, num = _chunks(N, chunk_size)
+    pad = size * num - N
+
+    def back(log_v_next, inp):
+        x_t, lw_t, x_next, u_next = inp
+        phi_t = feature(x_t)  # (N, k)
+        xn = jnp.concatenate([x_next, jnp.zeros((pad, dx), x_next.dtype)], 0)
+        lvn = jnp.concatenate([log_v_next, jnp.full((pad,), -jnp.inf, log_v_next.dtype)])
+        xn = xn.reshape(num, size, dx)
+        lvn = lvn.reshape(num, size)
+
+        def chunk(acc, c):
+            colsum, pair = acc
+            xj, lvj = c
+            lam = pairwise_transition_log_prob(ss, xj, x_t, u_next)  # (B, N)
+            a = lw_t[None, :] + lam
+            delta = logsumexp(a, axis=1)  # (B,)
+            scale = jnp.where(jnp.isfinite(lvj) & jnp.isfinite(delta), lvj - delta, -jnp.inf)
+            W = jnp.exp(a + scale[:, None])  # rows j (x_{t+1}), cols i (x_t)
+            colsum = colsum + jnp.sum(W, 0)
+            pair = pair + xj.T @ (W @ phi_t)
+            return (colsum, pair), None
+
+        init = (jnp.zeros((N,), X.dtype), jnp.zeros((dx, phi_t.shape[-1]), X.dtype))
+        (colsum, pair), _ = jax.lax.scan(chunk, init, (xn, lvn))
+        log_v = jnp.log(colsum)
+        return log_v, (log_v, pair)
+
+    _, (log_v, pair) = jax.lax.scan(
+        back, LW[-1], (X[:-1], LW[:-1], X[1:], u[1:]), reverse=True
+    )
+    log_v = jnp.concatenate([log_v, LW[-1:]], 0)
+    return log_v, pair
+
+
+def ffbsi(rng_key, ss: StateSpace, filt: FilterOutput, u, num_trajectories: int):
+    """Backward simulation: ``M`` exact draws of whole trajectories, O(N M) per step."""
+    X, LW = filt.particles, filt.log_weights
+    T = X.shape[0]
+    keys = jax.random.split(rng_key, T)
+    J_T = jax.random.categorical(keys[-1], LW[-1], shape=(num_trajectories,))
+
+    def back(J_next, inp):
+        key, x_t, lw_t, x_next, u_next = inp
+        lam = pairwise_transition_log_prob(ss, x_next[J_next], x_t, u_next)  # (M, N)
+        J = jax.random.categorical(key, lw_t[None, :] + lam, axis=-1)
+        return J, J
+
+    _, J = jax.lax.scan(back, J_T, (keys[:-1], X[:-1], LW[:-1], X[1:], u[1:]), reverse=True)
+    idx = jnp.concatenate([J, J_T[None]], 0)  # (T, M)
+    traj = jnp.take_along_axis(X, idx[..., None], axis=1)  # (T, M, dx)
+    return jnp.swapaxes(traj, 0, 1)
+
+
+# --------------------------------------------------------------------------------------
+# expected statistics for the linear-in-parameters M-step
+# --------------------------------------------------------------------------------------
+
+
+def _imputed_y_moments(ss: StateSpace, x, u_t, y_t, mask_t):
+    """Per particle ``E[y_t | x, y_obs]`` ``(N, dy)`` and the shared conditional
+    covariance of the missing entries ``(dy, dy)``."""
+    mu = ss.emission_mean(x, u_t)  # (N, dy)
+    R = ss.emission_cov(u_t)
+    o = mask_t.astype(R.dtype)
+    miss = 1.0 - o
+    K = jnp.linalg.solve(mask_covariance(R, mask_t), (R * o[None, :]).T).T * o[None, :]
+    yf = jnp.where(mask_t, y_t, 0.0)
+    resid = (yf - mu) * o
+    Ey = o * yf + miss * (mu + resid @ K.T)
+    Rc = miss[:, None] * (R - K @ R) * miss[None, :]
+    return Ey, 0.5 * (Rc + Rc.T)
+
+
+def particle_linear_statistics(post: ParticlePosterior, ss: StateSpace, y, u) -> LinearStats:
+    """Statistics of the dynamics and emission regressions from FFBSm weights."""
+    st = ss.structure
+    if st is None:
+        raise ValueError(
+            "the model declares no LinearStructure; use GradientMStep for its M-step"
+        )
+    phi = st.dynamics.features
+    psi = st.emission.features
+
+    def one(X, log_v, pair, y_s, u_s):
+        v = jnp.exp(log_v)  # (T, N)
+        T = X.shape[0]
+        ones = jnp.ones((T, 1), X.dtype)
+        # dynamics: z = x_t, r = [phi(x_{t-1}); u_t; 1]
+        F = jax.vmap(phi)(X)  # (T, N, k)
+        Ef = jnp.einsum("tn,tnk->tk", v, F)
+        Eff = jnp.einsum("tn,tnk,tnl->tkl", v, F, F)
+        Ex = jnp.einsum("tn,tnd->td", v, X)
+        Exx = jnp.einsum("tn,tnd,tne->tde", v, X, X)
+        r_bar = jnp.concatenate([Ef[:-1], u_s[1:], ones[1:]], -1)  # (T-1, p)
+        k = F.shape[-1]
+        S_rr = r_bar.T @ r_bar
+        S_rr = S_rr.at[:k, :k].set(jnp.sum(Eff[:-1], 0))
+        z_bar = Ex[1:]
+        S_zr = z_bar.T @ r_bar
+        S_zr = S_zr.at[:, :k].set(jnp.sum(pair, 0))
+        S_zz = jnp.sum(Exx[1:], 0)
+        dyn = RegressionStats(S_zr, S_rr, S_zz, jnp.asarray(T - 1, X.dtype))
+        # emission: z = y_t (missing entries imputed per particle), r = [psi(x_t); u_t; 1]
+        mask = ~jnp.isnan(y_s)
+        Ey, Rc = jax.vmap(lambda x, ut, yt, mt: _imputed_y_moments(ss, x, ut, yt, mt))(
+            X, u_s, y_s, mask
+        )  # (T, N, dy), (T, dy, dy)
+        G = jax.vmap(psi)(X)  # (T, N, q)
+        q = G.shape[-1]
+        Eg = jnp.einsum("tn,tnq->tq", v, G)
+        Egg = jnp.einsum("tn,tnq,tnr->tqr", v, G, G)
+        Ez = jnp.einsum("tn,tnd->td", v, Ey)
+        Ezg = jnp.einsum("tn,tnd,tnq->tdq", v, Ey, G)
+        Ezz = jnp.einsum("tn,tnd,tne->tde", v, Ey, Ey) + Rc
+        psi_bar = jnp.concatenate([Eg, u_s, ones], -1)
+        E_rr = psi_bar.T @ psi_bar
+        E_rr = E_rr.at[:q, :q].set(jnp.sum(Egg, 0))
+        E_zr = Ez.T @ psi_bar
+        E_zr = E_zr.at[:, :q].set(jnp.sum(Ezg, 0))
+        emi = RegressionStats(E_zr, E_rr, jnp.sum(Ezz, 0), jnp.asarray(T, X.dtype))
+        init = InitStats(Ex[0], Exx[0], jnp.ones((), X.dtype))
+        return LinearStats(dyn, emi, init)
+
+    per_seq = jax.vmap(one)(post.particles, post.smoothed_log_weights, post.pair_moments, y, u)
+    return sum_stats(per_seq)
+
+
+class ParticleSmoother(NamedTuple):
+    """Particle E-step: bootstrap filter + FFBSm (default) or FFBSi.
+
+    Args:
+        num_particles: ``N``.
+        resampling: ``"systematic"``, ``"stratified"`` or ``"multinomial"``.
+        ess_threshold: resample when ``ESS < ess_threshold * N`` (1.0: always).
+        mode: ``"ffbsm"`` (marginal and pair weights, O(N^2) per step, chunked) or
+            ``"ffbsi"`` (``num_trajectories`` backward-simulated paths).
+        num_trajectories: ``M`` for ``"ffbsi"``.
+        chunk_size: rows of the ``N x N`` transition matrix evaluated at once
+            (None: all); bounds memory at ``chunk_size * N`` per step.
+    """
+
+    num_particles: int = 100
+    resampling: str = "systematic"
+    ess_threshold: float = 0.5
+    mode: str = "ffbsm"
+    num_trajectories: int = 100
+    chunk_size: Optional[int] = 1024
+
+    def _check(self):
+        if self.resampling not in _RESAMPLERS:
+            raise ValueError(
+                f"resampling must be one of {sorted(_RESAMPLERS)}; got {self.resampling!r}"
+            )
+        if self.mode not in ("ffbsm", "ffbsi"):
+            raise ValueError(f"mode must be 'ffbsm' or 'ffbsi'; got {self.mode!r}")
+        if int(self.num_particles) < 1:
+            raise ValueError(f"num_particles must be >= 1; got {self.num_particles}")
+
+    def posterior(self, rng_key, ss: StateSpace, y, u) -> ParticlePosterior:
+        """Pure E-step on normalised data ``y`` ``(S, T, dy)``, ``u`` ``(S, T, du)``."""
+        self._check()
+        feature = ss.structure.dynamics.features if ss.structure is not None else (lambda x: x)
+        S = y.shape[0]
+        keys = jax.random.split(rng_key, S)
+
+        def one(key, y_s, u_s):
+            k_f, k_b = jax.random.split(key)
+            filt = particle_filter(
+                k_f, ss, y_s, u_s, self.num_particles, self.resampling, self.ess_threshold
+            )
+            log_v, pair = ffbsm(ss, filt, u_s, feature, self.chunk_size)
+            traj = None
+            if self.mode == "ffbsi":
+                traj = ffbsi(k_b, ss, filt, u_s, self.num_trajectories)
+            return ParticlePosterior(
+                filt.particles, filt.log_weights, log_v, pair, traj, filt.log_marginal, filt.ess
+            )
+
+        return jax.vmap(one)(keys, y, u)
+
+    def expected_statistics(self, rng_key, ss: StateSpace, y, u):
+        post = self.posterior(rng_key, ss, y, u)
+        stats = particle_linear_statistics(post, ss, y, u)
+        return stats, jnp.sum(post.log_marginal)
+
+    def smooth(self, params: dict, model, *args, rng_key=None, **kwargs) -> ParticlePosterior:
+        """Particle posterior of ``model`` at ``params`` (``rng_key`` required)."""
+        from ppl_dyn._validation import check_rng_key
+        from ppl_dyn.infer._run import prepare_eager
+
+        check_rng_key(rng_key)
+        self._check()
+        ss, spec = prepare_eager(model, params, args, kwargs)
+        post = jax.jit(lambda k, y, u: self.posterior(k, ss, y, u))(rng_key, spec.y, spec.u)
+        if not spec.batched:
+            post = jax.tree_util.tree_map(lambda a: a[0], post)
+        return post
