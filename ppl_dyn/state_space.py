@@ -259,6 +259,8 @@ def normalise_data(y, u, num_steps, num_sequences, obs_dim):
         if isinstance(y, np.ma.MaskedArray):
             y = np.ma.filled(y.astype(float), np.nan)
         y = jnp.asarray(y)
+        if not jnp.issubdtype(y.dtype, jnp.floating):
+            y = y.astype(jnp.result_type(float))  # integer counts etc. become floats
         if y.ndim not in (2, 3):
             raise ValueError(
                 "y must have shape (num_steps, obs_dim) or (num_sequences, num_steps, "
@@ -305,7 +307,12 @@ def normalise_data(y, u, num_steps, num_sequences, obs_dim):
                 )
             u = jnp.broadcast_to(u[None], (S,) + u.shape)
         elif u.ndim == 3:
-            if u.shape[:2] != (S, T) and not (not batched and u.shape[1] == T):
+            if y is not None and not batched:
+                raise ValueError(
+                    f"u has a sequence axis (shape {tuple(u.shape)}) but y has none "
+                    f"(shape {(T, dy)}); pass u of shape ({T}, input_dim)"
+                )
+            if u.shape[:2] != (S, T) and not (y is None and u.shape[1] == T):
                 raise ValueError(
                     f"u must have shape ({T}, input_dim) or ({S}, {T}, input_dim) to match "
                     f"y; got shape {tuple(u.shape)}"

@@ -208,8 +208,13 @@ def _make_step(model, e_step, m_step, static_items):
     def step(params, dynamic, rng_key):
         kwargs = {**static, **dynamic}
         ss, spec = bind(model, params, **kwargs)
-        stats, ll = e_step.expected_statistics(rng_key, ss, spec.y, spec.u)
-        new, floors = m_step.update(stats, ss.structure, ss.params, frozenset(params))
+        k_e, k_m = jax.random.split(rng_key)
+        post = e_step.posterior(k_e, ss, spec.y, spec.u)
+        ll = jnp.sum(post.log_marginal)
+        stats = m_step.statistics(post, ss, spec.y, spec.u)
+        new, floors = m_step.update(
+            stats, ss, frozenset(params), rng_key=k_m, model=model, model_kwargs=kwargs
+        )
         new_params = {k: new.get(k, v) for k, v in params.items()}
         finite = {k: jnp.all(jnp.isfinite(v)) for k, v in new_params.items()}
         return new_params, ll, floors, finite

@@ -128,12 +128,12 @@ def _filter_covariance(view: LinearGaussianView, y: jax.Array):
 def _filter_information(view: LinearGaussianView, y: jax.Array):
     """Information-form update: per step only state-sized factorisations.
 
-    With ``Rt`` the masked emission covariance, ``G_t = H_t^T Rt^{-1} H_t``,
-    ``g_t = H_t^T Rt^{-1}(y_t - e_t)`` and ``q_t = (y_t - e_t)^T Rt^{-1} (y_t - e_t)``
-    are computed for all t at once outside the loop; then
-    ``P_f = (P^{-1} + G)^{-1}``, ``m_f = m + P_f (g - G m)``, and the innovation density
-    follows from Woodbury and the determinant lemma
-    ``|S| = |Rt| |P| |P^{-1} + G|``.
+    With ``Rt = LR LR^T`` the masked emission covariance, the whitened ``W_t = LR^{-1} H_t``,
+    ``v_t = LR^{-1}(y_t - e_t)`` and ``G_t = W_t^T W_t`` are computed for all t at once
+    outside the loop; then
+    ``P_f = (P^{-1} + G)^{-1} = L (I + L^T G L)^{-1} L^T`` with ``P = L L^T`` (no inverse
+    of ``P``), ``m_f = m + P_f (g - G m)``, and the innovation density follows from
+    Woodbury and the determinant lemma ``|S| = |Rt| |I + L^T G L|``.
     """
     dx = view.F.shape[0]
     dtype = view.F.dtype
@@ -144,8 +144,6 @@ def _filter_information(view: LinearGaussianView, y: jax.Array):
     W = jax.scipy.linalg.solve_triangular(LR, Ht, lower=True)  # LR^{-1} H_t
     v = jax.scipy.linalg.solve_triangular(LR, resid0[..., None], lower=True)[..., 0]
     G = jnp.einsum("tki,tkj->tij", W, W)
-    g = jnp.einsum("tki,tk->ti", W, v)
-    q = jnp.sum(v * v, -1)
     logdetR = 2.0 * jnp.sum(jnp.log(jnp.diagonal(LR, axis1=-2, axis2=-1)), -1)
     n_obs = jnp.sum(mask, -1).astype(dtype)
     const = logdetR + n_obs * _LOG2PI
@@ -155,23 +153,24 @@ def _filter_information(view: LinearGaussianView, y: jax.Array):
 
     def step(carry, inp):
         m_pred, P_pred = carry
-        G_t, g_t, q_t, const_t, c_n = inp
+        W_t, v_t, G_t, const_t, c_n = inp
+        # P_f = Lp (I + Lp^T G Lp)^{-1} Lp^T: no inverse of P (well conditioned, PSD)
         Lp = la.cholesky(P_pred)
-        P_inv = la.cho_solve(Lp, eye)
-        Ll = la.cholesky(la.sym(P_inv + G_t))
-        P_f = la.sym(la.cho_solve(Ll, eye))
-        b = g_t - la.mv(G_t, m_pred)
-        m_f = m_pred + la.mv(P_f, b)
-        quad = q_t - 2.0 * jnp.sum(m_pred * g_t) + jnp.sum(m_pred * la.mv(G_t, m_pred))
-        quad = quad - jnp.sum(b * la.mv(P_f, b))
-        logdet = const_t + la.log_det_from_cholesky(Lp) + la.log_det_from_cholesky(Ll)
-        ll = -0.5 * (quad + logdet)
+        Mt = la.sym(eye + la.mm(la.mm(Lp.T, G_t), Lp))
+        Lm = la.cholesky(Mt)
+        B = la.solve_lower(Lm, Lp.T)
+        P_f = la.mm(B.T, B)
+        r_w = v_t - la.mv(W_t, m_pred)  # whitened residual LR^{-1}(y - H m - e)
+        cb = la.mv(B, la.mv(W_t.T, r_w))
+        m_f = m_pred + la.mv(B.T, cb)
+        quad = jnp.sum(r_w * r_w) - jnp.sum(cb * cb)
+        ll = -0.5 * (quad + const_t + la.log_det_from_cholesky(Lm))
         m_next = la.mv(F, m_f) + c_n
         P_next = la.sym(la.mm(la.mm(F, P_f), FT) + Q)
         return (m_next, P_next), (m_pred, P_pred, m_f, P_f, ll)
 
     _, (m_p, P_p, m_f, P_f, ll) = jax.lax.scan(
-        step, (view.m0, view.P0), (G, g, q, const, c_next)
+        step, (view.m0, view.P0), (W, v, G, const, c_next)
     )
     return m_p, P_p, m_f, P_f, ll
 
@@ -236,13 +235,6 @@ class KalmanSmoother(NamedTuple):
             return kalman_smooth_view(linear_gaussian_view(ss, u_s), y_s)
 
         return jax.vmap(one)(y, u)
-
-    def expected_statistics(self, rng_key, ss: StateSpace, y, u):
-        from ppl_dyn.infer.stats import gaussian_linear_statistics
-
-        post = self.posterior(rng_key, ss, y, u)
-        stats = gaussian_linear_statistics(post, ss, y, u)
-        return stats, jnp.sum(post.log_marginal)
 
     def smooth(
         self, params: dict, model, *args, rng_key: Optional[jax.Array] = None, **kwargs

@@ -38,7 +38,7 @@ def floor_covariance(P, rel_floor):
     floor = jnp.maximum(rel_floor * jnp.trace(P) / d, tiny)
     lam, V = jnp.linalg.eigh(P)
     applied = jnp.any(lam < floor)
-    lifted = la.sym((V * jnp.maximum(lam, floor)) @ V.T)
+    lifted = la.sym((V * jnp.maximum(lam, floor)[None, :]) @ V.T)
     return jnp.where(applied, lifted, P), applied.astype(jnp.int32)
 
 
@@ -54,7 +54,7 @@ def _pinv_psd(S):
     lam, V = jnp.linalg.eigh(la.sym(S))
     cut = jnp.finfo(S.dtype).eps * S.shape[-1] * jnp.max(jnp.abs(lam))
     inv = jnp.where(lam > cut, 1.0 / jnp.where(lam > cut, lam, 1.0), 0.0)
-    return (V * inv) @ V.T
+    return (V * inv[None, :]) @ V.T
 
 
 def regression_blocks(reg: Regression, k: int, du: int):
@@ -180,8 +180,24 @@ class LinearGaussianMStep(NamedTuple):
                 "condition them (numpyro.handlers.condition) or use GradientMStep"
             )
 
-    def update(self, stats: LinearStats, structure: LinearStructure, params: dict, free):
+    def statistics(self, posterior, ss, y, u) -> LinearStats:
+        """Expected sufficient statistics from any supported posterior type."""
+        from ppl_dyn.infer.kalman import GaussianPosterior
+        from ppl_dyn.infer.particle import ParticlePosterior, particle_linear_statistics
+        from ppl_dyn.infer.stats import gaussian_linear_statistics
+
+        if isinstance(posterior, GaussianPosterior):
+            return gaussian_linear_statistics(posterior, ss, y, u)
+        if isinstance(posterior, ParticlePosterior):
+            return particle_linear_statistics(posterior, ss, y, u)
+        raise TypeError(
+            f"LinearGaussianMStep cannot use a {type(posterior).__name__}; "
+            "see the E-step/M-step table in docs/index.md"
+        )
+
+    def update(self, stats: LinearStats, ss, free, **unused):
         """New values of the free sites, and per-site floor indicators."""
+        structure, params = ss.structure, ss.params
         free = frozenset(free)
         k_dyn = stats.dynamics.S_rr.shape[-1]
         k_emi = stats.emission.S_rr.shape[-1]

@@ -404,11 +404,6 @@ class ParticleSmoother(NamedTuple):
 
         return jax.vmap(one)(keys, y, u)
 
-    def expected_statistics(self, rng_key, ss: StateSpace, y, u):
-        post = self.posterior(rng_key, ss, y, u)
-        stats = particle_linear_statistics(post, ss, y, u)
-        return stats, jnp.sum(post.log_marginal)
-
     def smooth(self, params: dict, model, *args, rng_key=None, **kwargs) -> ParticlePosterior:
         """Particle posterior of ``model`` at ``params`` (``rng_key`` required)."""
         from ppl_dyn._validation import check_rng_key
