@@ -2,7 +2,7 @@
 
 from ppl_dyn.infer.em import EM, EMResult, EMState, fit_em
 from ppl_dyn.infer.kalman import GaussianPosterior, KalmanSmoother
-from ppl_dyn.infer.mstep import LinearGaussianMStep
+from ppl_dyn.infer.mstep import GradientMStep, LinearGaussianMStep
 from ppl_dyn.infer.particle import ParticlePosterior, ParticleSmoother
 from ppl_dyn.infer.stats import InitStats, LinearStats, RegressionStats
 
@@ -14,6 +14,7 @@ __all__ = [
     "KalmanSmoother",
     "GaussianPosterior",
     "LinearGaussianMStep",
+    "GradientMStep",
     "ParticleSmoother",
     "ParticlePosterior",
     "LinearStats",

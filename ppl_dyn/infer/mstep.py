@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 from ppl_dyn.infer import _linalg as la
@@ -226,3 +227,83 @@ def _input_dim(st: LinearStructure, params) -> int:
     return 0
 
 
+
+
+class GradientMStep(NamedTuple):
+    """A few Adam steps on the Monte Carlo Q-function, for models with no closed form.
+
+    ``Q(theta) = mean_m log p(x^m, y | theta)`` over backward-simulated trajectories
+    ``x^m`` (``ParticleSmoother(mode="ffbsi")``), evaluated through the bridge (the
+    model's own NumPyro distributions) in the unconstrained space NumPyro defines for each
+    site (``biject_to(site.support)``). Conditioned sites stay fixed. Priors are not used
+    (maximum likelihood, like the closed-form M-step).
+
+    Args:
+        num_steps: Adam steps per EM iteration.
+        learning_rate: Adam step size (the objective is scaled per time step).
+    """
+
+    num_steps: int = 25
+    learning_rate: float = 0.02
+
+    def check(self, structure, free_names) -> None:
+        del structure, free_names  # any model written by the convention
+
+    def statistics(self, posterior, ss, y, u):
+        from ppl_dyn.infer.particle import ParticlePosterior
+
+        if not isinstance(posterior, ParticlePosterior) or posterior.trajectories is None:
+            raise TypeError(
+                "GradientMStep needs sampled trajectories: use "
+                "ParticleSmoother(mode='ffbsi', num_trajectories=M)"
+            )
+        return (posterior.trajectories, y, u)  # (S, M, T, dx), (S, T, dy), (S, T, du)
+
+    def update(self, stats, ss, free, *, rng_key=None, model=None, model_kwargs=None):
+        import optax
+        from numpyro.distributions.transforms import biject_to
+
+        from ppl_dyn.state_space import bind, inspect_model
+
+        if model is None:
+            raise ValueError("GradientMStep needs the model (EM passes it)")
+        traj, y, u = stats
+        info = inspect_model(model, **model_kwargs)
+        bijections = {k: biject_to(info.free[k]["fn"].support) for k in free}
+        params = ss.params
+        z0 = {k: bijections[k].inv(params[k]) for k in free}
+        scale = 1.0 / (traj.shape[0] * traj.shape[1] * traj.shape[2])
+
+        def neg_q(z):
+            theta = {k: bijections[k](v) for k, v in z.items()}
+            ss_t, _ = bind(model, theta, **model_kwargs)
+            return -scale * complete_data_log_lik(ss_t, traj, y, u)
+
+        opt = optax.adam(self.learning_rate)
+
+        def body(carry, _):
+            z, st = carry
+            g = jax.grad(neg_q)(z)
+            upd, st = opt.update(g, st, z)
+            return (optax.apply_updates(z, upd), st), None
+
+        (z, _), _ = jax.lax.scan(body, (z0, opt.init(z0)), None, length=self.num_steps)
+        return {k: bijections[k](v) for k, v in z.items()}, {}
+
+
+def complete_data_log_lik(ss, traj, y, u):
+    """``sum_{s,m} log p(x^{s,m}, y^s)`` for trajectories ``(S, M, T, dx)``."""
+    from ppl_dyn.infer.particle import emission_log_lik
+
+    def one_seq(X, y_s, u_s):  # X: (M, T, dx)
+        mask = ~jnp.isnan(y_s)
+        lp0 = jnp.sum(ss.init.log_prob(X[:, 0]))
+        trans = jax.vmap(lambda xp, xn, ut: ss.transition(xp, ut).log_prob(xn), (1, 1, 0))(
+            X[:, :-1], X[:, 1:], u_s[1:]
+        )
+        emis = jax.vmap(lambda x, ut, yt, mt: emission_log_lik(ss, x, ut, yt, mt), (1, 0, 0, 0))(
+            X, u_s, y_s, mask
+        )
+        return lp0 + jnp.sum(trans) + jnp.sum(emis)
+
+    return jnp.sum(jax.vmap(one_seq)(traj, y, u))

@@ -28,7 +28,6 @@ from jax.scipy.special import logsumexp
 from ppl_dyn.infer.stats import InitStats, LinearStats, RegressionStats, sum_stats
 from ppl_dyn.state_space import (
     StateSpace,
-    is_gaussian,
     mask_covariance,
     masked_gaussian_logpdf,
 )
@@ -93,27 +92,39 @@ class ParticlePosterior(NamedTuple):
 
 
 def emission_log_lik(ss: StateSpace, x, u_t, y_t, mask_t):
-    """``log p(y_t | x)`` for particles ``x`` ``(N, dx)``, observed entries only."""
+    """``log p(y_t | x)`` for particles ``x`` ``(N, dx)``, observed entries only.
+
+    Models declaring a :class:`~ppl_dyn.LinearStructure` have additive Gaussian noise
+    with a state-independent covariance: one factorisation per step serves all
+    particles. Other models use their own distributions (which may depend on ``x``).
+    """
     d = ss.emission(x, u_t)
     yf = jnp.where(mask_t, y_t, 0.0)
-    if is_gaussian(d):
-        cov = ss.emission_cov(u_t)  # one factorisation per step, shared by particles
+    if ss.structure is not None:
+        cov = ss.emission_cov(u_t)
         ll = masked_gaussian_logpdf(yf, d.mean, cov, mask_t)
         return jnp.broadcast_to(ll, x.shape[:1])
     if isinstance(d, dist.Independent) and d.reinterpreted_batch_ndims == 1:
         lp = d.base_dist.log_prob(yf)
         return jnp.sum(jnp.where(mask_t, lp, 0.0), -1)
-    # a multivariate non-Gaussian emission: a step with any missing entry is dropped
+    if isinstance(d, dist.MultivariateNormal):
+        return jax.lax.cond(
+            jnp.all(mask_t),
+            lambda: d.log_prob(yf),
+            lambda: masked_gaussian_logpdf(yf, d.loc, d.covariance_matrix, mask_t),
+        )
+    # another multivariate emission: a step with any missing entry is dropped
     return jnp.where(jnp.all(mask_t), d.log_prob(yf), 0.0)
 
 
 def pairwise_transition_log_prob(ss: StateSpace, x_next, x_prev, u_next):
     """``log p(x_next^j | x_prev^i)`` as a ``(len(x_next), len(x_prev))`` matrix.
 
-    Gaussian transitions: whiten once with the Cholesky factor of ``Q`` and take pairwise
-    squared distances (the normalising constant is included).
+    Models declaring a :class:`~ppl_dyn.LinearStructure` (additive Gaussian noise with a
+    state-independent ``Q``): whiten once with the Cholesky factor of ``Q`` and take
+    pairwise squared distances. Other models: their own ``log_prob``, broadcast.
     """
-    if is_gaussian(ss.transition(x_prev[:1], u_next)):
+    if ss.structure is not None:
         mu = ss.transition_mean(x_prev, u_next)
         Q = ss.transition_cov(u_next)
         L = jnp.linalg.cholesky(Q)
