@@ -5,6 +5,7 @@ The library never changes JAX's precision on import; enable float64 yourself wit
 """
 
 from ppl_dyn import infer, models
+from ppl_dyn.predict import Prediction, predict, prediction_rmse
 from ppl_dyn.simulate import simulate
 from ppl_dyn.state_space import LinearStructure, Regression, StateSpace, bind, markov
 
@@ -14,6 +15,9 @@ __all__ = [
     "infer",
     "models",
     "simulate",
+    "predict",
+    "prediction_rmse",
+    "Prediction",
     "markov",
     "bind",
     "StateSpace",

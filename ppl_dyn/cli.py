@@ -128,7 +128,30 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=_demo)
+    r = sub.add_parser("reproduce", help="reproduce a seed paper's experiment")
+    r.add_argument("name", choices=["unkelbach"], help="which experiment")
+    r.add_argument("--out", default=None, help="output directory (default: reproduce-NAME)")
+    r.add_argument("--num-seeds", type=int, default=5, help="data seeds (median reported)")
+    r.add_argument("--num-particles", type=int, default=100)
+    r.add_argument("--num-iters", type=int, default=100)
+    r.add_argument("--no-n10", action="store_true", help="skip the N = 10 comparison")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=_reproduce)
     return p
+
+
+def _reproduce(args) -> int:
+    if args.num_seeds < 1 or args.num_particles < 1 or args.num_iters < 1:
+        print("ppl-dyn: --num-seeds, --num-particles and --num-iters must be >= 1",
+              file=sys.stderr)
+        return 2
+    from ppl_dyn.reproduce import unkelbach
+
+    out = Path(args.out or f"reproduce-{args.name}")
+    unkelbach.main(out, num_seeds=args.num_seeds, num_particles=args.num_particles,
+                   num_iters=args.num_iters, compare_n10=not args.no_n10,
+                   progress_bar=not args.quiet)
+    return 0
 
 
 def main(argv=None) -> int:
