@@ -37,6 +37,9 @@ class EMResult(NamedTuple):
         floor_counts: per covariance site, how many iterations hit the eigenvalue floor.
         converged: whether the relative-tolerance criterion stopped the run.
         num_iters: iterations run.
+        log_marginal_sd: with ``smoothing_window=w``, the standard deviation of the last
+            ``w`` log-marginals (Monte Carlo spread of a stochastic E-step plus any
+            remaining drift); None otherwise.
     """
 
     params: dict
@@ -45,6 +48,7 @@ class EMResult(NamedTuple):
     floor_counts: dict
     converged: bool
     num_iters: int
+    log_marginal_sd: Optional[float] = None
 
 
 class EM:
@@ -105,6 +109,8 @@ class EM:
         *,
         init_params: Union[dict, "EMResult", None] = None,
         rtol: Optional[float] = None,
+        smoothing_window: Optional[int] = None,
+        e_step_schedule: Optional[Callable[[int], object]] = None,
         progress_bar: bool = True,
         **kwargs,
     ) -> EMResult:
@@ -116,6 +122,11 @@ class EM:
             init_params: starting values (a dict of site values or a previous
                 :class:`EMResult`); missing sites are drawn from their priors.
             rtol: stop when ``|l_k - l_{k-1}| <= rtol * |l_{k-1}|``; None runs all.
+            smoothing_window: for stochastic E-steps: compare the means of the last two
+                windows of this many iterations instead of single values (and report
+                ``log_marginal_sd``).
+            e_step_schedule: ``iteration -> E-step`` (e.g. a growing particle count);
+                overrides ``e_step`` per iteration (each distinct E-step compiles once).
             progress_bar: show a tqdm progress bar.
             **kwargs: the model's arguments (``y=...``, ``state_dim=...``, ...).
 
@@ -125,6 +136,8 @@ class EM:
         """
         if not isinstance(num_iters, (int, np.integer)) or num_iters < 1:
             raise ValueError(f"num_iters must be a positive int; got {num_iters!r}")
+        if smoothing_window is not None and int(smoothing_window) < 1:
+            raise ValueError(f"smoothing_window must be >= 1; got {smoothing_window!r}")
         kwargs = validate_data(kwargs)
         state = self.init(rng_key, init_params=init_params, **kwargs)
         step, dynamic = self._compiled(kwargs)
@@ -136,6 +149,8 @@ class EM:
         params = state.params
         for it in bar:
             key, sub = jax.random.split(key)
+            if e_step_schedule is not None:
+                step, dynamic = self._compiled(kwargs, e_step_schedule(it))
             new_params, ll, floors, finite = step(params, dynamic, sub)
             ll = float(ll)
             finite = {k: bool(v) for k, v in finite.items()}
@@ -155,7 +170,7 @@ class EM:
             params = new_params
             if progress_bar and (it % 10 == 0 or it == num_iters - 1):
                 bar.set_postfix(log_marginal=f"{ll:.4f}", refresh=False)
-            if rtol is not None and it > 0 and abs(ll - lls[-2]) <= rtol * abs(lls[-2]):
+            if rtol is not None and _converged(lls, rtol, smoothing_window):
                 converged = True
                 break
         bar.close()
@@ -175,21 +190,36 @@ class EM:
             floor_counts=floor_counts,
             converged=converged,
             num_iters=len(lls),
+            log_marginal_sd=(
+                float(np.std(lls[-smoothing_window:], ddof=1))
+                if smoothing_window and len(lls) > 1
+                else None
+            ),
         )
 
     # -- internals ---------------------------------------------------------------------
-    def _compiled(self, kwargs):
+    def _compiled(self, kwargs, e_step=None):
+        e_step = self.e_step if e_step is None else e_step
         dynamic, static = split_static(kwargs)
         items = hashable_items(static)
         if items is None:
-            fn = _make_step(self.model, self.e_step, self.m_step, tuple(static.items()))
+            fn = _make_step(self.model, e_step, self.m_step, tuple(static.items()))
         else:
-            fn = _cached_step(self.model, self.e_step, self.m_step, items)
+            fn = _cached_step(self.model, e_step, self.m_step, items)
         return fn, dynamic
 
     def _all_params(self, params, kwargs):
         ss, _ = bind(self.model, params, **kwargs)
         return {k: v for k, v in ss.params.items()}
+
+
+def _converged(lls, rtol, window) -> bool:
+    if window is None:
+        return len(lls) > 1 and abs(lls[-1] - lls[-2]) <= rtol * abs(lls[-2])
+    if len(lls) < 2 * window:
+        return False
+    new, old = np.mean(lls[-window:]), np.mean(lls[-2 * window : -window])
+    return abs(new - old) <= rtol * abs(old)
 
 
 def _params_of(init):
