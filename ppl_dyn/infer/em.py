@@ -91,7 +91,11 @@ class EM:
             raise ValueError("the model has no free parameter sites: nothing to estimate")
         self.m_step.check(info.spec.structure, info.free)
         given = dict(_params_of(init_params))
-        params = {k: jnp.asarray(given.get(k, s["value"])) for k, s in info.free.items()}
+        # strongly typed, in the dtype of the site, so the jitted step compiles once
+        params = {
+            k: jnp.asarray(given.get(k, s["value"]), dtype=jnp.result_type(s["value"]))
+            for k, s in info.free.items()
+        }
         check_params(params, info.free)
         return EMState(params=params, iteration=0, rng_key=run_key)
 
