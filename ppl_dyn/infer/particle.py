@@ -17,6 +17,7 @@ Cholesky factor of the noise covariance per step; other transitions use their ow
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import jax
@@ -149,8 +150,9 @@ def pairwise_transition_log_prob(ss: StateSpace, x_next, x_prev, u_next):
 
 
 def _normalise(logw):
+    """Normalised log-weights; all ``-inf`` stays ``-inf`` (never NaN)."""
     lse = logsumexp(logw)
-    return logw - lse, lse
+    return jnp.where(jnp.isfinite(lse), logw - lse, -jnp.inf), lse
 
 
 def particle_filter(
@@ -173,12 +175,13 @@ def particle_filter(
     mask = ~jnp.isnan(y)
     k_init, k_rest = jax.random.split(rng_key)
     step_keys = jax.random.split(k_rest, (max(T - 1, 0), 2))
-    x1 = ss.init.sample(k_init, (N,))
-    lw1 = emission_log_lik(ss, x1, u[0], y[0], mask[0])
+    dtype = y.dtype
+    x1 = ss.init.sample(k_init, (N,)).astype(dtype)
+    lw1 = emission_log_lik(ss, x1, u[0], y[0], mask[0]).astype(dtype)
     lw1 = jnp.where(jnp.isnan(lw1), -jnp.inf, lw1)
-    logZ1 = logsumexp(lw1) - jnp.log(N)
-    lw1n, _ = _normalise(lw1)
-    ess1 = 1.0 / jnp.sum(jnp.exp(2 * jnp.where(jnp.isfinite(lw1n), lw1n, -jnp.inf)))
+    lw1n, lse1 = _normalise(lw1)
+    logZ1 = lse1 - jnp.log(N).astype(dtype)
+    ess1 = 1.0 / jnp.sum(jnp.exp(2 * lw1n))
 
     def step(carry, inp):
         x_prev, lw_prev, logZ = carry  # lw_prev normalised
@@ -192,14 +195,12 @@ def particle_filter(
             lambda: resample(k_res, jnp.where(degenerate, 1.0 / N, w), N).astype(jnp.int32),
             lambda: jnp.arange(N, dtype=jnp.int32),
         )
-        lw_base = jnp.where(do_res, -jnp.log(N) * jnp.ones(N, lw_prev.dtype), lw_prev)
+        lw_base = jnp.where(do_res, jnp.full((N,), -jnp.log(N), lw_prev.dtype), lw_prev)
         x_anc = x_prev[idx]
-        x = ss.transition(x_anc, u_t).sample(k_mov)
-        inc = emission_log_lik(ss, x, u_t, y_t, m_t)
+        x = ss.transition(x_anc, u_t).sample(k_mov).astype(dtype)
+        inc = emission_log_lik(ss, x, u_t, y_t, m_t).astype(dtype)
         inc = jnp.where(jnp.isnan(inc), -jnp.inf, inc)
-        lw_tilde = lw_base + inc
-        step_lz = logsumexp(lw_tilde)
-        lw_new = jnp.where(jnp.isfinite(step_lz), lw_tilde - step_lz, -jnp.inf)
+        lw_new, step_lz = _normalise(lw_base + inc)
         return (x, lw_new, logZ + step_lz), (x, lw_new, idx, ess, do_res)
 
     xs = (step_keys[:, 0], step_keys[:, 1], u[1:], y[1:], mask[1:])
@@ -269,17 +270,26 @@ def ffbsm(ss: StateSpace, filt: FilterOutput, u, feature, chunk_size: Optional[i
     return log_v, pair
 
 
+def _sample_rows(key, logits):
+    """One categorical draw per row by inverse CDF (one uniform per row)."""
+    p = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    cdf = jnp.cumsum(p, axis=-1)
+    u = jax.random.uniform(key, logits.shape[:-1] + (1,), dtype=cdf.dtype) * cdf[..., -1:]
+    idx = jnp.sum(cdf < u, axis=-1)
+    return jnp.minimum(idx, logits.shape[-1] - 1).astype(jnp.int32)
+
+
 def ffbsi(rng_key, ss: StateSpace, filt: FilterOutput, u, num_trajectories: int):
     """Backward simulation: ``M`` exact draws of whole trajectories, O(N M) per step."""
     X, LW = filt.particles, filt.log_weights
     T = X.shape[0]
     keys = jax.random.split(rng_key, T)
-    J_T = jax.random.categorical(keys[-1], LW[-1], shape=(num_trajectories,))
+    J_T = _sample_rows(keys[-1], jnp.broadcast_to(LW[-1], (num_trajectories, LW.shape[-1])))
 
     def back(J_next, inp):
         key, x_t, lw_t, x_next, u_next = inp
         lam = pairwise_transition_log_prob(ss, x_next[J_next], x_t, u_next)  # (M, N)
-        J = jax.random.categorical(key, lw_t[None, :] + lam, axis=-1)
+        J = _sample_rows(key, lw_t[None, :] + lam)
         return J, J
 
     _, J = jax.lax.scan(back, J_T, (keys[:-1], X[:-1], LW[:-1], X[1:], u[1:]), reverse=True)
@@ -418,12 +428,30 @@ class ParticleSmoother(NamedTuple):
     def smooth(self, params: dict, model, *args, rng_key=None, **kwargs) -> ParticlePosterior:
         """Particle posterior of ``model`` at ``params`` (``rng_key`` required)."""
         from ppl_dyn._validation import check_rng_key
-        from ppl_dyn.infer._run import prepare_eager
+        from ppl_dyn.infer._run import hashable_items, prepare_eager, split_static
 
         check_rng_key(rng_key)
         self._check()
-        ss, spec = prepare_eager(model, params, args, kwargs)
-        post = jax.jit(lambda k, y, u: self.posterior(k, ss, y, u))(rng_key, spec.y, spec.u)
+        _, spec = prepare_eager(model, params, args, kwargs)
+        has_u = kwargs.get("u") is not None
+        rest = {k: v for k, v in kwargs.items() if k not in ("y", "u")}
+        dynamic, static = split_static(rest)
+        items = hashable_items(static)
+        make = _smooth_kernel if items is not None else _smooth_kernel.__wrapped__
+        kernel = make(self, model, items if items is not None else tuple(static.items()), has_u)
+        post = kernel(rng_key, params, spec.y, spec.u, dynamic)
         if not spec.batched:
             post = jax.tree_util.tree_map(lambda a: a[0], post)
         return post
+
+
+@functools.lru_cache(maxsize=64)
+def _smooth_kernel(e_step: ParticleSmoother, model, static_items, has_u: bool):
+    from ppl_dyn.state_space import bind
+
+    def kernel(rng_key, params, y, u, dynamic):
+        data = {"y": y, "u": u} if has_u else {"y": y}
+        ss, spec = bind(model, params, **data, **dict(static_items), **dynamic)
+        return e_step.posterior(rng_key, ss, spec.y, spec.u)
+
+    return jax.jit(kernel)
