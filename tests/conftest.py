@@ -1,10 +1,7 @@
 """Shared test configuration: float64 everywhere.
 
-``jax_numpy_rank_promotion = "raise"`` is deliberately NOT set: with it, numpyro's own
-``MultivariateNormal.sample`` (used by ``ppl_dyn.simulate``) and ppl_dyn's M-step
-(``ppl_dyn/infer/mstep.py``: ``_pinv_psd`` and ``floor_covariance`` multiply an
-``(n, n)`` eigenvector matrix by an ``(n,)`` vector) raise ``ValueError``. See the
-test report.
+``jax_numpy_rank_promotion = "raise"`` is deliberately NOT set: numpyro's own
+``MultivariateNormal.sample`` (used by ``ppl_dyn.simulate``) relies on rank promotion.
 """
 
 import os
