@@ -44,7 +44,7 @@ def check_inputs(u, name: str = "u") -> None:
         raise ValueError(f"{name} must be finite; got {arr[idx]} at index {idx}")
 
 
-def check_params(params: dict, free_sites: dict) -> None:
+def check_params(params: dict, free_sites: dict, require_all: bool = True) -> None:
     """Shapes, finiteness and support of parameter values (eager API only).
 
     ``free_sites`` maps site names to trace sites (from :func:`inspect_model`).
@@ -52,19 +52,22 @@ def check_params(params: dict, free_sites: dict) -> None:
     unknown = set(params) - set(free_sites)
     for name, site in free_sites.items():
         if name not in params:
+            if not require_all:
+                continue
             raise ValueError(f"params lacks a value for the parameter site {name!r}")
         value = params[name]
         if not is_concrete(value):
             continue
         v = np.asarray(value)
-        expected = tuple(np.shape(site["value"]))
+        fn = site["fn"]
+        expected = tuple(fn.batch_shape) + tuple(fn.event_shape)
         if v.shape != expected:
             raise ValueError(
                 f"got invalid {name} parameter: expected shape {expected}, got {v.shape}"
             )
         if not np.all(np.isfinite(v)):
             raise ValueError(f"got invalid {name} parameter: it contains NaN or inf")
-        support = site["fn"].support
+        support = fn.support
         if support is constraints.positive_definite or isinstance(
             support, type(constraints.positive_definite)
         ):

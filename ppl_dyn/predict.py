@@ -16,6 +16,7 @@ from typing import NamedTuple, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from blackjax.smc import resampling as bj_resampling
 
 from ppl_dyn._validation import check_rng_key
 from ppl_dyn.infer.particle import particle_filter
@@ -84,8 +85,10 @@ def predict(
                 x = ss.transition_mean(x, u_at(k))
                 outs.append(ss.emission_mean(x, u_at(k)))
             return m, jnp.stack(outs), None, None, filt.log_marginal
-        idx = jax.vmap(lambda kk, lw: jax.random.categorical(kk, lw, shape=(num_particles,)))(
-            jax.random.split(k_p, T), filt.log_weights
+        # systematic resampling of the filter particles at every t (a categorical draw
+        # of N indices would cost N x N Gumbel variates per step)
+        idx = jax.vmap(lambda kk, w: bj_resampling.systematic(kk, w, num_particles))(
+            jax.random.split(k_p, T), w
         )
         x = jnp.take_along_axis(filt.particles, idx[..., None], axis=1)  # (T, N, dx)
         keys = jax.random.split(k_p, 2 * K)

@@ -356,9 +356,11 @@ def mask_covariance(R, mask):
 def masked_gaussian_logpdf(y, mean, cov, mask):
     """log N(y_o; mean_o, cov_oo) over the observed entries (``mask`` True)."""
     r = jnp.where(mask, y - mean, 0.0)
-    L = jnp.linalg.cholesky(mask_covariance(cov, mask))
-    z = jax.scipy.linalg.solve_triangular(L, r[..., None], lower=True)[..., 0]
-    logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(L, axis1=-2, axis2=-1)), -1)
+    from ppl_dyn.infer import _linalg as la
+
+    L = la.cholesky(mask_covariance(cov, mask))
+    z = la.solve_lower(L, r[..., None])[..., 0]  # r may carry more batch dims than L
+    logdet = la.log_det_from_cholesky(L)
     n_obs = jnp.sum(mask.astype(cov.dtype), -1)
     return -0.5 * (jnp.sum(z**2, -1) + logdet + n_obs * jnp.log(2 * jnp.pi))
 
@@ -456,11 +458,25 @@ def _run_captured(model, args, kwargs, substitute_fn=None, rng_key=None):
     return capture.spec, tr
 
 
-def inspect_model(model: Callable, *args, rng_key=None, **kwargs) -> ModelInfo:
-    """Run ``model`` once (prior draws) and report its parameter sites."""
+def inspect_model(
+    model: Callable, *args, rng_key=None, values: Optional[dict] = None, **kwargs
+) -> ModelInfo:
+    """Run ``model`` once and report its parameter sites.
+
+    Free sites named in ``values`` take those values (no prior draw: eager prior
+    sampling costs one small compilation per operation); the others are drawn from their
+    priors with ``rng_key``. Expected shapes come from the site distributions.
+    """
     if rng_key is None:
         rng_key = jax.random.key(0)  # only used to draw throw-away prior values
-    spec, tr = _run_captured(model, args, kwargs, rng_key=rng_key)
+    given = values or {}
+
+    def value_of(msg):
+        if msg["type"] == "sample" and not msg["is_observed"] and msg["name"] in given:
+            return given[msg["name"]]
+        return None
+
+    spec, tr = _run_captured(model, args, kwargs, substitute_fn=value_of, rng_key=rng_key)
     free, frozen = {}, {}
     for name, site in tr.items():
         if site["type"] != "sample":

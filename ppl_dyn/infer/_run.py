@@ -42,11 +42,24 @@ def validate_data(kwargs: dict) -> dict:
     return kwargs
 
 
+def inspect_checked(model, values: dict, require_all: bool, rng_key=None, **kwargs):
+    """Inspect ``model`` with ``values`` substituted (fast: no prior draws for them) and
+    validate them; a value that breaks the model is reported by name."""
+    try:
+        info = inspect_model(model, rng_key=rng_key, values=values, **kwargs)
+    except Exception:
+        # find which value is wrong from a run with prior draws only
+        info = inspect_model(model, rng_key=rng_key, **kwargs)
+        check_params(values, info.free, require_all=False)
+        raise
+    check_params(values, info.free, require_all=require_all)
+    return info
+
+
 def prepare_eager(model, params, args, kwargs):
     """Validate data and parameters, then bind the model (eagerly)."""
     if args:
         raise ValueError("pass data to the model as keyword arguments (y=..., u=...)")
     kwargs = validate_data(kwargs)
-    info = inspect_model(model, **kwargs)
-    check_params(params, info.free)
+    inspect_checked(model, params, True, **kwargs)
     return bind(model, params, **kwargs)

@@ -12,9 +12,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ppl_dyn._validation import check_params, check_rng_key
-from ppl_dyn.infer._run import hashable_items, split_static, validate_data
+from ppl_dyn.infer._run import hashable_items, inspect_checked, split_static, validate_data
 from ppl_dyn.infer.mstep import LinearGaussianMStep
-from ppl_dyn.state_space import bind, inspect_model
+from ppl_dyn.state_space import bind
 
 
 class EMState(NamedTuple):
@@ -86,11 +86,11 @@ class EM:
         check_rng_key(rng_key)
         kwargs = validate_data(kwargs)
         init_key, run_key = jax.random.split(rng_key)
-        info = inspect_model(self.model, rng_key=init_key, **kwargs)
+        given = dict(_params_of(init_params))
+        info = inspect_checked(self.model, given, False, rng_key=init_key, **kwargs)
         if not info.free:
             raise ValueError("the model has no free parameter sites: nothing to estimate")
         self.m_step.check(info.spec.structure, info.free)
-        given = dict(_params_of(init_params))
         # strongly typed, in the dtype of the site, so the jitted step compiles once
         params = {
             k: jnp.asarray(given.get(k, s["value"]), dtype=jnp.result_type(s["value"]))

@@ -140,9 +140,9 @@ def _filter_information(view: LinearGaussianView, y: jax.Array):
     mask = ~jnp.isnan(y)
     resid0 = jnp.where(mask, y - view.e, 0.0)  # y_t - e_t, zero where missing
     Ht, Rt = jax.vmap(masked_emission, in_axes=(None, None, 0))(view.H, view.R, mask)
-    LR = jnp.linalg.cholesky(Rt)  # (T, dy, dy), batched outside the loop
-    W = jax.scipy.linalg.solve_triangular(LR, Ht, lower=True)  # LR^{-1} H_t
-    v = jax.scipy.linalg.solve_triangular(LR, resid0[..., None], lower=True)[..., 0]
+    LR = la.cholesky(Rt)  # (T, dy, dy), vectorised over time outside the loop
+    W = la.solve_lower(LR, Ht)  # LR^{-1} H_t
+    v = la.solve_lower(LR, resid0)
     G = jnp.einsum("tki,tkj->tij", W, W)
     logdetR = 2.0 * jnp.sum(jnp.log(jnp.diagonal(LR, axis1=-2, axis2=-1)), -1)
     n_obs = jnp.sum(mask, -1).astype(dtype)

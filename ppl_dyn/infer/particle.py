@@ -26,6 +26,7 @@ import numpyro.distributions as dist
 from blackjax.smc import resampling as bj_resampling
 from jax.scipy.special import logsumexp
 
+from ppl_dyn.infer import _linalg as la
 from ppl_dyn.infer.stats import InitStats, LinearStats, RegressionStats, sum_stats
 from ppl_dyn.state_space import (
     StateSpace,
@@ -128,9 +129,9 @@ def pairwise_transition_log_prob(ss: StateSpace, x_next, x_prev, u_next):
     if ss.structure is not None:
         mu = ss.transition_mean(x_prev, u_next)
         Q = ss.transition_cov(u_next)
-        L = jnp.linalg.cholesky(Q)
-        a = jax.scipy.linalg.solve_triangular(L, x_next.T, lower=True).T  # (B, dx)
-        b = jax.scipy.linalg.solve_triangular(L, mu.T, lower=True).T  # (N, dx)
+        L = la.cholesky(Q)
+        a = la.solve_lower(L, x_next.T).T  # (B, dx) whitened
+        b = la.solve_lower(L, mu.T).T  # (N, dx)
         sq = (
             jnp.sum(a * a, -1)[:, None]
             + jnp.sum(b * b, -1)[None, :]
@@ -310,7 +311,8 @@ def _imputed_y_moments(ss: StateSpace, x, u_t, y_t, mask_t):
     R = ss.emission_cov(u_t)
     o = mask_t.astype(R.dtype)
     miss = 1.0 - o
-    K = jnp.linalg.solve(mask_covariance(R, mask_t), (R * o[None, :]).T).T * o[None, :]
+    K = la.cho_solve(la.cholesky(mask_covariance(R, mask_t)), (R * o[None, :]).T).T
+    K = K * o[None, :]
     yf = jnp.where(mask_t, y_t, 0.0)
     resid = (yf - mu) * o
     Ey = o * yf + miss * (mu + resid @ K.T)

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ppl_dyn.infer import _linalg as la
 from ppl_dyn.state_space import StateSpace, mask_covariance
 
 
@@ -64,7 +65,7 @@ def imputed_observations(H, e, R, y, means, covs):
         miss = 1.0 - o
         Rt = mask_covariance(R, mask_t)
         # K_full[:, obs] = R[:, obs] R_oo^{-1}, zero columns for missing entries
-        K = jnp.linalg.solve(Rt, (R * o[None, :]).T).T * o[None, :]
+        K = la.cho_solve(la.cholesky(Rt), (R * o[None, :]).T).T * o[None, :]
         M = miss[:, None] * (H - K @ H)
         k = o * y_t + miss * (e_t + K @ (o * (y_t - e_t)))
         Rc = miss[:, None] * (R - K @ R) * miss[None, :]
