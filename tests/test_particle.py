@@ -601,3 +601,27 @@ def test_missing_rng_key_raises():
         ParticleSmoother(8).smooth(params, lds, y=y, state_dim=1)
     with pytest.raises(ValueError, match="rng_key"):
         ParticleSmoother(8).smooth(params, lds, y=y, state_dim=1, rng_key=None)
+
+
+# --- G8: resampling unbiasedness of the schemes the filter uses --------------------------
+
+
+@pytest.mark.parametrize("scheme", ["systematic", "stratified", "multinomial"])
+@pytest.mark.parametrize("n", [5, 10, 1000])
+def test_resampling_offspring_counts_are_unbiased(scheme, n):
+    from ppl_dyn.infer.particle import _RESAMPLERS
+
+    K = 1000
+    w = np.random.default_rng(n).dirichlet(np.ones(n))
+    draw = jax.jit(jax.vmap(lambda k: _RESAMPLERS[scheme](k, jnp.asarray(w), n)))
+    idx = np.asarray(draw(jax.random.split(jax.random.key(7), K)))
+    counts = np.stack([np.bincount(row, minlength=n) for row in idx])  # (K, n)
+    mean = counts.mean(0)
+    se = counts.std(0, ddof=1) / np.sqrt(K)
+    expected = n * w
+    # z-test per particle where the count varies; Bonferroni over n particles
+    varying = se > 0
+    z = np.abs(mean[varying] - expected[varying]) / se[varying]
+    assert np.all(z < 4.5), (scheme, n, z.max())
+    # a deterministic count (systematic with w_i N integral-ish) must equal floor/ceil
+    assert np.all(np.abs(mean[~varying] - expected[~varying]) < 1.0)
