@@ -252,9 +252,13 @@ def ffbsm(ss: StateSpace, filt: FilterOutput, u, feature, chunk_size: Optional[i
             xj, lvj = c
             lam = pairwise_transition_log_prob(ss, xj, x_t, u_next)  # (B, N)
             a = lw_t[None, :] + lam
-            delta = logsumexp(a, axis=1)  # (B,)
-            scale = jnp.where(jnp.isfinite(lvj) & jnp.isfinite(delta), lvj - delta, -jnp.inf)
-            W = jnp.exp(a + scale[:, None])  # rows j (x_{t+1}), cols i (x_t)
+            # one exponential per pair: E = exp(a - rowmax); delta_j = rowmax + log(rowsum)
+            amax = jnp.max(a, axis=1)
+            E = jnp.exp(a - jnp.where(jnp.isfinite(amax), amax, 0.0)[:, None])
+            rowsum = jnp.sum(E, axis=1)
+            ok = jnp.isfinite(lvj) & (rowsum > 0)
+            scale = jnp.where(ok, jnp.exp(lvj - jnp.log(jnp.where(ok, rowsum, 1.0))), 0.0)
+            W = E * scale[:, None]  # W[j, i]: rows j (x_{t+1}), cols i (x_t)
             colsum = colsum + jnp.sum(W, 0)
             pair = pair + xj.T @ (W @ phi_t)
             return (colsum, pair), None
