@@ -9,9 +9,16 @@ with numpy 2, so install it WITHOUT its dependencies, or pip will downgrade nump
 
     pip install --no-deps particles
 
-``--quick`` is a smoke-sized run (T = 100, N <= 200; about a minute). The full run takes
-roughly 15-25 minutes on a 2-core CPU (most of it ppl_dyn at N = 4000 and ``particles``
-at N = 1000). Close other CPU-heavy processes first: timings are wall-clock.
+``--quick`` is a smoke-sized run (T = 100, N <= 200; 2-3 minutes, mostly process start-up
+and compilation). The full run takes about 20-30 minutes on a 2-core CPU (most of it
+ppl_dyn at N = 4000 and ``particles`` at N = 1000, ~90 s). Close other CPU-heavy
+processes first: timings are wall-clock and a concurrent job inflates them 1.5-2x.
+
+Note: XLA's CPU buffers come from glibc malloc. Buffers over its mmap threshold are
+returned to the OS and faulted in again on every scan step (high ``sys`` time); in a fresh
+process this alone doubled the N = 1000, dx = 5, float64 E-step (6.5 s vs 3.4 s with
+``MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=4000000000``). The benchmark
+does not set these: it reports what a user gets by default.
 
 What is measured (CPU unless JAX picks another backend), all on the same simulated data:
 
