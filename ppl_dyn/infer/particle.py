@@ -397,7 +397,7 @@ class ParticleSmoother(NamedTuple):
     ess_threshold: float = 0.5
     mode: str = "ffbsm"
     num_trajectories: int = 100
-    chunk_size: Optional[int] = 1024
+    chunk_size: Optional[int] = 256
 
     def _check(self):
         if self.resampling not in _RESAMPLERS:
