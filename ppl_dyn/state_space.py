@@ -151,17 +151,6 @@ class StateSpace(NamedTuple):
         return gaussian_moments(self.emission(x0, u), "emission")[1]
 
 
-def is_gaussian(d: dist.Distribution) -> bool:
-    """Whether ``d`` is a MultivariateNormal or a Normal with one reinterpreted dim."""
-    base, reinterpreted = d, 0
-    while isinstance(base, dist.Independent):
-        reinterpreted += base.reinterpreted_batch_ndims
-        base = base.base_dist
-    return isinstance(base, dist.MultivariateNormal) or (
-        isinstance(base, dist.Normal) and reinterpreted == 1
-    )
-
-
 def gaussian_moments(d: dist.Distribution, what: str) -> tuple[jax.Array, jax.Array]:
     """Mean and covariance of a Gaussian distribution (MVN or independent Normals)."""
     base = d

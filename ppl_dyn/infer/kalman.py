@@ -248,7 +248,7 @@ class KalmanSmoother(NamedTuple):
         from ppl_dyn.infer._run import prepare_eager
 
         ss, spec = prepare_eager(model, params, args, kwargs)
-        post = _smooth_jit(self, ss, spec.y, spec.u)
+        post = _smooth_jit(ss, spec.y, spec.u)
         if not spec.batched:
             post = jax.tree_util.tree_map(lambda a: a[0], post)
         return post
@@ -259,6 +259,6 @@ def _posterior_kernel(view_batch, y):
     return jax.vmap(kalman_smooth_view)(view_batch, y)
 
 
-def _smooth_jit(e_step: KalmanSmoother, ss: StateSpace, y, u):
+def _smooth_jit(ss: StateSpace, y, u):
     views = jax.vmap(lambda u_s: linear_gaussian_view(ss, u_s))(u)
     return _posterior_kernel(views, y)
