@@ -1,5 +1,6 @@
 """Inference plug-ins: E-steps, M-steps and the EM driver."""
 
+from ppl_dyn.infer.eks import ExtendedKalmanSmoother
 from ppl_dyn.infer.em import EM, EMResult, EMState, fit_em
 from ppl_dyn.infer.kalman import GaussianPosterior, KalmanSmoother
 from ppl_dyn.infer.mstep import GradientMStep, LinearGaussianMStep
@@ -12,6 +13,7 @@ __all__ = [
     "EMState",
     "fit_em",
     "KalmanSmoother",
+    "ExtendedKalmanSmoother",
     "GaussianPosterior",
     "LinearGaussianMStep",
     "GradientMStep",

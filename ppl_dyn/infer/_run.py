@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -63,3 +64,86 @@ def prepare_eager(model, params, args, kwargs):
     kwargs = validate_data(kwargs)
     inspect_checked(model, params, True, **kwargs)
     return bind(model, params, **kwargs)
+
+
+def smooth_eager(e_step, params, model, args, kwargs, rng_key=None):
+    """Validate, then run ``e_step.posterior`` jitted with the parameters and data as
+    arguments (one compilation per model, E-step and static arguments)."""
+    _, spec = prepare_eager(model, params, args, kwargs)
+    dynamic, static = split_static(validate_data(kwargs))
+    items = hashable_items(static)
+    if items is None:
+        fn = _make_smoother(model, e_step, tuple(static.items()))
+    else:
+        fn = _cached_smoother(model, e_step, items)
+    key = jax.random.key(0) if rng_key is None else rng_key
+    post = fn(dict(params), dynamic, key)
+    if not spec.batched:
+        post = jax.tree_util.tree_map(lambda a: a[0], post)
+    return post
+
+
+def _make_smoother(model, e_step, static_items):
+    static = dict(static_items)
+
+    def run(params, dynamic, rng_key):
+        ss, spec = bind(model, params, **static, **dynamic)
+        return e_step.posterior(rng_key, ss, spec.y, spec.u)
+
+    return jax.jit(run)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_smoother(model, e_step, static_items):
+    return _make_smoother(model, e_step, static_items)
+
+
+def site_shapes(model, kwargs) -> tuple[dict, Any]:
+    """Shapes and dtypes of the free parameter sites, and the model's structure, from an
+    abstract run (``jax.eval_shape``: no prior draws are computed)."""
+    found = {}
+
+    def run(key):
+        info = inspect_model(model, rng_key=key, **kwargs)
+        found["structure"] = info.spec.structure
+        return {k: s["value"] for k, s in info.free.items()}
+
+    shapes = jax.eval_shape(run, jax.random.key(0))
+    return shapes, found.get("structure")
+
+
+def adapt_params(model, given: dict, kwargs) -> dict:
+    """Carry parameter values from another model of the family into ``model``.
+
+    Sites the model lacks are dropped; values of the right shape are kept; a dynamics or
+    emission weight of shape ``(dz, dx)`` (from an LDS) entering a map with RBF features
+    ``[rho(x); x]`` becomes ``[0 | W]`` (RBF weights zero: the nested initialisation of
+    Ghahramani & Roweis). Any other mismatch raises ``ValueError``.
+    """
+    shapes, structure = site_shapes(model, kwargs)
+    out = {}
+    for name, value in given.items():
+        if name not in shapes:
+            continue
+        want = tuple(shapes[name].shape)
+        value = np.asarray(value)
+        if value.shape == want:
+            out[name] = value
+            continue
+        regs = () if structure is None else (structure.dynamics, structure.emission)
+        reg = next((r for r in regs if r.weight == name), None)
+        if (
+            reg is not None
+            and reg.feature == "rbf"
+            and value.ndim == 2
+            and len(want) == 2
+            and value.shape[0] == want[0]
+            and want[1] > value.shape[1]
+        ):
+            pad = np.zeros((want[0], want[1] - value.shape[1]), value.dtype)
+            out[name] = np.concatenate([pad, value], 1)
+            continue
+        raise ValueError(
+            f"initial value for site {name!r} has shape {value.shape}; the model expects {want}"
+        )
+    return out

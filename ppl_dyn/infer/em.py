@@ -12,7 +12,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ppl_dyn._validation import check_params, check_rng_key
-from ppl_dyn.infer._run import hashable_items, inspect_checked, split_static, validate_data
+from ppl_dyn.infer._run import (
+    adapt_params,
+    hashable_items,
+    inspect_checked,
+    split_static,
+    validate_data,
+)
 from ppl_dyn.infer.mstep import LinearGaussianMStep
 from ppl_dyn.state_space import bind
 
@@ -87,6 +93,8 @@ class EM:
         kwargs = validate_data(kwargs)
         init_key, run_key = jax.random.split(rng_key)
         given = dict(_params_of(init_params))
+        if given:
+            given = adapt_params(self.model, given, kwargs)
         info = inspect_checked(self.model, given, False, rng_key=init_key, **kwargs)
         if not info.free:
             raise ValueError("the model has no free parameter sites: nothing to estimate")
@@ -112,6 +120,7 @@ class EM:
         num_iters: int,
         *,
         init_params: Union[dict, "EMResult", None] = None,
+        init: Union[dict, "EMResult", None] = None,
         rtol: Optional[float] = None,
         smoothing_window: Optional[int] = None,
         e_step_schedule: Optional[Callable[[int], object]] = None,
@@ -124,7 +133,10 @@ class EM:
             rng_key: PRNG key (initialisation draws and stochastic E-steps).
             num_iters: maximum number of iterations (>= 1).
             init_params: starting values (a dict of site values or a previous
-                :class:`EMResult`); missing sites are drawn from their priors.
+                :class:`EMResult`, possibly of a simpler model of the family: an LDS fit
+                initialises an RBF model with zero RBF weights); sites the model lacks
+                are ignored, missing sites are drawn from their priors.
+            init: alias of ``init_params``.
             rtol: stop when ``|l_k - l_{k-1}| <= rtol * |l_{k-1}|``; None runs all.
             smoothing_window: for stochastic E-steps: compare the means of the last two
                 windows of this many iterations instead of single values (and report
@@ -142,6 +154,10 @@ class EM:
             raise ValueError(f"num_iters must be a positive int; got {num_iters!r}")
         if smoothing_window is not None and int(smoothing_window) < 1:
             raise ValueError(f"smoothing_window must be >= 1; got {smoothing_window!r}")
+        if init is not None:
+            if init_params is not None:
+                raise ValueError("pass init_params or init, not both")
+            init_params = init
         kwargs = validate_data(kwargs)
         state = self.init(rng_key, init_params=init_params, **kwargs)
         step, dynamic = self._compiled(kwargs)

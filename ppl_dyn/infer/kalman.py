@@ -81,6 +81,27 @@ def masked_emission(H, R, mask):
     return H * mask.astype(H.dtype)[:, None], mask_covariance(R, mask)
 
 
+def covariance_update(m_pred, P_pred, H, e_t, R, y_t, mask_t):
+    """Joseph-form measurement update of ``N(m_pred, P_pred)`` with ``y_t = H x + e_t + v``,
+    ``v ~ N(0, R)``; entries where ``mask_t`` is False are missing (``y_t`` zero-filled).
+
+    Returns the filtered mean and covariance and ``log N(y_t; H m_pred + e_t, S_t)`` over
+    the observed entries.
+    """
+    Ht, Rt = masked_emission(H, R, mask_t)
+    r = jnp.where(mask_t, y_t - la.mv(Ht, m_pred) - e_t, 0.0)
+    PHt = la.mm(P_pred, Ht.T)
+    L = la.cholesky(la.sym(la.mm(Ht, PHt) + Rt))
+    K = la.cho_solve(L, PHt.T).T
+    m_f = m_pred + la.mv(K, r)
+    IKH = jnp.eye(m_pred.shape[-1], dtype=P_pred.dtype) - la.mm(K, Ht)
+    P_f = la.sym(la.mm(la.mm(IKH, P_pred), IKH.T) + la.mm(la.mm(K, Rt), K.T))
+    z = la.solve_lower(L, r)
+    n_obs = jnp.sum(mask_t)
+    ll = -0.5 * (jnp.sum(z * z) + la.log_det_from_cholesky(L) + n_obs * _LOG2PI)
+    return m_f, P_f, ll
+
+
 def kalman_filter(view: LinearGaussianView, y: jax.Array):
     """Forward pass. Returns predicted and filtered moments and per-step log-densities.
 
@@ -94,34 +115,20 @@ def kalman_filter(view: LinearGaussianView, y: jax.Array):
 
 
 def _filter_covariance(view: LinearGaussianView, y: jax.Array):
-    dx = view.F.shape[0]
     mask = ~jnp.isnan(y)
     yf = jnp.where(mask, y, 0.0)
-    eye = jnp.eye(dx, dtype=view.F.dtype)
     F, FT, Q = view.F, view.F.T, view.Q
     c_next = jnp.concatenate([view.c[1:], jnp.zeros_like(view.c[:1])], 0)
 
     def step(carry, inp):
         m_pred, P_pred = carry
         y_t, mask_t, e_t, c_n = inp
-        Ht, Rt = masked_emission(view.H, view.R, mask_t)
-        r = jnp.where(mask_t, y_t - la.mv(Ht, m_pred) - e_t, 0.0)
-        PHt = la.mm(P_pred, Ht.T)
-        L = la.cholesky(la.sym(la.mm(Ht, PHt) + Rt))
-        K = la.cho_solve(L, PHt.T).T
-        m_f = m_pred + la.mv(K, r)
-        IKH = eye - la.mm(K, Ht)
-        P_f = la.sym(la.mm(la.mm(IKH, P_pred), IKH.T) + la.mm(la.mm(K, Rt), K.T))
-        z = la.solve_lower(L, r)
-        n_obs = jnp.sum(mask_t)
-        ll = -0.5 * (jnp.sum(z * z) + la.log_det_from_cholesky(L) + n_obs * _LOG2PI)
+        m_f, P_f, ll = covariance_update(m_pred, P_pred, view.H, e_t, view.R, y_t, mask_t)
         m_next = la.mv(F, m_f) + c_n
         P_next = la.sym(la.mm(la.mm(F, P_f), FT) + Q)
         return (m_next, P_next), (m_pred, P_pred, m_f, P_f, ll)
 
-    _, (m_p, P_p, m_f, P_f, ll) = jax.lax.scan(
-        step, (view.m0, view.P0), (yf, mask, view.e, c_next)
-    )
+    _, (m_p, P_p, m_f, P_f, ll) = jax.lax.scan(step, (view.m0, view.P0), (yf, mask, view.e, c_next))
     return m_p, P_p, m_f, P_f, ll
 
 
@@ -169,33 +176,37 @@ def _filter_information(view: LinearGaussianView, y: jax.Array):
         P_next = la.sym(la.mm(la.mm(F, P_f), FT) + Q)
         return (m_next, P_next), (m_pred, P_pred, m_f, P_f, ll)
 
-    _, (m_p, P_p, m_f, P_f, ll) = jax.lax.scan(
-        step, (view.m0, view.P0), (W, v, G, const, c_next)
-    )
+    _, (m_p, P_p, m_f, P_f, ll) = jax.lax.scan(step, (view.m0, view.P0), (W, v, G, const, c_next))
     return m_p, P_p, m_f, P_f, ll
+
+
+def rts_step(F, Q, carry, inp):
+    """One RTS backward step for ``x_{t+1} = F x_t + c + w``, ``w ~ N(0, Q)``.
+
+    ``carry`` holds the smoothed moments at ``t+1``, ``inp`` the filtered moments at
+    ``t`` and the predicted ones at ``t+1``. Returns the smoothed moments at ``t`` and
+    the cross-covariance ``Cov[x_{t+1}, x_t | y] = P_{t+1} J_t^T``.
+    """
+    m_s_next, P_s_next = carry
+    m_f_t, P_f_t, m_p_next, P_p_next = inp
+    Lp = la.cholesky(P_p_next)
+    J = la.cho_solve(Lp, la.mm(F, P_f_t)).T  # P_f F^T P_p^{-1}
+    m_s = m_f_t + la.mv(J, m_s_next - m_p_next)
+    IJF = jnp.eye(F.shape[-1], dtype=F.dtype) - la.mm(J, F)
+    JT = J.T
+    # Joseph form of the backward conditional covariance, plus J P_s J^T
+    P_s = la.sym(
+        la.mm(la.mm(IJF, P_f_t), IJF.T) + la.mm(la.mm(J, Q), JT) + la.mm(la.mm(J, P_s_next), JT)
+    )
+    cross = la.mm(P_s_next, JT)
+    return (m_s, P_s), (m_s, P_s, cross)
 
 
 def rts_smoother(view: LinearGaussianView, m_p, P_p, m_f, P_f):
     """Backward pass with lag-one cross-covariances ``Cov[x_{t+1}, x_t | y]``."""
-    F, Q = view.F, view.Q
-    eye = jnp.eye(F.shape[0], dtype=F.dtype)
 
     def step(carry, inp):
-        m_s_next, P_s_next = carry
-        m_f_t, P_f_t, m_p_next, P_p_next = inp
-        Lp = la.cholesky(P_p_next)
-        J = la.cho_solve(Lp, la.mm(F, P_f_t)).T  # P_f F^T P_p^{-1}
-        m_s = m_f_t + la.mv(J, m_s_next - m_p_next)
-        IJF = eye - la.mm(J, F)
-        JT = J.T
-        # Joseph form of the backward conditional covariance, plus J P_s J^T
-        P_s = la.sym(
-            la.mm(la.mm(IJF, P_f_t), IJF.T)
-            + la.mm(la.mm(J, Q), JT)
-            + la.mm(la.mm(J, P_s_next), JT)
-        )
-        cross = la.mm(P_s_next, JT)
-        return (m_s, P_s), (m_s, P_s, cross)
+        return rts_step(view.F, view.Q, carry, inp)
 
     last = (m_f[-1], P_f[-1])
     _, (m_s, P_s, cross) = jax.lax.scan(

@@ -76,8 +76,14 @@ def solve_regression(
     k: int,
     du: int,
     rel_floor: float,
+    ridge: float = 0.0,
 ):
-    """Maximise the expected log-likelihood of one regression; returns (updates, floors)."""
+    """Maximise the expected log-likelihood of one regression; returns (updates, floors).
+
+    ``ridge > 0`` adds ``ridge * I`` to ``S_rr`` on the columns of the nonlinear
+    features (RBF weights ``h``; all weight columns for tanh features), the MAP estimate
+    under a zero-mean Gaussian prior on those weights (``docs/math.md`` section 1).
+    """
     blocks = regression_blocks(reg, k, du)
     cols = jnp.concatenate([jnp.arange(s.start, s.stop) for _, s in blocks])
     S_zr = stats.S_zr[:, cols]
@@ -108,7 +114,14 @@ def solve_regression(
         if fixed_idx:
             x = jnp.concatenate(fixed_idx)
             rhs = rhs - W[:, x] @ S_rr[jnp.ix_(x, f)]
-        W_f = rhs @ _pinv_psd(S_rr[jnp.ix_(f, f)])
+        S_ff = S_rr[jnp.ix_(f, f)]
+        if ridge and reg.feature != "linear" and reg.weight in free:
+            n_ridge = k - (int(reg.feature_args[0].shape[-1]) if reg.feature == "rbf" else 0)
+            a = dict((n, a) for n, a, _ in pos)[reg.weight]
+            cols = jnp.concatenate(free_idx)
+            on = (cols >= a) & (cols < a + n_ridge)
+            S_ff = S_ff + ridge * jnp.diag(on.astype(S_ff.dtype))
+        W_f = rhs @ _pinv_psd(S_ff)
         W = W.at[:, f].set(W_f)
         for n, a, b in pos:
             if n in free:
@@ -163,9 +176,13 @@ class LinearGaussianMStep(NamedTuple):
 
     Args:
         covariance_floor: relative eigenvalue floor for covariance outputs.
+        ridge: ridge penalty on the weights of nonlinear features (RBF weights ``h``,
+            tanh weights); 0 gives maximum likelihood. It is added to the summed
+            statistic ``S_phiphi`` (a prior precision), so it does not grow with ``T``.
     """
 
     covariance_floor: float = 1e-6
+    ridge: float = 0.0
 
     def check(self, structure, free_names) -> None:
         """Raise if the model has free sites this M-step cannot estimate."""
@@ -209,7 +226,7 @@ class LinearGaussianMStep(NamedTuple):
             (structure.emission, stats.emission, k_emi),
         ):
             k = p - du - 1
-            o, f = solve_regression(s, reg, params, free, k, du, self.covariance_floor)
+            o, f = solve_regression(s, reg, params, free, k, du, self.covariance_floor, self.ridge)
             new.update(o)
             floors.update(f)
         o, f = solve_init(stats.init, structure, params, free, self.covariance_floor)
@@ -225,8 +242,6 @@ def _input_dim(st: LinearStructure, params) -> int:
     if st.emission.input_weight is not None:
         return int(jnp.shape(params[st.emission.input_weight])[-1])
     return 0
-
-
 
 
 class GradientMStep(NamedTuple):

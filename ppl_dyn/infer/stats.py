@@ -54,8 +54,11 @@ def _pad_top_left(block, p):
 def imputed_observations(H, e, R, y, means, covs):
     """Moments of ``y_t`` (missing entries imputed) under the smoothed posterior.
 
-    Returns ``E[y_t]`` ``(T, dy)``, ``Cov[y_t, x_t]`` ``(T, dy, dx)`` and
-    ``Cov[y_t]`` ``(T, dy, dy)``. For observed entries these are ``y`` and zeros.
+    The emission is ``y_t = H f_t + e_t + v_t`` with features ``f_t`` of the state whose
+    posterior mean and covariance are ``means`` ``(T, k)`` and ``covs`` ``(T, k, k)``
+    (for linear features ``f_t = x_t``). Returns ``E[y_t]`` ``(T, dy)``,
+    ``Cov[y_t, f_t]`` ``(T, dy, k)`` and ``Cov[y_t]`` ``(T, dy, dy)``; for observed
+    entries these are ``y`` and zeros.
     """
     mask = ~jnp.isnan(y)
     yf = jnp.where(mask, y, 0.0)
@@ -77,42 +80,73 @@ def imputed_observations(H, e, R, y, means, covs):
     return jax.vmap(one)(mask, yf, e, means, covs)
 
 
-def gaussian_linear_statistics(post, ss: StateSpace, y, u) -> LinearStats:
-    """Exact statistics for linear features under a Gaussian posterior (batched ``S``)."""
-    from ppl_dyn.infer.kalman import linear_gaussian_view
+def feature_statistics(reg, means, covs):
+    """Posterior mean ``(T, k)``, covariance ``(T, k, k)`` and expected Jacobian
+    ``(T, k, dx)`` of the regression features ``phi(x_t)`` under ``N(means, covs)``.
 
+    Linear features are exact; tanh (Gauss-Hermite) and RBF (closed form) come from
+    :func:`ppl_dyn.infer.feature_moments.feature_moments`.
+    """
+    if reg.feature == "linear":
+        eye = jnp.eye(means.shape[-1], dtype=means.dtype)
+        return means, covs, jnp.broadcast_to(eye, covs.shape)
+    from ppl_dyn.infer.feature_moments import feature_moments
+
+    fm = jax.vmap(lambda m, P: feature_moments(reg, m, P))(means, covs)
+    cov = fm.second - fm.mean[..., :, None] * fm.mean[..., None, :]
+    return fm.mean, 0.5 * (cov + jnp.swapaxes(cov, -1, -2)), fm.jac
+
+
+def _emission_design(ss: StateSpace, u):
+    """``(W, e)`` with ``E[y_t | x_t] = W phi(x_t) + e_t`` for the emission regression."""
+    reg = ss.structure.emission
+    W = jnp.asarray(ss.params[reg.weight])
+    x0 = jnp.zeros((ss.state_dim,), u.dtype)
+    e = jax.vmap(lambda ut: ss.emission_mean(x0, ut) - W @ reg.features(x0))(u)
+    return W.astype(u.dtype), e
+
+
+def gaussian_linear_statistics(post, ss: StateSpace, y, u) -> LinearStats:
+    """Statistics for the regression M-step under a Gaussian posterior (batched ``S``).
+
+    Dynamics: ``z = x_t``, ``r = [phi(x_{t-1}); u_t; 1]``; emission: ``z = y_t``
+    (missing entries imputed), ``r = [psi(x_t); u_t; 1]``. Feature expectations use the
+    x-marginal (Stein) form ``E[z phi^T] = E[z] E[phi]^T + Cov[z, x] E[d phi/dx]^T``,
+    which never inverts a cloud covariance (``docs/math.md`` section 5).
+    """
     st = ss.structure
     if st is None:
         raise ValueError(
             "the model declares no LinearStructure; closed-form M-steps need one "
             "(use a GradientMStep for models without a closed form)"
         )
-    for reg, what in ((st.dynamics, "dynamics"), (st.emission, "emission")):
-        if reg.feature != "linear":
-            raise NotImplementedError(
-                f"{what} features {reg.feature!r} need expectations of nonlinear features; "
-                "the Kalman/Gaussian statistics here support linear features only"
-            )
 
     def one(means, covs, cross, y_s, u_s):
-        view = linear_gaussian_view(ss, u_s)
-        dx = means.shape[-1]
-        # dynamics: z = x_t, r = [x_{t-1}; u_t; 1], t = 2..T
-        r_bar = _regressor_means(means[:-1], u_s[1:])
+        # dynamics: z = x_t, r = [phi(x_{t-1}); u_t; 1], t = 2..T
+        f_mean, f_cov, f_jac = feature_statistics(st.dynamics, means[:-1], covs[:-1])
+        k = f_mean.shape[-1]
+        r_bar = _regressor_means(f_mean, u_s[1:])
         p = r_bar.shape[-1]
-        S_rr = r_bar.T @ r_bar + _pad_top_left(jnp.sum(covs[:-1], 0), p)
-        cross_sum = jnp.sum(cross, 0)  # sum Cov[x_t, x_{t-1}]
-        S_zr = means[1:].T @ r_bar
-        S_zr = S_zr.at[:, :dx].add(cross_sum)
+        S_rr = r_bar.T @ r_bar + _pad_top_left(jnp.sum(f_cov, 0), p)
+        if st.dynamics.feature == "linear":
+            cz = jnp.sum(cross, 0)  # sum Cov[x_t, x_{t-1}]
+        else:
+            cz = jnp.einsum("tij,tkj->ik", cross, f_jac)  # sum Cov[x_t, x_{t-1}] E[J]^T
+        S_zr = (means[1:].T @ r_bar).at[:, :k].add(cz)
         S_zz = means[1:].T @ means[1:] + jnp.sum(covs[1:], 0)
         n_dyn = jnp.asarray(means.shape[0] - 1, means.dtype)
         dyn = RegressionStats(S_zr, S_rr, S_zz, n_dyn)
-        # emission: z = y_t (missing entries imputed), r = [x_t; u_t; 1], t = 1..T
-        Ey, Cyx, Cyy = imputed_observations(view.H, view.e, view.R, y_s, means, covs)
-        psi = _regressor_means(means, u_s)
+        # emission: z = y_t (missing entries imputed), r = [psi(x_t); u_t; 1], t = 1..T
+        g_mean, g_cov, _ = feature_statistics(st.emission, means, covs)
+        linear = st.emission.feature == "linear"
+        H, e = _linear_emission(ss, u_s) if linear else _emission_design(ss, u_s)
+        R = ss.emission_cov(u_s[0])
+        Ey, Cyf, Cyy = imputed_observations(H, e, R, y_s, g_mean, g_cov)
+        psi = _regressor_means(g_mean, u_s)
         q = psi.shape[-1]
-        E_rr = psi.T @ psi + _pad_top_left(jnp.sum(covs, 0), q)
-        E_zr = (Ey.T @ psi).at[:, :dx].add(jnp.sum(Cyx, 0))
+        kq = g_mean.shape[-1]
+        E_rr = psi.T @ psi + _pad_top_left(jnp.sum(g_cov, 0), q)
+        E_zr = (Ey.T @ psi).at[:, :kq].add(jnp.sum(Cyf, 0))
         E_zz = Ey.T @ Ey + jnp.sum(Cyy, 0)
         emi = RegressionStats(E_zr, E_rr, E_zz, jnp.asarray(means.shape[0], means.dtype))
         init = InitStats(
@@ -122,3 +156,10 @@ def gaussian_linear_statistics(post, ss: StateSpace, y, u) -> LinearStats:
 
     per_seq = jax.vmap(one)(post.means, post.covs, post.cross_covs, y, u)
     return sum_stats(per_seq)
+
+
+def _linear_emission(ss: StateSpace, u):
+    from ppl_dyn.infer.kalman import linear_gaussian_view
+
+    view = linear_gaussian_view(ss, u)
+    return view.H, view.e
