@@ -132,11 +132,7 @@ def pairwise_transition_log_prob(ss: StateSpace, x_next, x_prev, u_next):
         L = la.cholesky(Q)
         a = la.solve_lower(L, x_next.T).T  # (B, dx) whitened
         b = la.solve_lower(L, mu.T).T  # (N, dx)
-        sq = (
-            jnp.sum(a * a, -1)[:, None]
-            + jnp.sum(b * b, -1)[None, :]
-            - 2.0 * a @ b.T
-        )
+        sq = jnp.sum(a * a, -1)[:, None] + jnp.sum(b * b, -1)[None, :] - 2.0 * a @ b.T
         sq = jnp.maximum(sq, 0.0)
         dx = x_next.shape[-1]
         const = jnp.sum(jnp.log(jnp.diagonal(L))) + 0.5 * dx * jnp.log(2 * jnp.pi)
@@ -205,9 +201,7 @@ def particle_filter(
         return (x, lw_new, logZ + step_lz), (x, lw_new, idx, ess, do_res)
 
     xs = (step_keys[:, 0], step_keys[:, 1], u[1:], y[1:], mask[1:])
-    (_, _, logZ), (x_rest, lw_rest, anc, ess, res) = jax.lax.scan(
-        step, (x1, lw1n, logZ1), xs
-    )
+    (_, _, logZ), (x_rest, lw_rest, anc, ess, res) = jax.lax.scan(step, (x1, lw1n, logZ1), xs)
     return FilterOutput(
         particles=jnp.concatenate([x1[None], x_rest], 0),
         log_weights=jnp.concatenate([lw1n[None], lw_rest], 0),
@@ -268,9 +262,7 @@ def ffbsm(ss: StateSpace, filt: FilterOutput, u, feature, chunk_size: Optional[i
         log_v = jnp.log(colsum)
         return log_v, (log_v, pair)
 
-    _, (log_v, pair) = jax.lax.scan(
-        back, LW[-1], (X[:-1], LW[:-1], X[1:], u[1:]), reverse=True
-    )
+    _, (log_v, pair) = jax.lax.scan(back, LW[-1], (X[:-1], LW[:-1], X[1:], u[1:]), reverse=True)
     log_v = jnp.concatenate([log_v, LW[-1:]], 0)
     return log_v, pair
 
@@ -328,9 +320,7 @@ def particle_linear_statistics(post: ParticlePosterior, ss: StateSpace, y, u) ->
     """Statistics of the dynamics and emission regressions from FFBSm weights."""
     st = ss.structure
     if st is None:
-        raise ValueError(
-            "the model declares no LinearStructure; use GradientMStep for its M-step"
-        )
+        raise ValueError("the model declares no LinearStructure; use GradientMStep for its M-step")
     phi = st.dynamics.features
     psi = st.emission.features
 
