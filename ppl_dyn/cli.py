@@ -129,11 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=_demo)
     r = sub.add_parser("reproduce", help="reproduce a seed paper's experiment")
-    r.add_argument("name", choices=["unkelbach"], help="which experiment")
+    r.add_argument(
+        "name",
+        choices=["unkelbach", "ghahramani"],
+        help="unkelbach: seed 000 (particle EM, tanh-RNN); ghahramani: seed 001 (EKS + RBF)",
+    )
     r.add_argument("--out", default=None, help="output directory (default: reproduce-NAME)")
     r.add_argument("--num-seeds", type=int, default=5, help="data seeds (median reported)")
     r.add_argument("--num-particles", type=int, default=100)
-    r.add_argument("--num-iters", type=int, default=100)
+    r.add_argument(
+        "--num-iters", type=int, default=None, help="EM iterations (default 100; RBF EM: 20)"
+    )
+    r.add_argument(
+        "--series-length", type=int, default=2000, help="ghahramani: train + test length"
+    )
     r.add_argument("--no-n10", action="store_true", help="skip the N = 10 comparison")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=_reproduce)
@@ -141,22 +150,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _reproduce(args) -> int:
-    if args.num_seeds < 1 or args.num_particles < 1 or args.num_iters < 1:
-        print("ppl-dyn: --num-seeds, --num-particles and --num-iters must be >= 1",
-              file=sys.stderr)
+    if args.num_seeds < 1 or args.num_particles < 1 or args.series_length < 20:
+        print("ppl-dyn: --num-seeds and --num-particles must be >= 1 and "
+              "--series-length >= 20", file=sys.stderr)
         return 2
+    out = Path(args.out or f"reproduce-{args.name}")
+    if args.name == "ghahramani":
+        from ppl_dyn.reproduce import ghahramani
+
+        ghahramani.main(out, num_seeds=args.num_seeds, num_steps=args.series_length,
+                        rbf_iters=args.num_iters or 20, progress_bar=not args.quiet)
+        return 0
     from ppl_dyn.reproduce import unkelbach
 
-    out = Path(args.out or f"reproduce-{args.name}")
     unkelbach.main(out, num_seeds=args.num_seeds, num_particles=args.num_particles,
-                   num_iters=args.num_iters, compare_n10=not args.no_n10,
+                   num_iters=args.num_iters or 100, compare_n10=not args.no_n10,
                    progress_bar=not args.quiet)
     return 0
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "num_steps", 2) < 2 or getattr(args, "num_iters", 1) < 1:
+    if getattr(args, "num_steps", 2) < 2 or (getattr(args, "num_iters", 1) or 1) < 1:
         print("ppl-dyn: --num-steps must be >= 2 and --num-iters >= 1", file=sys.stderr)
         return 2
     return args.func(args)

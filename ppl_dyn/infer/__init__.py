@@ -4,6 +4,7 @@ from ppl_dyn.infer.eks import ExtendedKalmanSmoother
 from ppl_dyn.infer.em import EM, EMResult, EMState, fit_em
 from ppl_dyn.infer.kalman import GaussianPosterior, KalmanSmoother
 from ppl_dyn.infer.mstep import GradientMStep, LinearGaussianMStep
+from ppl_dyn.infer.nested import NestedFit, factor_analysis_init, fit_nested
 from ppl_dyn.infer.particle import ParticlePosterior, ParticleSmoother
 from ppl_dyn.infer.stats import InitStats, LinearStats, RegressionStats
 
@@ -12,6 +13,9 @@ __all__ = [
     "EMResult",
     "EMState",
     "fit_em",
+    "fit_nested",
+    "factor_analysis_init",
+    "NestedFit",
     "KalmanSmoother",
     "ExtendedKalmanSmoother",
     "GaussianPosterior",

@@ -21,19 +21,45 @@ def rbf_features(x, centres, widths):
     return jnp.concatenate([rho, x], -1)
 
 
-def rbf_grid(x_range, num_centres: int = 11, state_dim: int = 1):
-    """Centres on a regular grid over ``x_range=(low, high)`` (per coordinate) and one
-    shared width equal to the grid spacing. Returns ``(centres, widths)``."""
-    low, high = float(x_range[0]), float(x_range[1])
-    if not high > low:
-        raise ValueError(f"x_range must satisfy low < high; got {x_range}")
-    if num_centres < 1:
-        raise ValueError(f"num_centres must be >= 1; got {num_centres}")
-    if state_dim != 1:
-        raise ValueError("rbf_grid places centres for state_dim=1 only; pass your own centres")
-    c = np.linspace(low, high, num_centres)[:, None]
-    spacing = (high - low) / max(num_centres - 1, 1)
-    return jnp.asarray(c), jnp.full((num_centres,), spacing)
+def rbf_grid(points, num_centres: int = 11, *, coverage: float = 0.98):
+    """Centres on a regular grid spread over the visited state range, one shared width.
+
+    Args:
+        points: either a range ``(low, high)`` (one state dimension), or state samples
+            ``(..., state_dim)``, e.g. the smoothed means of an LDS fit: then each
+            coordinate's grid spans the central ``coverage`` fraction of the samples
+            (quantiles, so outliers do not stretch it), as Ghahramani & Roweis place
+            their RBFs "from the density of points in x-space".
+        num_centres: grid points per state coordinate (``num_centres ** state_dim``
+            centres in all).
+
+    Returns:
+        ``(centres, widths)``: ``(I, state_dim)`` and ``(I,)``; the width (a standard
+        deviation) equals the largest grid spacing.
+    """
+    if not isinstance(num_centres, int) or num_centres < 1:
+        raise ValueError(f"num_centres must be a positive int; got {num_centres!r}")
+    arr = np.asarray(points, dtype=float)
+    if arr.ndim == 1 and arr.shape == (2,):
+        lows, highs = arr[:1], arr[1:]
+    elif arr.ndim >= 2:
+        flat = arr.reshape(-1, arr.shape[-1])
+        flat = flat[np.all(np.isfinite(flat), -1)]
+        if flat.shape[0] < 2:
+            raise ValueError("points must hold at least two finite state samples")
+        q = (1.0 - coverage) / 2.0
+        lows, highs = np.quantile(flat, q, axis=0), np.quantile(flat, 1.0 - q, axis=0)
+    else:
+        raise ValueError(
+            "points must be a range (low, high) or state samples (..., state_dim); "
+            f"got shape {arr.shape}"
+        )
+    if not np.all(highs > lows):
+        raise ValueError(f"the state range is empty: low {lows}, high {highs}")
+    axes = [np.linspace(lo, hi, num_centres) for lo, hi in zip(lows, highs, strict=True)]
+    centres = np.stack([g.ravel() for g in np.meshgrid(*axes, indexing="ij")], -1)
+    spacing = np.max((highs - lows) / max(num_centres - 1, 1))
+    return jnp.asarray(centres), jnp.full((centres.shape[0],), spacing)
 
 
 def rbf(
