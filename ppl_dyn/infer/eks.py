@@ -87,10 +87,14 @@ def eks_one(ss: StateSpace, y: jax.Array, u: jax.Array, lin: Optional[jax.Array]
 
 
 def ieks_one(ss: StateSpace, y, u, num_iterations: int):
+    """``num_iterations`` passes, each linearised about the previous smoothed means."""
     post = eks_one(ss, y, u)
-    for _ in range(num_iterations - 1):
-        post = eks_one(ss, y, u, lin=post.means)
-    return post
+    if num_iterations == 1:
+        return post
+    means = jax.lax.fori_loop(
+        0, num_iterations - 2, lambda _, m: eks_one(ss, y, u, lin=m).means, post.means
+    )
+    return eks_one(ss, y, u, lin=means)
 
 
 class ExtendedKalmanSmoother(NamedTuple):
