@@ -136,6 +136,27 @@ def test_eks_rejects_bad_iterations():
 # ------------------------------------------------------------------------------------
 
 
+def _smooth_and_update(model, params, ridge=0.0, **kw):
+    """EKS posterior, M-step statistics and update, jitted (eager JAX compiles every
+    small operation separately, which dominates these tests' run time)."""
+    dyn = {k: v for k, v in kw.items() if isinstance(v, (np.ndarray, jax.Array))}
+    static = {k: v for k, v in kw.items() if k not in dyn}
+    mstep = LinearGaussianMStep(ridge=ridge)
+
+    @jax.jit
+    def run(params, dyn):
+        ss, spec = bind(model, params, **static, **dyn)
+        post = ExtendedKalmanSmoother().posterior(None, ss, spec.y, spec.u)
+        stats = mstep.statistics(post, ss, spec.y, spec.u)
+        new, _ = mstep.update(stats, ss, frozenset(params))
+        return post, stats, new
+
+    jparams = {k: jnp.asarray(v) for k, v in params.items()}
+    post, stats, new = run(jparams, dyn)
+    ss, _ = bind(model, jparams, **kw)
+    return ss, post, stats, new
+
+
 def _mc_statistics(rng, ss, post, y, u, M):
     """Monte Carlo sums of E[z r^T], E[r r^T], E[z z^T] for both regressions, with
     standard errors, by drawing the smoothed pair and single-step Gaussian clouds."""
@@ -231,16 +252,11 @@ def test_gaussian_feature_statistics_match_monte_carlo(model_name):
             P0=np.eye(1),
         )
         kw = dict(state_dim=1, centres=centres, widths=widths)
-    sim = ppl_dyn.simulate(
-        jax.random.key(12), model, params, u=u, num_steps=T, obs_dim=2, **kw
-    )
+    sim = ppl_dyn.simulate(jax.random.key(12), model, params, u=u, num_steps=T, obs_dim=2, **kw)
     y = np.asarray(sim["y"]).copy()
     y[3, 0] = np.nan  # partly missing
     y[7, :] = np.nan  # wholly missing
-    jparams = {k: jnp.asarray(v) for k, v in params.items()}
-    ss, spec = bind(model, jparams, y=y, u=u, **kw)
-    post = ExtendedKalmanSmoother().posterior(None, ss, spec.y, spec.u)
-    stats = LinearGaussianMStep().statistics(post, ss, spec.y, spec.u)
+    ss, post, stats, _ = _smooth_and_update(model, params, y=y, u=u, **kw)
     one = jax.tree_util.tree_map(lambda a: a[0], post)
     mc = _mc_statistics(rng, ss, one, y, u, M)
     worst = _check_against_mc(stats, mc)
@@ -282,11 +298,7 @@ def _rbf_problem(T=150, seed=0):
 @pytest.mark.parametrize("ridge", [0.0, 0.5])
 def test_rbf_mstep_zeroes_gradient_of_q(ridge):
     params, kw = _rbf_problem()
-    ss, spec = bind(rbf, {k: jnp.asarray(v) for k, v in params.items()}, **kw)
-    post = ExtendedKalmanSmoother().posterior(None, ss, spec.y, spec.u)
-    mstep = LinearGaussianMStep(ridge=ridge)
-    stats = mstep.statistics(post, ss, spec.y, spec.u)
-    new, _ = mstep.update(stats, ss, frozenset(params))
+    ss, post, stats, new = _smooth_and_update(rbf, params, ridge=ridge, **kw)
     s = stats.dynamics
     reg = ss.structure.dynamics
     blocks = regression_blocks(reg, 8, 1)
@@ -317,10 +329,7 @@ def test_mstep_normal_equations_match_least_squares_on_pooled_samples():
     smoothed clouds, within its Monte Carlo error."""
     rng = np.random.default_rng(21)
     params, kw = _rbf_problem(T=60, seed=1)
-    ss, spec = bind(rbf, {k: jnp.asarray(v) for k, v in params.items()}, **kw)
-    post = ExtendedKalmanSmoother().posterior(None, ss, spec.y, spec.u)
-    mstep = LinearGaussianMStep()
-    new, _ = mstep.update(mstep.statistics(post, ss, spec.y, spec.u), ss, frozenset(params))
+    _, post, _, new = _smooth_and_update(rbf, params, **kw)
     W = np.concatenate(
         [np.asarray(new["A"]), np.asarray(new["B"]), np.asarray(new["b"])[:, None]], 1
     )
