@@ -92,7 +92,9 @@ def feature_statistics(reg, means, covs):
         return means, covs, jnp.broadcast_to(eye, covs.shape)
     from ppl_dyn.infer.feature_moments import feature_moments
 
-    fm = jax.vmap(lambda m, P: feature_moments(reg, m, P))(means, covs)
+    # chunks of time steps: a vmap over all T would materialise (T, I, I, dx, dx) pair
+    # buffers for RBF features (GBs at T = 10^4, I = 50)
+    fm = jax.lax.map(lambda mP: feature_moments(reg, *mP), (means, covs), batch_size=128)
     cov = fm.second - fm.mean[..., :, None] * fm.mean[..., None, :]
     return fm.mean, 0.5 * (cov + jnp.swapaxes(cov, -1, -2)), fm.jac
 
