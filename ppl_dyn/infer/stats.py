@@ -123,7 +123,7 @@ def gaussian_linear_statistics(post, ss: StateSpace, y, u) -> LinearStats:
             "(use a GradientMStep for models without a closed form)"
         )
 
-    def one(means, covs, cross, y_s, u_s):
+    def one(means, covs, cross, y_s, u_s, impute):
         # dynamics: z = x_t, r = [phi(x_{t-1}); u_t; 1], t = 2..T
         f_mean, f_cov, f_jac = feature_statistics(st.dynamics, means[:-1], covs[:-1])
         k = f_mean.shape[-1]
@@ -140,24 +140,34 @@ def gaussian_linear_statistics(post, ss: StateSpace, y, u) -> LinearStats:
         dyn = RegressionStats(S_zr, S_rr, S_zz, n_dyn)
         # emission: z = y_t (missing entries imputed), r = [psi(x_t); u_t; 1], t = 1..T
         g_mean, g_cov, _ = feature_statistics(st.emission, means, covs)
-        linear = st.emission.feature == "linear"
-        H, e = _linear_emission(ss, u_s) if linear else _emission_design(ss, u_s)
-        R = ss.emission_cov(u_s[0])
-        Ey, Cyf, Cyy = imputed_observations(H, e, R, y_s, g_mean, g_cov)
         psi = _regressor_means(g_mean, u_s)
         q = psi.shape[-1]
         kq = g_mean.shape[-1]
         E_rr = psi.T @ psi + _pad_top_left(jnp.sum(g_cov, 0), q)
-        E_zr = (Ey.T @ psi).at[:, :kq].add(jnp.sum(Cyf, 0))
-        E_zz = Ey.T @ Ey + jnp.sum(Cyy, 0)
+        if impute:
+            linear = st.emission.feature == "linear"
+            H, e = _linear_emission(ss, u_s) if linear else _emission_design(ss, u_s)
+            R = ss.emission_cov(u_s[0])
+            Ey, Cyf, Cyy = imputed_observations(H, e, R, y_s, g_mean, g_cov)
+            E_zr = (Ey.T @ psi).at[:, :kq].add(jnp.sum(Cyf, 0))
+            E_zz = Ey.T @ Ey + jnp.sum(Cyy, 0)
+        else:  # fully observed: y is known, no imputation terms
+            E_zr = y_s.T @ psi
+            E_zz = y_s.T @ y_s
         emi = RegressionStats(E_zr, E_rr, E_zz, jnp.asarray(means.shape[0], means.dtype))
         init = InitStats(
             means[0], covs[0] + jnp.outer(means[0], means[0]), jnp.ones((), means.dtype)
         )
         return LinearStats(dyn, emi, init)
 
-    per_seq = jax.vmap(one)(post.means, post.covs, post.cross_covs, y, u)
-    return sum_stats(per_seq)
+    def run(impute):
+        per_seq = jax.vmap(lambda *a: one(*a, impute))(
+            post.means, post.covs, post.cross_covs, y, u
+        )
+        return sum_stats(per_seq)
+
+    # imputation costs a dy x dy factorisation per step: skip it when nothing is missing
+    return jax.lax.cond(jnp.any(jnp.isnan(y)), lambda: run(True), lambda: run(False))
 
 
 def _linear_emission(ss: StateSpace, u):
