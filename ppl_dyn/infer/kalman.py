@@ -180,6 +180,20 @@ def _filter_information(view: LinearGaussianView, y: jax.Array):
     return m_p, P_p, m_f, P_f, ll
 
 
+def rts_covariance(F, Q, P_s_next, P_f_t, P_p_next):
+    """Covariance half of an RTS step: gain ``J_t``, smoothed ``P_t`` and the
+    cross-covariance ``Cov[x_{t+1}, x_t | y] = P_{t+1} J_t^T``."""
+    Lp = la.cholesky(P_p_next)
+    J = la.cho_solve(Lp, la.mm(F, P_f_t)).T  # P_f F^T P_p^{-1}
+    IJF = jnp.eye(F.shape[-1], dtype=F.dtype) - la.mm(J, F)
+    JT = J.T
+    # Joseph form of the backward conditional covariance, plus J P_s J^T
+    P_s = la.sym(
+        la.mm(la.mm(IJF, P_f_t), IJF.T) + la.mm(la.mm(J, Q), JT) + la.mm(la.mm(J, P_s_next), JT)
+    )
+    return J, P_s, la.mm(P_s_next, JT)
+
+
 def rts_step(F, Q, carry, inp):
     """One RTS backward step for ``x_{t+1} = F x_t + c + w``, ``w ~ N(0, Q)``.
 
@@ -189,16 +203,8 @@ def rts_step(F, Q, carry, inp):
     """
     m_s_next, P_s_next = carry
     m_f_t, P_f_t, m_p_next, P_p_next = inp
-    Lp = la.cholesky(P_p_next)
-    J = la.cho_solve(Lp, la.mm(F, P_f_t)).T  # P_f F^T P_p^{-1}
+    J, P_s, cross = rts_covariance(F, Q, P_s_next, P_f_t, P_p_next)
     m_s = m_f_t + la.mv(J, m_s_next - m_p_next)
-    IJF = jnp.eye(F.shape[-1], dtype=F.dtype) - la.mm(J, F)
-    JT = J.T
-    # Joseph form of the backward conditional covariance, plus J P_s J^T
-    P_s = la.sym(
-        la.mm(la.mm(IJF, P_f_t), IJF.T) + la.mm(la.mm(J, Q), JT) + la.mm(la.mm(J, P_s_next), JT)
-    )
-    cross = la.mm(P_s_next, JT)
     return (m_s, P_s), (m_s, P_s, cross)
 
 
@@ -224,6 +230,74 @@ def kalman_smooth_view(view: LinearGaussianView, y: jax.Array) -> GaussianPoster
     return GaussianPosterior(means, covs, cross, m_f, P_f, ll, jnp.sum(ll))
 
 
+def _covariance_pass(view: LinearGaussianView, mask: jax.Array):
+    """The data-independent half of the filter and smoother for one missing-data pattern
+    ``mask`` ``(T, dy)``: gains, innovation factors and smoothed covariances. Shared by
+    every sequence with that pattern (the means are a separate, linear pass)."""
+    eye = jnp.eye(view.F.shape[0], dtype=view.F.dtype)
+    F, FT, Q = view.F, view.F.T, view.Q
+
+    def fstep(P_pred, mask_t):
+        Ht, Rt = masked_emission(view.H, view.R, mask_t)
+        PHt = la.mm(P_pred, Ht.T)
+        L = la.cholesky(la.sym(la.mm(Ht, PHt) + Rt))
+        K = la.cho_solve(L, PHt.T).T
+        IKH = eye - la.mm(K, Ht)
+        P_f = la.sym(la.mm(la.mm(IKH, P_pred), IKH.T) + la.mm(la.mm(K, Rt), K.T))
+        P_next = la.sym(la.mm(la.mm(F, P_f), FT) + Q)
+        Linv = la.solve_lower(L, jnp.eye(L.shape[-1], dtype=L.dtype))
+        return P_next, (P_pred, P_f, K, Linv, la.log_det_from_cholesky(L))
+
+    _, (P_p, P_f, K, Linv, logdet) = jax.lax.scan(fstep, view.P0, mask)
+
+    def bstep(P_s_next, inp):
+        J, P_s, cross = rts_covariance(F, Q, P_s_next, *inp)
+        return P_s, (P_s, cross, J)
+
+    _, (P_s, cross, J) = jax.lax.scan(bstep, P_f[-1], (P_f[:-1], P_p[1:]), reverse=True)
+    covs = jnp.concatenate([P_s, P_f[-1:]], 0)
+    return P_f, K, Linv, logdet, J, covs, cross
+
+
+def kalman_smooth_shared(view: LinearGaussianView, c, e, y: jax.Array) -> GaussianPosterior:
+    """Filter + RTS for ``S`` sequences ``y`` ``(S, T, dy)`` that share the parameters
+    and the missing-data pattern (offsets ``c``, ``e`` ``(S, T, dim)`` may differ): one
+    covariance pass, then the means of all sequences together as matrix products."""
+    S = y.shape[0]
+    mask = ~jnp.isnan(y)
+    P_f, K, Linv, logdet, J, covs, cross = _covariance_pass(view, mask[0])
+    yf = jnp.where(mask, y, 0.0)
+    F, H = view.F, view.H
+    dtype = F.dtype
+    n_obs = jnp.sum(mask[0], -1).astype(dtype)
+    tm = lambda a: jnp.swapaxes(a, 0, 1)  # noqa: E731  (S, T, .) -> (T, S, .)
+    c_next = jnp.concatenate([c[:, 1:], jnp.zeros_like(c[:, :1])], 1)
+
+    def fstep(m_pred, inp):
+        y_t, mask_t, e_t, cn_t, K_t, Li_t, ld_t, n_t = inp
+        r = jnp.where(mask_t[None], y_t - m_pred @ H.T - e_t, 0.0)  # (S, dy)
+        m_f = m_pred + r @ K_t.T
+        z = r @ Li_t.T  # whitened innovations (S, dy)
+        ll = -0.5 * (jnp.sum(z * z, -1) + ld_t + n_t * _LOG2PI)
+        return m_f @ F.T + cn_t, (m_pred, m_f, ll)
+
+    m0 = jnp.broadcast_to(view.m0, (S, view.m0.shape[0]))
+    _, (m_p, m_f, ll) = jax.lax.scan(
+        fstep, m0, (tm(yf), mask[0], tm(e), tm(c_next), K, Linv, logdet, n_obs)
+    )
+
+    def bstep(m_s_next, inp):
+        m_f_t, m_p_next, J_t = inp
+        m_s = m_f_t + (m_s_next - m_p_next) @ J_t.T
+        return m_s, m_s
+
+    _, m_s = jax.lax.scan(bstep, m_f[-1], (m_f[:-1], m_p[1:], J), reverse=True)
+    means = jnp.concatenate([m_s, m_f[-1:]], 0)
+    bc = lambda a: jnp.broadcast_to(a, (S,) + a.shape)  # noqa: E731
+    ll = tm(ll)
+    return GaussianPosterior(tm(means), bc(covs), bc(cross), tm(m_f), bc(P_f), ll, jnp.sum(ll, -1))
+
+
 class KalmanSmoother(NamedTuple):
     """Exact E-step for linear-Gaussian models: Kalman filter + RTS smoother.
 
@@ -245,7 +319,18 @@ class KalmanSmoother(NamedTuple):
         def one(y_s, u_s):
             return kalman_smooth_view(linear_gaussian_view(ss, u_s), y_s)
 
-        return jax.vmap(one)(y, u)
+        if y.shape[0] == 1:
+            return jax.vmap(one)(y, u)
+        views = jax.vmap(lambda u_s: linear_gaussian_view(ss, u_s))(u)
+        view0 = jax.tree_util.tree_map(lambda a: a[0], views)
+
+        def shared():
+            return kalman_smooth_shared(view0, views.c, views.e, y)
+
+        # sequences with the same missing-data pattern share every covariance
+        mask = jnp.isnan(y)
+        same = jnp.all(mask == mask[:1])
+        return jax.lax.cond(same, shared, lambda: jax.vmap(one)(y, u))
 
     def smooth(
         self, params: dict, model, *args, rng_key: Optional[jax.Array] = None, **kwargs
