@@ -189,6 +189,7 @@ def markov(
     structure: Optional[LinearStructure] = None,
     state_name: str = "x",
     obs_name: str = "y",
+    noncentered: bool = False,
 ):
     """Declare a Markov state-space model inside a NumPyro model function.
 
@@ -204,10 +205,20 @@ def markov(
         u: inputs ``(T, input_dim)`` (shared by all sequences) or ``(S, T, input_dim)``.
         num_steps, num_sequences, obs_dim: needed only when ``y`` is None.
         structure: roles of the parameter sites, for closed-form M-steps.
+        noncentered: when the states are sampled (NUTS, ``Predictive``, simulation),
+            sample standard-normal innovations ``x_innovations`` (shape of the
+            returned ``x``) and build ``x_t = E[x_t | x_{t-1}] + L_t z_t`` with ``L_t``
+            the Cholesky factor of the transition covariance; ``x_1`` and ``x`` are then
+            ``numpyro.deterministic`` sites with the centred shapes. Needs Gaussian
+            initial and transition distributions. Same joint law, easier geometry for
+            NUTS when the data inform the states weakly. The handler
+            :class:`ppl_dyn.handlers.noncentered` sets it from outside the model.
 
     Returns:
-        ``None`` under :func:`bind`; otherwise a dict with the sampled ``x`` and ``y``
-        of shape ``(S, T, dim)`` (or ``(T, dim)`` for one unbatched sequence).
+        ``None`` under :func:`bind`; under :func:`ppl_dyn.handlers.marginalize` (with
+        ``y`` given) the E-step's posterior (states integrated out, the log-marginal
+        added as a factor); otherwise a dict with the sampled ``x`` and ``y`` of shape
+        ``(S, T, dim)`` (or ``(T, dim)`` for one unbatched sequence).
     """
     state_dim = int(init.event_shape[-1]) if init.event_shape else 1
     y, u, T, S, batched, dy = normalise_data(y, u, num_steps, num_sequences, obs_dim)
@@ -238,7 +249,11 @@ def markov(
     apply_stack(msg)
     if msg["captured"]:
         return None
-    return _sample_latent(spec)
+    e_step = msg.get("e_step")  # set by ppl_dyn.handlers.marginalize
+    if e_step is not None and spec.y is not None:
+        return _marginal_factor(spec, e_step)
+    noncentered = msg.get("noncentered", noncentered)  # ppl_dyn.handlers.noncentered
+    return _sample_latent(spec, noncentered=bool(noncentered))
 
 
 def normalise_data(y, u, num_steps, num_sequences, obs_dim):
@@ -319,6 +334,9 @@ def normalise_data(y, u, num_steps, num_sequences, obs_dim):
 class _MaskedObservation(dist.Distribution):
     """Emission distribution whose log-density ignores missing (NaN) entries."""
 
+    # a pytree (numpyro's scan flattens site distributions across its loop boundary)
+    pytree_data_fields = ("base", "mask")
+
     def __init__(self, base: dist.Distribution, mask: jax.Array):
         self.base = base
         self.mask = mask
@@ -354,7 +372,7 @@ def masked_gaussian_logpdf(y, mean, cov, mask):
     return -0.5 * (jnp.sum(z**2, -1) + logdet + n_obs * jnp.log(2 * jnp.pi))
 
 
-def _sample_latent(spec: MarkovSpec):
+def _sample_latent(spec: MarkovSpec, noncentered: bool = False):
     """Generative NumPyro semantics of :func:`markov` (NUTS, Predictive, simulate)."""
     S, T = spec.num_sequences, spec.num_steps
     u_tm = jnp.swapaxes(spec.u, 0, 1)  # (T, S, du)
@@ -372,36 +390,172 @@ def _sample_latent(spec: MarkovSpec):
         d = _MaskedObservation(d, m_t)
         return numpyro.sample(name, d.to_event(1), obs=y_t, infer=_LATENT)
 
-    x1 = numpyro.sample(f"{spec.state_name}_1", spec.init.expand((S,)).to_event(1), infer=_LATENT)
-    y1 = emit(
-        f"{spec.obs_name}_1",
-        x1,
-        u_tm[0],
-        None if yfill_tm is None else yfill_tm[0],
-        None if mask_tm is None else mask_tm[0],
-    )
-    xs, ys = x1[None], y1[None]
-    if T > 1:
+    def data_at(a, sl):
+        return None if a is None else a[sl]
 
-        def body(x_prev, inputs):
-            u_t, y_t, m_t = inputs
-            x = numpyro.sample(
-                spec.state_name, spec.transition(x_prev, u_t).to_event(1), infer=_LATENT
+    if noncentered:
+        xs = _noncentered_states(spec, u_tm)  # (T, S, dx)
+        x1 = numpyro.deterministic(f"{spec.state_name}_1", xs[0])
+        y1 = emit(f"{spec.obs_name}_1", x1, u_tm[0], data_at(yfill_tm, 0), data_at(mask_tm, 0))
+        ys = y1[None]
+        if T > 1:
+            x_rest = numpyro.deterministic(spec.state_name, xs[1:])
+            # one vectorised observation site for steps 2..T (same shape as the scan's)
+            y_rest = emit(
+                spec.obs_name,
+                x_rest,
+                u_tm[1:],
+                data_at(yfill_tm, slice(1, None)),
+                data_at(mask_tm, slice(1, None)),
             )
-            y_out = emit(spec.obs_name, x, u_t, y_t, m_t)
-            return x, (x, y_out)
+            ys = jnp.concatenate([ys, y_rest], 0)
+    else:
+        x1 = numpyro.sample(
+            f"{spec.state_name}_1", spec.init.expand((S,)).to_event(1), infer=_LATENT
+        )
+        y1 = emit(f"{spec.obs_name}_1", x1, u_tm[0], data_at(yfill_tm, 0), data_at(mask_tm, 0))
+        xs, ys = x1[None], y1[None]
+        if T > 1:
 
-        rest = (u_tm[1:], None if yfill_tm is None else yfill_tm[1:],
-                None if mask_tm is None else mask_tm[1:])
-        _, (x_rest, y_rest) = numpyro_scan(body, x1, rest, length=T - 1)
-        xs = jnp.concatenate([xs, x_rest], 0)
-        ys = jnp.concatenate([ys, y_rest], 0)
+            def body(x_prev, inputs):
+                u_t, y_t, m_t = inputs
+                x = numpyro.sample(
+                    spec.state_name, spec.transition(x_prev, u_t).to_event(1), infer=_LATENT
+                )
+                y_out = emit(spec.obs_name, x, u_t, y_t, m_t)
+                return x, (x, y_out)
+
+            rest = (u_tm[1:], data_at(yfill_tm, slice(1, None)), data_at(mask_tm, slice(1, None)))
+            _, (x_rest, y_rest) = numpyro_scan(body, x1, rest, length=T - 1)
+            xs = jnp.concatenate([xs, x_rest], 0)
+            ys = jnp.concatenate([ys, y_rest], 0)
     xs, ys = jnp.swapaxes(xs, 0, 1), jnp.swapaxes(ys, 0, 1)
     if spec.y is not None:
         ys = spec.y
     if not spec.batched:
         xs, ys = xs[0], ys[0]
     return {spec.state_name: xs, spec.obs_name: ys}
+
+
+def innovations_name(spec: MarkovSpec) -> str:
+    """Name of the standard-normal site of the non-centred parametrisation."""
+    return f"{spec.state_name}_innovations"
+
+
+def one_step_log_prob_name(spec: MarkovSpec) -> str:
+    """Name of the deterministic site holding ``log p(y_t | y_{1:t-1})`` per step
+    under :func:`ppl_dyn.handlers.marginalize`."""
+    return f"{spec.obs_name}_one_step_log_prob"
+
+
+def log_marginal_name(spec: MarkovSpec) -> str:
+    """Name of the factor site carrying ``log p(y_{1:T})`` under marginalisation."""
+    return f"{spec.obs_name}_log_marginal"
+
+
+def _loc_and_scale(d: dist.Distribution, what: str):
+    """``(loc, scale_tril, diagonal)`` of a Gaussian (MVN or ``Normal.to_event(1)``).
+
+    For ``diagonal=True`` the second value is the vector of standard deviations.
+    """
+    base, reinterpreted = d, 0
+    while isinstance(base, (dist.Independent, dist.ExpandedDistribution)):
+        if isinstance(base, dist.Independent):
+            reinterpreted += base.reinterpreted_batch_ndims
+        base = base.base_dist
+    shape = tuple(d.batch_shape) + tuple(d.event_shape)
+    if isinstance(base, dist.MultivariateNormal):
+        return jnp.broadcast_to(base.loc, shape), base.scale_tril, False
+    if isinstance(base, dist.Normal) and reinterpreted == 1 and len(d.event_shape) == 1:
+        scale = jnp.broadcast_to(base.scale, shape)
+        return jnp.broadcast_to(base.loc, shape), scale, True
+    raise TypeError(
+        f"noncentered=True needs a Gaussian {what} (MultivariateNormal or "
+        f"Normal(...).to_event(1)); got {type(d).__name__}"
+    )
+
+
+def _affine_noise(loc, scale, diagonal, z):
+    if diagonal:
+        return loc + scale * z
+    return loc + jnp.sum(scale * z[..., None, :], -1)  # scale_tril @ z, broadcasting
+
+
+def _noncentered_states(spec: MarkovSpec, u_tm: jax.Array) -> jax.Array:
+    """Sample innovations ``z`` and return the states ``(T, S, dx)`` they determine."""
+    S, T, dx = spec.num_sequences, spec.num_steps, spec.state_dim
+    shape = (S, T, dx) if spec.batched else (T, dx)
+    z = numpyro.sample(
+        innovations_name(spec),
+        dist.Normal(jnp.zeros((), u_tm.dtype), 1.0).expand(shape).to_event(len(shape)),
+        infer=_LATENT,
+    )
+    z_tm = jnp.swapaxes(z, 0, 1) if spec.batched else z[:, None, :]  # (T, S, dx)
+    loc0, scale0, diag0 = _loc_and_scale(spec.init, "initial state distribution")
+    x1 = _affine_noise(loc0, scale0, diag0, z_tm[0])  # (S, dx)
+
+    def step(x_prev, inp):
+        u_t, z_t = inp
+        loc, scale, diag = _loc_and_scale(spec.transition(x_prev, u_t), "transition")
+        x = _affine_noise(loc, scale, diag, z_t)
+        return x, x
+
+    _, x_rest = jax.lax.scan(step, x1, (u_tm[1:], z_tm[1:]))
+    return jnp.concatenate([x1[None], x_rest], 0)
+
+
+def innovations_from_states(spec: MarkovSpec, xs: jax.Array) -> jax.Array:
+    """The innovations ``z`` (site :func:`innovations_name`) that give states ``xs``.
+
+    ``xs`` has the shape :func:`markov` returns (``(S, T, dx)`` or ``(T, dx)``); the
+    inverse of the non-centred map, used to start NUTS at given states.
+    """
+    xs_tm = jnp.swapaxes(xs, 0, 1) if spec.batched else xs[:, None, :]  # (T, S, dx)
+    u_tm = jnp.swapaxes(spec.u, 0, 1)
+
+    def whiten(d, x, what):
+        loc, scale, diag = _loc_and_scale(d, what)
+        r = x - loc
+        if diag:
+            return r / scale
+        from ppl_dyn.infer import _linalg as la
+
+        L = jnp.broadcast_to(scale, r.shape[:-1] + scale.shape[-2:])
+        return la.solve_lower(L, r[..., None])[..., 0]
+
+    z1 = whiten(spec.init, xs_tm[0], "initial state distribution")
+    z_rest = whiten(spec.transition(xs_tm[:-1], u_tm[1:]), xs_tm[1:], "transition")
+    z_tm = jnp.concatenate([z1[None], z_rest], 0)
+    return jnp.swapaxes(z_tm, 0, 1) if spec.batched else z_tm[:, 0, :]
+
+
+def state_space_of(spec: MarkovSpec, params: Optional[dict] = None) -> StateSpace:
+    """The :class:`StateSpace` of a declaration (``params`` only for reporting)."""
+    return StateSpace(
+        init=spec.init,
+        transition=spec.transition,
+        emission=spec.emission,
+        params={} if params is None else params,
+        structure=spec.structure,
+        state_dim=spec.state_dim,
+        obs_dim=spec.obs_dim,
+        input_dim=spec.u.shape[-1],
+    )
+
+
+def _marginal_factor(spec: MarkovSpec, e_step):
+    """States integrated out by ``e_step``: a factor with ``log p(y_{1:T})`` plus a
+    deterministic site with the one-step-ahead predictive log-densities per step."""
+    rng_key = numpyro.prng_key()  # None without a seed handler (e.g. under NUTS)
+    if rng_key is None:
+        rng_key = jax.random.key(0)  # deterministic E-steps (Kalman, EKS) ignore it
+    post = e_step.posterior(rng_key, state_space_of(spec), spec.y, spec.u)
+    numpyro.factor(log_marginal_name(spec), jnp.sum(post.log_marginal))
+    step_lp = post.predicted_log_probs  # (S, T)
+    numpyro.deterministic(one_step_log_prob_name(spec), step_lp if spec.batched else step_lp[0])
+    if not spec.batched:
+        post = jax.tree_util.tree_map(lambda a: a[0], post)
+    return post
 
 
 # --------------------------------------------------------------------------------------

@@ -1,0 +1,301 @@
+"""ArviZ export: one :func:`to_inference_data` for numpyro MCMC, BlackJAX runs and EM.
+
+Groups written:
+
+* ``posterior``: every parameter site, the states ``x`` (``x_1`` and ``x`` joined into
+  one variable with dims ``(chain, draw, [sequence,] time, state)``) and the
+  non-centred innovations when sampled; named dims and coordinates (``time``,
+  ``state``, ``obs_dim``, ``input_dim``, ``sequence``);
+* ``sample_stats``: ``diverging``, ``lp`` (= minus the potential energy), ``energy``,
+  ``step_size``, ``n_steps``, ``tree_depth``, ``acceptance_rate`` for samplers; for EM
+  the log-marginal trace ``log_marginal`` over ``em_iteration``;
+* ``observed_data``: ``y`` (NaN = missing);
+* ``log_likelihood``: ``y`` as one-step-ahead predictive log-densities
+  ``log p(y_t | y_{1:t-1}, theta)`` per time step; they sum to the marginal
+  log-likelihood of each draw. Use leave-future-out rather than LOO for time series:
+  the pointwise terms are not conditionally independent given ``theta``;
+* on request, ``posterior_predictive`` (replicated ``y``) and ``predictions``
+  (forecasts over ``forecast_time``), see :mod:`ppl_dyn.predictive`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from ppl_dyn.state_space import innovations_name, one_step_log_prob_name
+
+__all__ = ["to_inference_data"]
+
+
+def to_inference_data(
+    source,
+    *,
+    model=None,
+    e_step=None,
+    log_likelihood: bool = True,
+    posterior_predictive: bool = False,
+    forecast_steps: int = 0,
+    u_future=None,
+    rng_key=None,
+    **model_kwargs,
+):
+    """Convert a numpyro ``MCMC``, a :class:`~ppl_dyn.mcmc.BlackJAXRun` or an
+    :class:`~ppl_dyn.infer.EMResult` to ``arviz.InferenceData``.
+
+    Args:
+        source: the fitted object.
+        model, **model_kwargs: the model and its keyword arguments; needed for an
+            ``EMResult`` (which does not record them), taken from the object otherwise.
+        e_step: E-step for the one-step-ahead log-densities (default: the marginalising
+            E-step, the Kalman smoother, or the extended Kalman smoother for nonlinear
+            built-in models).
+        log_likelihood: write the ``log_likelihood`` group.
+        posterior_predictive: write the ``posterior_predictive`` group.
+        forecast_steps: when > 0, write forecasts of that many steps to ``predictions``
+            (``u_future`` for models with inputs).
+        rng_key: PRNG key for the posterior predictive and forecasts.
+
+    Example:
+        >>> idata = ppl_dyn.to_inference_data(mcmc)        # doctest: +SKIP
+        >>> az.summary(idata, var_names=["A", "Q"])          # doctest: +SKIP
+    """
+    import arviz as az
+    import jax
+
+    from ppl_dyn.mcmc import _e_step_of, _spec_of, _tree_depth_from_steps, draws_of
+
+    draws = draws_of(source, model, model_kwargs)
+    spec = _spec_of(draws)
+    samples = {k: np.asarray(v) for k, v in draws.samples.items()}
+    S, T, dx, dy = spec.num_sequences, spec.num_steps, spec.state_dim, spec.obs_dim
+    du = int(spec.u.shape[-1])
+    seq = ("sequence",) if spec.batched else ()
+    lp_name = one_step_log_prob_name(spec)
+
+    # ---- posterior -------------------------------------------------------------------
+    step_lp = samples.pop(lp_name, None)
+    post = _join_states(samples, spec)
+    dims = {k: _dims(k, v.shape[2:], spec) for k, v in post.items()}
+    dims = {k: v for k, v in dims.items() if v is not None}
+
+    # ---- sample_stats ----------------------------------------------------------------
+    stats = _sample_stats(draws, _tree_depth_from_steps)
+    stat_dims = {}
+    if draws.kind == "em":
+        stats = {
+            "log_marginal": np.asarray(source.log_marginals)[None, None],
+            "converged": np.full((1, 1), bool(source.converged)),
+        }
+        stat_dims["log_marginal"] = ["em_iteration"]
+
+    # ---- data and log-likelihood ---------------------------------------------------
+    observed = None
+    y = None if spec.y is None else np.asarray(spec.y if spec.batched else spec.y[0])
+    if y is not None:
+        observed = {spec.obs_name: y}
+        dims[spec.obs_name] = list(seq) + ["time", "obs_dim"]
+    loglik = None
+    if log_likelihood and y is not None:
+        if step_lp is None:
+            from ppl_dyn.mcmc import one_step_log_probs
+
+            step_lp = np.asarray(one_step_log_probs(draws_as_dict(draws), e_step, **_mk(draws)))
+        loglik = {spec.obs_name: step_lp}
+        loglik_dims = list(seq) + ["time"]
+    pp = preds = None
+    if posterior_predictive or forecast_steps:
+        from ppl_dyn._validation import check_rng_key
+
+        check_rng_key(rng_key)
+        k_pp, k_fc = jax.random.split(rng_key)
+        e = _e_step_of(draws.model, e_step, spec)
+        if posterior_predictive:
+            from ppl_dyn.predictive import posterior_predictive as _pp
+
+            bands = _pp(k_pp, draws_as_dict(draws), e_step=e, num_paths=1, **_mk(draws))
+            pp = {spec.obs_name: bands.samples}
+        if forecast_steps:
+            from ppl_dyn.predictive import forecast as _fc
+
+            bands = _fc(
+                k_fc,
+                draws_as_dict(draws),
+                forecast_steps,
+                e_step=e,
+                u_future=u_future,
+                num_paths=1,
+                **_mk(draws),
+            )
+            preds = {spec.obs_name: bands.samples}
+
+    coords = {
+        "time": np.arange(T),
+        "state": np.arange(dx),
+        "state_col": np.arange(dx),
+        "obs_dim": np.arange(dy),
+        "obs_dim_col": np.arange(dy),
+    }
+    if du:
+        coords["input_dim"] = np.arange(du)
+    if spec.batched:
+        coords["sequence"] = np.arange(S)
+    if forecast_steps:
+        # (arviz 0.23 builds the predictions group with `coords`, not `pred_coords`)
+        coords["forecast_time"] = np.arange(T, T + forecast_steps)
+    if loglik is not None:
+        # log_likelihood vars share the observed variable's name; its dims differ
+        loglik_group = az.from_dict(
+            log_likelihood=loglik, coords=coords, dims={spec.obs_name: loglik_dims}
+        )
+    idata = az.from_dict(
+        posterior=post,
+        sample_stats=stats or None,
+        observed_data=observed,
+        posterior_predictive=pp,
+        predictions=preds,
+        coords=coords,
+        dims={**dims, **stat_dims},
+        pred_dims={spec.obs_name: list(seq) + ["forecast_time", "obs_dim"]},
+        pred_coords=coords,
+        attrs={"inference_library": draws.kind, "ppl_dyn_model": _model_name(draws.model)},
+    )
+    if loglik is not None:
+        idata.extend(loglik_group)
+    return idata
+
+
+def draws_as_dict(draws):
+    """The draws' samples (for the helpers that accept a dict of draws)."""
+    return draws.samples
+
+
+def _mk(draws) -> dict:
+    return {"model": draws.model, **draws.model_kwargs}
+
+
+def _model_name(model) -> str:
+    fn = model
+    while hasattr(fn, "fn") and not hasattr(fn, "__name__"):
+        fn = fn.fn
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
+def _join_states(samples: dict, spec) -> dict:
+    """Join ``x_1`` ``(c, d, S, dx)`` and ``x`` ``(c, d, T-1, S, dx)`` into ``x``
+    ``(c, d, [S,] T, dx)``."""
+    name1, name = f"{spec.state_name}_1", spec.state_name
+    out = dict(samples)
+    if name1 not in out:
+        return out
+    x1 = out.pop(name1)[:, :, None]
+    parts = [x1] if spec.num_steps == 1 else [x1, out.pop(name)]
+    xs = np.concatenate(parts, axis=2)  # (c, d, T, S, dx)
+    xs = np.moveaxis(xs, 3, 2)  # (c, d, S, T, dx)
+    out[name] = xs if spec.batched else xs[:, :, 0]
+    return out
+
+
+def _role_dims(spec) -> dict:
+    st = spec.structure
+    if st is None:
+        return {}
+    dx, dy = spec.state_dim, spec.obs_dim
+    roles: dict = {}
+    for reg, row, row_col in (
+        (st.dynamics, "state", "state_col"),
+        (st.emission, "obs_dim", "obs_dim_col"),
+    ):
+        feature = "state" if reg.feature in ("linear", "tanh") else f"{reg.weight}_feature"
+        if reg is st.dynamics and feature == "state":
+            feature = "state_col"
+        roles[reg.weight] = [row, feature]
+        if reg.input_weight:
+            roles[reg.input_weight] = [row, "input_dim"]
+        if reg.bias:
+            roles[reg.bias] = [row]
+        roles[reg.noise] = [row] if reg.diagonal_noise else [row, row_col]
+    roles[st.init_mean] = ["state"]
+    roles[st.init_cov] = ["state"] if st.diagonal_init else ["state", "state_col"]
+    del dx, dy
+    return roles
+
+
+def _dims(name: str, shape: tuple, spec) -> Optional[list]:
+    seq = ["sequence"] if spec.batched else []
+    if name in (spec.state_name, innovations_name(spec)):
+        return seq + ["time", "state"]
+    sizes = {
+        "state": spec.state_dim,
+        "obs_dim": spec.obs_dim,
+        "input_dim": int(spec.u.shape[-1]),
+    }
+    role = _role_dims(spec).get(name)
+    if role is not None and len(role) == len(shape):
+        if all(sizes.get(d.replace("_col", ""), n) == n for d, n in zip(role, shape, strict=True)):
+            return role
+    # other sites: name an axis only when its size matches exactly one known size
+    dims = []
+    for i, n in enumerate(shape):
+        hits = [d for d, size in sizes.items() if size == n]
+        if len(hits) == 1 and hits[0] not in dims:
+            dims.append(hits[0])
+        elif len(hits) == 1 and f"{hits[0]}_col" not in dims:
+            dims.append(f"{hits[0]}_col")
+        else:
+            dims.append(f"{name}_dim_{i}")
+    return dims if shape else None
+
+
+def _sample_stats(draws, tree_depth_fn) -> dict:
+    """Sampler statistics named as ArviZ expects (``lp = -potential_energy``)."""
+    st = {k: np.asarray(v) for k, v in draws.stats.items()}
+    if draws.kind == "blackjax":
+        return st
+    if draws.kind != "numpyro":
+        return {}
+    out = {}
+    rename = {
+        "diverging": "diverging",
+        "energy": "energy",
+        "accept_prob": "acceptance_rate",
+        "adapt_state.step_size": "step_size",
+        "num_steps": "n_steps",
+    }
+    for k, v in st.items():
+        if k == "potential_energy":
+            out["lp"] = -v
+        elif k in rename:
+            out[rename[k]] = v
+    if "n_steps" in out:
+        out["tree_depth"] = tree_depth_fn(out["n_steps"])
+    if "lp" not in out:
+        out["lp"] = _recompute_lp(draws)
+    return out
+
+
+def _recompute_lp(draws) -> np.ndarray:
+    """``-potential_energy`` at the constrained draws (when MCMC did not record it)."""
+    import jax
+    from numpyro.infer.util import potential_energy, unconstrain_fn
+
+    from ppl_dyn.mcmc import _per_draw
+
+    model, kw = draws.model, draws.model_kwargs
+
+    def fn(params):
+        z = unconstrain_fn(model, (), kw, params)
+        return -potential_energy(model, (), kw, z)
+
+    latent = _latent_names(draws)
+    sub = draws._replace(samples={k: draws.samples[k] for k in latent})
+    return np.asarray(_per_draw(jax.tree_util.Partial(fn), sub))
+
+
+def _latent_names(draws) -> list:
+    from ppl_dyn.mcmc import _sites
+
+    first = {k: v[0, 0] for k, v in draws.samples.items()}
+    sites = _sites(draws.model, first, draws.model_kwargs)
+    return [k for k, st in sites.items() if not st.observed and k in draws.samples]

@@ -1,0 +1,811 @@
+"""Posterior sampling: BlackJAX NUTS/HMC on NumPyro's potential, diagnostics, and
+per-draw E-step quantities (smoothed states, one-step-ahead log-densities).
+
+The same model function serves every path: ``numpyro.infer.MCMC(NUTS(model))`` samples
+the latent states, ``MCMC(NUTS(ppl_dyn.handlers.marginalize(model)))`` integrates them
+out, and :func:`run_blackjax` runs BlackJAX's NUTS or HMC with Stan-style window
+adaptation on the potential energy NumPyro derives from the model
+(``numpyro.infer.util.potential_energy``, with ``unconstrain_fn`` / ``constrain_fn`` for
+the transforms): no second model definition, the same constraining transforms and
+Jacobians as NumPyro's own NUTS.
+
+Example:
+    >>> import jax, ppl_dyn
+    >>> from ppl_dyn.models import lds
+    >>> y = ppl_dyn.simulate(jax.random.key(0), lds, num_steps=50, state_dim=1,
+    ...                      obs_dim=1)["y"]
+    >>> run = ppl_dyn.mcmc.run_blackjax(jax.random.key(1), ppl_dyn.handlers.marginalize(lds),
+    ...                                 num_warmup=50, num_samples=50, num_chains=2,
+    ...                                 print_summary=False, y=y, state_dim=1)
+    >>> run.samples["A"].shape
+    (2, 50, 1, 1)
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpyro import handlers as np_handlers
+from numpyro.infer.util import constrain_fn, potential_energy, unconstrain_fn
+
+from ppl_dyn._validation import check_rng_key
+from ppl_dyn.handlers import marginalized_e_step
+from ppl_dyn.infer._run import validate_data
+from ppl_dyn.state_space import bind, innovations_from_states, is_markov_site
+
+__all__ = [
+    "EXTRA_FIELDS",
+    "BlackJAXRun",
+    "Diagnostics",
+    "run_blackjax",
+    "diagnose",
+    "print_diagnostics",
+    "em_init_values",
+    "smoothed_states",
+    "one_step_log_probs",
+    "sample_smoothed_paths",
+]
+
+#: ``extra_fields`` to pass to ``numpyro.infer.MCMC.run`` so that
+#: :func:`ppl_dyn.to_inference_data` can fill ``sample_stats`` (lp, energy for E-BFMI,
+#: step size, number of steps and tree depth, acceptance rate).
+EXTRA_FIELDS = (
+    "potential_energy",
+    "energy",
+    "num_steps",
+    "accept_prob",
+    "adapt_state.step_size",
+    "diverging",
+)
+
+
+class BlackJAXRun(NamedTuple):
+    """Outcome of :func:`run_blackjax`; arrays have leading axes ``(chain, draw)``.
+
+    Attributes:
+        samples: constrained values of every latent site and every deterministic site
+            (as NumPyro's ``MCMC.get_samples(group_by_chain=True)``).
+        positions: the unconstrained positions the sampler moved in.
+        stats: per transition: ``diverging``, ``lp`` (log density = minus the potential
+            energy), ``energy`` (Hamiltonian, for E-BFMI), ``acceptance_rate``,
+            ``n_steps`` (leapfrog steps), ``tree_depth`` (NUTS only) and ``step_size``.
+        step_size: adapted step size per chain.
+        inverse_mass_matrix: adapted inverse mass matrix per chain (flattened position).
+        algorithm: ``"nuts"`` or ``"hmc"``.
+        model: the model function sampled.
+        model_kwargs: its keyword arguments (the data).
+        potential_fn: NumPyro's potential energy of an unconstrained position dict.
+        timing: seconds spent compiling (``compile_s``) and running warmup plus
+            sampling (``sampling_s``) for all chains.
+    """
+
+    samples: dict
+    positions: dict
+    stats: dict
+    step_size: jax.Array
+    inverse_mass_matrix: jax.Array
+    algorithm: str
+    model: Callable
+    model_kwargs: dict
+    potential_fn: Callable
+    timing: Optional[dict] = None
+
+    @property
+    def num_chains(self) -> int:
+        return int(self.stats["lp"].shape[0])
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.stats["lp"].shape[1])
+
+
+# --------------------------------------------------------------------------------------
+# BlackJAX runner
+# --------------------------------------------------------------------------------------
+
+
+def _positive_int(name, value, minimum=1):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+    return int(value)
+
+
+def run_blackjax(
+    rng_key: jax.Array,
+    model: Callable,
+    *,
+    algorithm: str = "nuts",
+    num_warmup: int = 1000,
+    num_samples: int = 1000,
+    num_chains: int = 4,
+    init_params=None,
+    target_acceptance_rate: float = 0.8,
+    num_integration_steps: Optional[int] = None,
+    max_num_doublings: int = 10,
+    step_size: Optional[float] = None,
+    dense_mass: bool = False,
+    print_summary: bool = True,
+    **model_kwargs,
+) -> BlackJAXRun:
+    """BlackJAX NUTS or HMC on the potential NumPyro derives from ``model``.
+
+    Each chain runs ``blackjax.window_adaptation`` (step size by dual averaging, a
+    diagonal or dense mass matrix from windowed variance estimates) for ``num_warmup``
+    steps, then ``num_samples`` transitions; chains are vectorised with ``jax.vmap``.
+
+    Args:
+        rng_key: PRNG key (required).
+        model: a NumPyro model, e.g. ``lds`` (latent states sampled) or
+            ``ppl_dyn.handlers.marginalize(lds)`` (states integrated out).
+        algorithm: ``"nuts"`` or ``"hmc"`` (then ``num_integration_steps`` is needed).
+        num_warmup: adaptation steps per chain; 0 disables adaptation (then pass
+            ``step_size``; the inverse mass matrix is the identity).
+        num_samples: draws kept per chain.
+        num_chains: number of chains.
+        init_params: starting values: a dict of site values (missing sites start
+            uniformly in ``(-2, 2)`` on the unconstrained scale, NumPyro's default) or
+            an :class:`~ppl_dyn.infer.EMResult` (see :func:`em_init_values`).
+        target_acceptance_rate: target of the step-size adaptation.
+        max_num_doublings: NUTS maximum tree depth.
+        dense_mass: adapt a dense instead of a diagonal mass matrix.
+        print_summary: print :func:`diagnose`'s report after the run.
+        **model_kwargs: the model's arguments (``y=...``, ``state_dim=...``).
+
+    Returns:
+        A :class:`BlackJAXRun`; ``ppl_dyn.to_inference_data(run)`` converts it.
+    """
+    import blackjax
+    from blackjax.adaptation.base import get_filter_adapt_info_fn
+
+    check_rng_key(rng_key)
+    if algorithm not in ("nuts", "hmc"):
+        raise ValueError(f"algorithm must be 'nuts' or 'hmc'; got {algorithm!r}")
+    num_warmup = _positive_int("num_warmup", num_warmup, 0)
+    num_samples = _positive_int("num_samples", num_samples)
+    num_chains = _positive_int("num_chains", num_chains)
+    extra: dict[str, Any] = {}
+    if algorithm == "hmc":
+        if num_integration_steps is None:
+            raise ValueError("algorithm='hmc' needs num_integration_steps (an int >= 1)")
+        extra["num_integration_steps"] = _positive_int(
+            "num_integration_steps", num_integration_steps
+        )
+    else:
+        extra["max_num_doublings"] = _positive_int("max_num_doublings", max_num_doublings)
+    if num_warmup == 0 and (step_size is None or not float(step_size) > 0):
+        raise ValueError("num_warmup=0 (no adaptation) needs a positive step_size")
+    if not 0.0 < float(target_acceptance_rate) < 1.0:
+        raise ValueError(
+            f"target_acceptance_rate must lie in (0, 1); got {target_acceptance_rate!r}"
+        )
+    model_kwargs = validate_data(model_kwargs)
+    values = {} if init_params is None else _init_values(init_params, model, model_kwargs)
+    k_init, k_run = jax.random.split(rng_key)
+    z_given, free_names = _unconstrained_template(k_init, model, model_kwargs, values)
+
+    def potential_fn(z):
+        return potential_energy(model, (), model_kwargs, z)
+
+    @jax.jit  # trace the model once; BlackJAX then reuses the jaxpr (and its gradient)
+    def logdensity_fn(z):
+        return -potential_fn(z)
+
+    alg = getattr(blackjax, algorithm)
+
+    def one_chain(key):
+        k_start, k_warm, k_draw = jax.random.split(key, 3)
+        z_init, found = _valid_start(k_start, z_given, free_names, logdensity_fn)
+        if num_warmup > 0:
+            warmup = blackjax.window_adaptation(
+                alg,
+                logdensity_fn,
+                is_mass_matrix_diagonal=not dense_mass,
+                target_acceptance_rate=target_acceptance_rate,
+                adaptation_info_fn=get_filter_adapt_info_fn(),
+                **extra,
+            )
+            (state, params), _ = warmup.run(k_warm, z_init, num_steps=num_warmup)
+        else:
+            dim = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(z_init))
+            dtype = jax.tree_util.tree_leaves(z_init)[0].dtype
+            eye = jnp.eye(dim, dtype=dtype) if dense_mass else jnp.ones(dim, dtype)
+            params = {"step_size": jnp.asarray(step_size, dtype), "inverse_mass_matrix": eye}
+            state = alg(logdensity_fn, **{**extra, **params}).init(z_init)
+        kernel = alg(logdensity_fn, **{**extra, **params})
+
+        def step(st, k):
+            st, inf = kernel.step(k, st)
+            out = {
+                "diverging": inf.is_divergent,
+                "lp": st.logdensity,
+                "energy": inf.energy,
+                "acceptance_rate": inf.acceptance_rate,
+                "n_steps": inf.num_integration_steps,
+            }
+            if algorithm == "nuts":
+                out["tree_depth"] = inf.num_trajectory_expansions
+            return st, (st.position, out)
+
+        _, (positions, stats) = jax.lax.scan(step, state, jax.random.split(k_draw, num_samples))
+        return positions, stats, params["step_size"], params["inverse_mass_matrix"], found
+
+    keys = jax.random.split(k_run, num_chains)
+    t0 = time.perf_counter()
+    compiled = jax.jit(jax.vmap(one_chain)).lower(keys).compile()
+    t1 = time.perf_counter()
+    positions, stats, step_sizes, imm, found = compiled(keys)
+    jax.block_until_ready(stats)
+    timing = {"compile_s": t1 - t0, "sampling_s": time.perf_counter() - t1}
+    if not bool(jnp.all(found)):
+        raise RuntimeError(
+            "could not find a starting point with a finite log density and gradient in "
+            f"{_MAX_INIT_TRIES} tries (chains {np.flatnonzero(~np.asarray(found)).tolist()}); "
+            "pass init_params"
+        )
+    stats["step_size"] = jnp.broadcast_to(step_sizes[:, None], stats["lp"].shape)
+
+    def postprocess(z):
+        return constrain_fn(model, (), model_kwargs, z, return_deterministic=True)
+
+    samples = jax.jit(jax.vmap(jax.vmap(postprocess)))(positions)
+    run = BlackJAXRun(
+        samples=samples,
+        positions=positions,
+        stats=stats,
+        step_size=step_sizes,
+        inverse_mass_matrix=imm,
+        algorithm=algorithm,
+        model=model,
+        model_kwargs=model_kwargs,
+        potential_fn=potential_fn,
+        timing=timing,
+    )
+    if print_summary:
+        print_diagnostics(run)
+    return run
+
+
+# --------------------------------------------------------------------------------------
+# Starting values from an EM fit
+# --------------------------------------------------------------------------------------
+
+
+_MAX_INIT_TRIES = 100
+
+
+def _trace(model, params: dict, model_kwargs: dict, rng_key=0) -> dict:
+    """Trace ``model`` with ``params`` substituted (other sites drawn from ``rng_key``)."""
+    fn = np_handlers.seed(np_handlers.substitute(model, data=params), rng_seed=rng_key)
+    return np_handlers.trace(fn).get_trace(**model_kwargs)
+
+
+class _Site(NamedTuple):
+    observed: bool
+    markov: bool  # a state / observation site sampled by ppl_dyn.markov
+
+
+def _sites(model, params: dict, model_kwargs: dict) -> dict:
+    """Sample sites of ``model`` (name -> :class:`_Site`), traced abstractly with
+    ``jax.eval_shape`` (no eager run of the model, no compile)."""
+    found: dict = {}
+
+    def f(p):
+        tr = _trace(model, p, model_kwargs)
+        for k, site in tr.items():
+            if site["type"] == "sample":
+                found[k] = _Site(bool(site["is_observed"]), is_markov_site(site))
+        return 0
+
+    jax.eval_shape(f, params)
+    return found
+
+
+def static_spec(model, params: dict, model_kwargs: dict):
+    """The model's :class:`~ppl_dyn.state_space.MarkovSpec` at ``params`` with concrete
+    (normalised) ``y`` and ``u`` and without the distributions, from one small compiled
+    trace instead of an eager run."""
+    box: dict = {}
+
+    def f(p):
+        _, spec = bind(model, p, **model_kwargs)
+        box["spec"] = spec
+        return (jnp.zeros(()) if spec.y is None else spec.y), spec.u
+
+    y, u = jax.jit(f)(params)
+    spec = box["spec"]
+    return spec._replace(
+        init=None, transition=None, emission=None, y=None if spec.y is None else y, u=u
+    )
+
+
+def _unconstrained_template(rng_key, model, model_kwargs, values):
+    """Unconstrained values of every latent site (``values`` where given, a prior draw
+    elsewhere) and the names of the sites not given (they start uniformly in (-2, 2),
+    NumPyro's ``init_to_uniform``). Traced under ``jax.jit``: one compile instead of an
+    eager run of the model (hundreds of small compiles)."""
+    found: dict = {}
+
+    def template(key, vals):
+        tr = _trace(model, vals, model_kwargs, key)
+        latent = {}
+        for name, site in tr.items():
+            if site["type"] != "sample" or site["is_observed"]:
+                continue
+            if site["fn"].support.is_discrete:
+                found["discrete"] = name
+            latent[name] = site["value"]
+        found["latent"] = tuple(latent)
+        return unconstrain_fn(model, (), model_kwargs, latent)
+
+    z = jax.jit(template)(rng_key, values)
+    if "discrete" in found:
+        raise ValueError(f"site {found['discrete']!r} is discrete; NUTS/HMC need continuous sites")
+    return z, tuple(sorted(set(found["latent"]) - set(values)))
+
+
+def _valid_start(rng_key, z_given, free_names, logdensity_fn):
+    """Draw the free sites uniformly in (-2, 2) until the log density and its gradient
+    are finite (at most ``_MAX_INIT_TRIES`` draws; compiled with the sampler)."""
+
+    def draw(key):
+        keys = jax.random.split(key, max(len(free_names), 1))
+        z = dict(z_given)
+        for k, name in zip(keys, free_names, strict=False):
+            v = z_given[name]
+            z[name] = jax.random.uniform(k, jnp.shape(v), jnp.result_type(v), -2.0, 2.0)
+        return z
+
+    def ok(z):
+        val, grad = jax.value_and_grad(logdensity_fn)(z)
+        finite = [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grad)]
+        return jnp.isfinite(val) & jnp.all(jnp.stack(finite))
+
+    def cond(c):
+        i, _, _, good = c
+        return (~good) & (i < _MAX_INIT_TRIES)
+
+    def body(c):
+        i, key, _, _ = c
+        key, sub = jax.random.split(key)
+        z = draw(sub)
+        return i + 1, key, z, ok(z)
+
+    k0, k1 = jax.random.split(rng_key)
+    z0 = draw(k0)
+    _, _, z, good = jax.lax.while_loop(cond, body, (0, k1, z0, ok(z0)))
+    return z, good
+
+
+def em_init_values(result, model: Callable, e_step=None, **model_kwargs) -> dict:
+    """Starting values for NUTS from an EM fit (or any dict of parameter values).
+
+    The parameter sites take the fitted values; the latent-state sites (when the model
+    samples them) take the smoothed means ``E[x_t | y, theta_EM]``: ``x_1``/``x`` for
+    the centred form, the innovations that reproduce the smoothed means for the
+    non-centred form. Use with ``NUTS(model, init_strategy=init_to_value(values=...))``
+    or ``run_blackjax(..., init_params=...)``.
+    """
+    from ppl_dyn.infer.em import EMResult
+
+    params = dict(result.params if isinstance(result, EMResult) else result)
+    model_kwargs = validate_data(model_kwargs)
+    sites = _sites(model, params, model_kwargs)
+    free = {k: params[k] for k, st in sites.items() if not st.observed and k in params}
+    latent = [k for k, st in sites.items() if st.markov and not st.observed]
+    if not latent:
+        return free
+    e_step = _e_step_of(model, e_step, static_spec(model, free, model_kwargs))
+
+    @jax.jit
+    def states(p):
+        ss, spec = bind(model, p, **model_kwargs)
+        post = e_step.posterior(jax.random.key(0), ss, spec.y, spec.u)
+        m_tm = jnp.swapaxes(post.means, 0, 1)  # (T, S, dx), the centred sites' layout
+        innovations_site = f"{spec.state_name}_innovations"
+        if innovations_site in latent:
+            means = post.means if spec.batched else post.means[0]  # as markov returns x
+            return {innovations_site: innovations_from_states(spec, means)}
+        out = {f"{spec.state_name}_1": m_tm[0]}
+        if spec.state_name in latent:
+            out[spec.state_name] = m_tm[1:]
+        return out
+
+    return {**free, **states(free)}
+
+
+def _init_values(init_params, model, model_kwargs) -> dict:
+    from ppl_dyn.infer.em import EMResult
+
+    if isinstance(init_params, EMResult):
+        return em_init_values(init_params, model, **model_kwargs)
+    if not isinstance(init_params, dict):
+        raise ValueError(
+            f"init_params must be a dict of site values or an EMResult; got "
+            f"{type(init_params).__name__}"
+        )
+    known = set(_sites(model, {}, model_kwargs))
+    unknown = sorted(set(init_params) - known)
+    if unknown:
+        raise ValueError(
+            f"init_params names sites the model does not have: {unknown}; its sample "
+            f"sites are {sorted(known)}"
+        )
+    return dict(init_params)
+
+
+# --------------------------------------------------------------------------------------
+# Draws from any source
+# --------------------------------------------------------------------------------------
+
+
+class Draws(NamedTuple):
+    """Posterior draws of any source, normalised (internal)."""
+
+    samples: dict  # (chain, draw, ...)
+    stats: dict  # (chain, draw) sample statistics (may be empty)
+    model: Callable
+    model_kwargs: dict
+    kind: str  # "numpyro", "blackjax", "em", "dict"
+
+
+def draws_of(source, model=None, model_kwargs: Optional[dict] = None) -> Draws:
+    """Normalise a numpyro ``MCMC``, a :class:`BlackJAXRun`, an ``EMResult`` or a dict
+    of draws with leading ``(chain, draw)`` axes."""
+    from numpyro.infer import MCMC
+
+    from ppl_dyn.infer.em import EMResult
+
+    model_kwargs = dict(model_kwargs or {})
+    if isinstance(source, MCMC):
+        m, kw = _mcmc_model_and_kwargs(source)
+        samples = source.get_samples(group_by_chain=True)
+        stats = {}
+        fields = source.get_extra_fields(group_by_chain=True)
+        for k, v in fields.items():
+            if not isinstance(v, (dict, tuple)):
+                stats[k] = v
+        return Draws(samples, stats, model or m, {**kw, **model_kwargs}, "numpyro")
+    if isinstance(source, BlackJAXRun):
+        return Draws(
+            source.samples,
+            source.stats,
+            model or source.model,
+            {**source.model_kwargs, **model_kwargs},
+            "blackjax",
+        )
+    if model is None:
+        raise ValueError(
+            f"a {type(source).__name__} does not record its model: pass model=... and the "
+            "model's keyword arguments (y=..., state_dim=...)"
+        )
+    model_kwargs = validate_data(model_kwargs)
+    if isinstance(source, EMResult):
+        samples = {k: jnp.asarray(v)[None, None] for k, v in source.params.items()}
+        return Draws(samples, {}, model, model_kwargs, "em")
+    if isinstance(source, dict):
+        return Draws(dict(source), {}, model, model_kwargs, "dict")
+    raise ValueError(
+        "expected a numpyro MCMC, a BlackJAXRun, an EMResult or a dict of draws; got "
+        f"{type(source).__name__}"
+    )
+
+
+def _mcmc_model_and_kwargs(mcmc):
+    """Model and keyword arguments of a numpyro ``MCMC`` after ``run`` (the only place
+    that reads its private ``_args`` / ``_kwargs``)."""
+    args = getattr(mcmc, "_args", None)
+    kwargs = getattr(mcmc, "_kwargs", None)
+    if kwargs is None:
+        raise ValueError("the MCMC object has not been run yet")
+    if args:
+        raise ValueError(
+            "pass the model's data as keyword arguments to MCMC.run (y=..., state_dim=...)"
+        )
+    return mcmc.sampler.model, dict(kwargs)
+
+
+def _flat(samples: dict):
+    """``(chain, draw, ...)`` -> ``(chain * draw, ...)`` and the leading shape."""
+    lead = next(iter(samples.values())).shape[:2]
+    return {k: jnp.reshape(v, (-1,) + v.shape[2:]) for k, v in samples.items()}, lead
+
+
+def _unflat(tree, lead):
+    return jax.tree_util.tree_map(lambda a: jnp.reshape(a, lead + a.shape[1:]), tree)
+
+
+def _per_draw(fn, draws: Draws, *extra, batch_size: int = 256):
+    """Apply ``fn(params, *extra_i) -> pytree`` to every draw (vmapped, jitted, in
+    batches); ``extra`` arrays have the same leading ``(chain, draw)`` axes."""
+    flat, lead = _flat(draws.samples)
+    extra = [jnp.reshape(a, (-1,) + a.shape[2:]) for a in extra]
+    n = int(np.prod(lead))
+    size = min(n, batch_size)
+    pad = -n % size  # repeat the last draw so that every batch has one shape (one compile)
+
+    def padded(a):
+        return jnp.concatenate([a, jnp.repeat(a[-1:], pad, 0)], 0) if pad else a
+
+    flat = {k: padded(v) for k, v in flat.items()}
+    extra = [padded(a) for a in extra]
+    f = jax.jit(jax.vmap(fn))
+    outs = []
+    for i in range(0, n + pad, size):
+        sl = slice(i, i + size)
+        outs.append(f({k: v[sl] for k, v in flat.items()}, *[a[sl] for a in extra]))
+    out = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, 0)[:n], *outs)
+    return _unflat(out, lead)
+
+
+def _e_step_of(model, e_step, spec=None):
+    """The E-step to use: the given one, the marginalising one, the Kalman smoother for
+    linear(-in-state) models, the extended Kalman smoother for built-in nonlinear ones."""
+    if e_step is not None:
+        if not callable(getattr(e_step, "posterior", None)):
+            raise ValueError(
+                "e_step must have a posterior(rng_key, state_space, y, u) method; got "
+                f"{type(e_step).__name__}"
+            )
+        return e_step
+    found = marginalized_e_step(model)
+    if found is not None:
+        return found
+    st = None if spec is None else spec.structure
+    if st is not None and (st.dynamics.feature, st.emission.feature) != ("linear", "linear"):
+        try:
+            from ppl_dyn.infer.eks import ExtendedKalmanSmoother
+        except ImportError as err:  # pragma: no cover - EKS ships with the package
+            raise ValueError("a nonlinear model needs e_step=... (a Gaussian smoother)") from err
+        return ExtendedKalmanSmoother()
+    from ppl_dyn.infer.kalman import KalmanSmoother
+
+    return KalmanSmoother()
+
+
+def _spec_of(draws: Draws):
+    """The model's declaration at the first draw (see :func:`static_spec`)."""
+    first = {k: v[0, 0] for k, v in draws.samples.items()}
+    return static_spec(draws.model, first, draws.model_kwargs)
+
+
+def smoothed_states(source, e_step=None, *, model=None, **model_kwargs):
+    """The E-step's posterior of the states for every draw.
+
+    Returns the E-step's posterior (e.g. a ``GaussianPosterior``) with leading axes
+    ``(chain, draw)``, then the sequence axis when ``y`` has one. With the
+    :class:`~ppl_dyn.infer.KalmanSmoother` these are exact ``p(x_t | y, theta)`` per
+    draw; mixing over draws gives the states' posterior under parameter uncertainty.
+    """
+    draws = draws_of(source, model, model_kwargs)
+    e = _e_step_of(draws.model, e_step, _spec_of(draws))
+    kw = draws.model_kwargs
+
+    def fn(params):
+        ss, spec = bind(draws.model, params, **kw)
+        post = e.posterior(jax.random.key(0), ss, spec.y, spec.u)
+        return post if spec.batched else jax.tree_util.tree_map(lambda a: a[0], post)
+
+    return _per_draw(fn, draws)
+
+
+def one_step_log_probs(source, e_step=None, *, model=None, **model_kwargs) -> jax.Array:
+    """``log p(y_t | y_{1:t-1}, theta)`` per draw and step: ``(chain, draw, [S,] T)``.
+
+    They sum over time to the log-marginal likelihood of each draw.
+    """
+    draws = draws_of(source, model, model_kwargs)
+    e = _e_step_of(draws.model, e_step, _spec_of(draws))
+    kw = draws.model_kwargs
+
+    def fn(params):
+        ss, spec = bind(draws.model, params, **kw)
+        lp = e.posterior(jax.random.key(0), ss, spec.y, spec.u).predicted_log_probs
+        return lp if spec.batched else lp[0]
+
+    return _per_draw(fn, draws)
+
+
+def sample_smoothed_paths(rng_key, posterior, num_paths: Optional[int] = None) -> jax.Array:
+    """Joint draws of ``x_{1:T}`` from a Gaussian smoothed posterior.
+
+    The smoothed posterior of a linear-Gaussian model is a Gauss-Markov chain:
+    ``x_1 ~ N(m_1, P_1)`` and ``x_{t+1} | x_t ~ N(m_{t+1} + G_t (x_t - m_t),
+    P_{t+1} - G_t X_t^T)`` with ``X_t = Cov[x_{t+1}, x_t | y]`` and ``G_t = X_t P_t^{-1}``.
+    ``posterior.means`` may carry any leading batch axes ``(..., T, dx)``; with
+    ``num_paths`` a new leading axis of that many paths is added.
+    """
+    from ppl_dyn.infer import _linalg as la
+
+    m, P, X = posterior.means, posterior.covs, posterior.cross_covs
+    if num_paths is not None:
+        m, P, X = (jnp.broadcast_to(a, (num_paths,) + a.shape) for a in (m, P, X))
+    lead, (T, dx) = m.shape[:-2], m.shape[-2:]
+    m = jnp.reshape(m, (-1, T, dx))
+    P = jnp.reshape(P, (-1, T, dx, dx))
+    z = jax.random.normal(rng_key, m.shape, m.dtype)
+    jitter = 1e-12 * jnp.eye(dx, dtype=m.dtype)
+    x1 = m[:, 0] + la.mv(la.cholesky(la.sym(P[:, 0]) + jitter), z[:, 0])
+    if T == 1:
+        return jnp.reshape(x1, lead + (1, dx))
+    X = jnp.reshape(X, (-1, T - 1, dx, dx))
+    # conditional moments for all t at once, then one scan for the mean recursion
+    Lp = la.cholesky(la.sym(P[:, :-1]) + jitter)
+    G = jnp.swapaxes(la.cho_solve(Lp, jnp.swapaxes(X, -1, -2)), -1, -2)  # X P^{-1}
+    cond = la.sym(P[:, 1:] - la.mm(G, jnp.swapaxes(X, -1, -2))) + jitter
+    noise = la.mv(la.cholesky(cond), z[:, 1:])  # (B, T-1, dx)
+
+    def step(x_prev, inp):
+        m_prev, m_next, G_t, e_t = inp
+        x = m_next + la.mv(G_t, x_prev - m_prev) + e_t
+        return x, x
+
+    tm = lambda a: jnp.swapaxes(a, 0, 1)  # noqa: E731  (B, T-1, ...) -> (T-1, B, ...)
+    _, xs = jax.lax.scan(step, x1, (tm(m[:, :-1]), tm(m[:, 1:]), tm(G), tm(noise)))
+    out = jnp.concatenate([x1[:, None], tm(xs)], 1)
+    return jnp.reshape(out, lead + (T, dx))
+
+
+# --------------------------------------------------------------------------------------
+# Diagnostics
+# --------------------------------------------------------------------------------------
+
+
+class Diagnostics(NamedTuple):
+    """Convergence and sampler-health summary (see :func:`diagnose`)."""
+
+    num_chains: int
+    num_draws: int  # per chain
+    max_rhat: float  # NaN with one chain
+    max_rhat_var: str
+    min_ess_bulk: float
+    min_ess_bulk_var: str
+    min_ess_tail: float
+    min_ess_tail_var: str
+    num_divergent: int
+    bfmi: Optional[np.ndarray]  # E-BFMI per chain, None when energy was not recorded
+    num_max_tree_depth: Optional[int]
+    problems: tuple  # plain-words warnings; empty when all is well
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _worst(ds, fn, pick):
+    best_val, best_var = None, ""
+    for name, arr in ds.data_vars.items():
+        vals = np.asarray(arr.values, dtype=float)
+        vals = vals[np.isfinite(vals)]
+        if vals.size == 0:
+            continue
+        v = fn(vals)
+        if best_val is None or pick(v, best_val):
+            best_val, best_var = float(v), str(name)
+    return (float("nan") if best_val is None else best_val), best_var
+
+
+def diagnose(source, *, var_names=None, max_num_doublings: int = 10) -> Diagnostics:
+    """R-hat, bulk and tail ESS, divergences, E-BFMI and tree-depth saturation.
+
+    ``source``: a numpyro ``MCMC``, a :class:`BlackJAXRun` or an ``az.InferenceData``.
+    Thresholds (Vehtari et al. 2021; Betancourt 2016): R-hat < 1.01, ESS >= 100 per
+    chain (bulk and tail), no divergent transitions, E-BFMI >= 0.3.
+    """
+    import arviz as az
+
+    from ppl_dyn.arviz_io import to_inference_data
+
+    idata = source if isinstance(source, az.InferenceData) else None
+    if idata is None:
+        idata = to_inference_data(source, log_likelihood=False)
+    post = idata.posterior
+    if var_names is not None:
+        post = post[list(var_names)]
+    chains, draws = int(post.sizes["chain"]), int(post.sizes["draw"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # constant entries give NaN
+        if chains > 1:
+            rhat = az.rhat(post)
+            max_rhat, rhat_var = _worst(rhat, np.max, lambda a, b: a > b)
+        else:
+            max_rhat, rhat_var = float("nan"), ""
+        ess_b, bulk_var = _worst(az.ess(post, method="bulk"), np.min, lambda a, b: a < b)
+        ess_t, tail_var = _worst(az.ess(post, method="tail"), np.min, lambda a, b: a < b)
+    stats = getattr(idata, "sample_stats", None)
+    n_div, bfmi, n_max = 0, None, None
+    if stats is not None and "diverging" in stats:
+        n_div = int(np.sum(stats["diverging"].values))
+    if stats is not None and "energy" in stats:
+        bfmi = np.asarray(az.bfmi(idata))
+    if stats is not None and "tree_depth" in stats:
+        n_max = int(np.sum(stats["tree_depth"].values >= max_num_doublings))
+    problems = []
+    if chains > 1 and not max_rhat < 1.01:
+        problems.append(
+            f"R-hat of {rhat_var} is {max_rhat:.3f} (should be < 1.01): the chains disagree, "
+            "so they have not converged to one distribution (or sit in different modes); "
+            "run longer or start from an EM fit (init_params=...)."
+        )
+    need = 100 * chains
+    for what, val, var in (("bulk", ess_b, bulk_var), ("tail", ess_t, tail_var)):
+        if not val >= need:
+            problems.append(
+                f"{what} ESS of {var} is {val:.0f} (want >= {need}, 100 per chain): too few "
+                "effectively independent draws for reliable "
+                + ("means" if what == "bulk" else "quantiles and intervals")
+                + "; run longer or reparametrise."
+            )
+    if n_div:
+        problems.append(
+            f"{n_div} of {chains * draws} transitions diverged: the sampler could not "
+            "follow the posterior's curvature there, so the draws may be biased; raise "
+            "target_acceptance_rate, use the non-centred form or marginalise the states."
+        )
+    if bfmi is not None and np.any(bfmi < 0.3):
+        low = ", ".join(f"{b:.2f}" for b in bfmi)
+        problems.append(
+            f"E-BFMI is low ({low}; want >= 0.3): momentum resampling explores the energy "
+            "poorly, a sign of heavy tails or a funnel; consider reparametrising."
+        )
+    if n_max:
+        problems.append(
+            f"{n_max} transitions hit the maximum tree depth ({max_num_doublings}): the "
+            "trajectories were cut short; sampling is inefficient."
+        )
+    return Diagnostics(
+        num_chains=chains,
+        num_draws=draws,
+        max_rhat=max_rhat,
+        max_rhat_var=rhat_var,
+        min_ess_bulk=ess_b,
+        min_ess_bulk_var=bulk_var,
+        min_ess_tail=ess_t,
+        min_ess_tail_var=tail_var,
+        num_divergent=n_div,
+        bfmi=bfmi,
+        num_max_tree_depth=n_max,
+        problems=tuple(problems),
+    )
+
+
+def format_diagnostics(d: Diagnostics) -> str:
+    """A short plain-text report of :class:`Diagnostics`."""
+    lines = [
+        f"MCMC diagnostics: {d.num_chains} chain(s) x {d.num_draws} draws",
+        f"  max R-hat      {d.max_rhat:8.3f}  ({d.max_rhat_var or 'n/a: one chain'})",
+        f"  min bulk ESS   {d.min_ess_bulk:8.0f}  ({d.min_ess_bulk_var})",
+        f"  min tail ESS   {d.min_ess_tail:8.0f}  ({d.min_ess_tail_var})",
+        f"  divergences    {d.num_divergent:8d}",
+    ]
+    if d.bfmi is not None:
+        lines.append("  E-BFMI         " + " ".join(f"{b:.2f}" for b in d.bfmi))
+    else:
+        lines.append(
+            "  E-BFMI         n/a (numpyro: run with extra_fields=ppl_dyn.mcmc.EXTRA_FIELDS)"
+        )
+    if d.num_max_tree_depth is not None:
+        lines.append(f"  max tree depth {d.num_max_tree_depth:8d} transitions")
+    if d.problems:
+        lines.append("WARNING:")
+        lines.extend(f"  - {p}" for p in d.problems)
+    else:
+        lines.append("All checks passed (R-hat < 1.01, ESS >= 100/chain, no divergences).")
+    return "\n".join(lines)
+
+
+def print_diagnostics(source, **kwargs) -> Diagnostics:
+    """Print :func:`format_diagnostics` of :func:`diagnose` and return the diagnostics."""
+    d = diagnose(source, **kwargs)
+    print(format_diagnostics(d))
+    return d
+
+
+def _tree_depth_from_steps(n_steps) -> np.ndarray:
+    """NUTS tree depth from the number of leapfrog steps (ArviZ's convention)."""
+    n = np.maximum(np.asarray(n_steps), 1)
+    return (np.log2(n).astype(int) + 1).astype(np.int64)
