@@ -341,20 +341,6 @@ class KalmanSmoother(NamedTuple):
         jitted filter and smoother. Shapes follow ``y``: a leading sequence axis is kept
         when ``y`` has one.
         """
-        from ppl_dyn.infer._run import prepare_eager
+        from ppl_dyn.infer._run import smooth_eager
 
-        ss, spec = prepare_eager(model, params, args, kwargs)
-        post = _smooth_jit(ss, spec.y, spec.u)
-        if not spec.batched:
-            post = jax.tree_util.tree_map(lambda a: a[0], post)
-        return post
-
-
-@jax.jit
-def _posterior_kernel(view_batch, y):
-    return jax.vmap(kalman_smooth_view)(view_batch, y)
-
-
-def _smooth_jit(ss: StateSpace, y, u):
-    views = jax.vmap(lambda u_s: linear_gaussian_view(ss, u_s))(u)
-    return _posterior_kernel(views, y)
+        return smooth_eager(self, params, model, args, kwargs, rng_key)
