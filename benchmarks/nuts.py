@@ -176,7 +176,15 @@ def summarise(idata, wall_s, extra=None):
     return out
 
 
-def run_case(form: str, backend: str, T: int, quick: bool, init: str = "default", chains=2):
+def run_case(
+    form: str,
+    backend: str,
+    T: int,
+    quick: bool,
+    init: str = "default",
+    chains: int = 2,
+    dense: bool = False,
+):
     _setup()
     import jax
     from numpyro.infer import MCMC, NUTS
@@ -199,11 +207,11 @@ def run_case(form: str, backend: str, T: int, quick: bool, init: str = "default"
         "dynamax": lambda: marginalize(lds, e_step=DynamaxFilter()),
     }[form]()
     kw = dict(y=y, state_dim=2)
-    extra = {"num_warmup": warm, "num_samples": draws, "max_tree_depth": depth}
+    extra = {"num_warmup": warm, "num_samples": draws, "max_tree_depth": depth, "dense": dense}
     if backend == "numpyro":
         t0 = time.perf_counter()
         mcmc = MCMC(
-            NUTS(model, max_tree_depth=depth),
+            NUTS(model, max_tree_depth=depth, dense_mass=dense),
             num_warmup=warm,
             num_samples=draws,
             num_chains=chains,
@@ -233,6 +241,7 @@ def run_case(form: str, backend: str, T: int, quick: bool, init: str = "default"
         num_samples=draws,
         num_chains=chains,
         max_num_doublings=depth,
+        dense_mass=dense,
         init_params=init_params,
         print_summary=False,
         **kw,

@@ -418,19 +418,26 @@ def test_em_result_exports_point_estimate_with_convergence_trace(small_data):
     np.testing.assert_allclose(ll.sum(), O.dense_log_marginal(params, y), rtol=1e-10)
 
 
-def test_latent_state_draws_are_joined_over_time(small_data):
+def test_latent_state_draws_of_several_sequences_are_joined_over_time(small_data):
     params, y = small_data
+    yb = np.stack([y, y[::-1] + 1.0])  # two sequences
     rng = np.random.default_rng(0)
-    C, D = 2, 3
+    C, D, S = 2, 3, 2
     draws = {k: np.broadcast_to(np.asarray(v), (C, D) + np.shape(v)) for k, v in params.items()}
-    x1 = rng.normal(size=(C, D, 1, DX))
-    xr = rng.normal(size=(C, D, T_SMALL - 1, 1, DX))
-    idata = ppl_dyn.to_inference_data({**draws, "x_1": x1, "x": xr}, model=lds, y=y,
-                                      state_dim=DX, log_likelihood=False)
+    x1 = rng.normal(size=(C, D, S, DX))
+    xr = rng.normal(size=(C, D, T_SMALL - 1, S, DX))
+    idata = ppl_dyn.to_inference_data({**draws, "x_1": x1, "x": xr}, model=lds, y=yb,
+                                      state_dim=DX)
     x = idata.posterior["x"]
-    assert x.dims == ("chain", "draw", "time", "state") and x.sizes["time"] == T_SMALL
-    np.testing.assert_array_equal(x.values[:, :, 0], x1[:, :, 0])
-    np.testing.assert_array_equal(x.values[:, :, 1:], xr[:, :, :, 0])
+    assert x.dims == ("chain", "draw", "sequence", "time", "state")
+    np.testing.assert_array_equal(x.values[:, :, :, 0], x1)
+    np.testing.assert_array_equal(x.values[:, :, :, 1:], np.moveaxis(xr, 2, 3))
+    ll = idata.log_likelihood["y"]
+    assert ll.dims == ("chain", "draw", "sequence", "time")
+    for s in range(S):
+        np.testing.assert_allclose(ll.values[1, 2, s].sum(), O.dense_log_marginal(params, yb[s]),
+                                   rtol=1e-10)
+    assert idata.observed_data["y"].dims == ("sequence", "time", "obs_dim")
 
 
 def test_point_forecast_and_predictive_match_dense_gaussian(small_data):
