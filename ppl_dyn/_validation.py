@@ -72,9 +72,17 @@ def check_params(params: dict, free_sites: dict, require_all: bool = True) -> No
             support, type(constraints.positive_definite)
         ):
             check_covariance(v, name)
-        elif not bool(np.all(np.asarray(support(jnp.asarray(v))))):
+        elif not _in_support(support, v):
             raise ValueError(f"got invalid {name} parameter: outside its support {support}")
     del unknown  # extra keys (e.g. frozen sites) are ignored by bind()
+
+
+def _in_support(support, v: np.ndarray) -> bool:
+    # most constraints evaluate on NumPy arrays directly (no eager XLA compilation)
+    try:
+        return bool(np.all(np.asarray(support(v))))
+    except Exception:
+        return bool(np.all(np.asarray(support(jnp.asarray(v)))))
 
 
 def check_covariance(v: np.ndarray, name: str) -> None:

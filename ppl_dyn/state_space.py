@@ -31,7 +31,10 @@ import numpyro
 import numpyro.distributions as dist
 from numpyro import handlers
 from numpyro.contrib.control_flow import scan as numpyro_scan
+from numpyro.distributions.distribution import validation_enabled
 from numpyro.primitives import Messenger, apply_stack
+
+from ppl_dyn._prior_draw import generator_from_key, numpy_draw
 
 __all__ = [
     "Regression",
@@ -591,7 +594,9 @@ def _run_captured(model, args, kwargs, substitute_fn=None, rng_key=None):
         fn = handlers.substitute(fn, substitute_fn=substitute_fn)
     fn = handlers.seed(fn, rng_seed=rng_key if rng_key is not None else 0)
     capture = _Capture()
-    with capture:
+    # NumPyro's eager argument validation compiles a check per distribution and shape
+    # (seconds in a fresh process); parameter values are validated by check_params.
+    with capture, validation_enabled(False):
         tr = handlers.trace(fn).get_trace(*args, **kwargs)
     if capture.spec is None:
         raise ValueError(
@@ -613,11 +618,19 @@ def inspect_model(
     if rng_key is None:
         rng_key = jax.random.key(0)  # only used to draw throw-away prior values
     given = values or {}
+    rng = None if isinstance(rng_key, jax.core.Tracer) else generator_from_key(rng_key)
 
     def value_of(msg):
-        if msg["type"] == "sample" and not msg["is_observed"] and msg["name"] in given:
+        if msg["type"] != "sample" or msg["is_observed"]:
+            return None
+        if msg["name"] in given:
             return given[msg["name"]]
-        return None
+        if rng is None:
+            return None
+        # exact prior draws in NumPy where the family allows (no XLA compilation of
+        # samplers); anything else is drawn by NumPyro
+        value = numpy_draw(msg["fn"], rng, tuple(msg["kwargs"].get("sample_shape", ())))
+        return None if value is None else jnp.asarray(value)
 
     spec, tr = _run_captured(model, args, kwargs, substitute_fn=value_of, rng_key=rng_key)
     free, frozen = {}, {}

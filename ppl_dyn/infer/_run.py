@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from ppl_dyn._validation import check_inputs, check_observations, check_params
+from ppl_dyn.infer._pattern import assume_pattern, data_pattern
 from ppl_dyn.state_space import bind, inspect_model
 
 
@@ -72,10 +73,11 @@ def smooth_eager(e_step, params, model, args, kwargs, rng_key=None):
     _, spec = prepare_eager(model, params, args, kwargs)
     dynamic, static = split_static(validate_data(kwargs))
     items = hashable_items(static)
+    pattern = data_pattern(dynamic.get("y"))
     if items is None:
-        fn = _make_smoother(model, e_step, tuple(static.items()))
+        fn = _make_smoother(model, e_step, tuple(static.items()), pattern)
     else:
-        fn = _cached_smoother(model, e_step, items)
+        fn = _cached_smoother(model, e_step, items, pattern)
     key = jax.random.key(0) if rng_key is None else rng_key
     post = fn(dict(params), dynamic, key)
     if not spec.batched:
@@ -83,9 +85,10 @@ def smooth_eager(e_step, params, model, args, kwargs, rng_key=None):
     return post
 
 
-def _make_smoother(model, e_step, static_items):
+def _make_smoother(model, e_step, static_items, pattern=None):
     static = dict(static_items)
 
+    @assume_pattern(pattern)
     def run(params, dynamic, rng_key):
         ss, spec = bind(model, params, **static, **dynamic)
         return e_step.posterior(rng_key, ss, spec.y, spec.u)
@@ -94,8 +97,8 @@ def _make_smoother(model, e_step, static_items):
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_smoother(model, e_step, static_items):
-    return _make_smoother(model, e_step, static_items)
+def _cached_smoother(model, e_step, static_items, pattern=None):
+    return _make_smoother(model, e_step, static_items, pattern)
 
 
 def site_shapes(model, kwargs) -> tuple[dict, Any]:

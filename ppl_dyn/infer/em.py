@@ -12,6 +12,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ppl_dyn._validation import check_params, check_rng_key
+from ppl_dyn.infer._pattern import assume_pattern, data_pattern
 from ppl_dyn.infer._run import (
     adapt_params,
     hashable_items,
@@ -222,10 +223,11 @@ class EM:
         e_step = self.e_step if e_step is None else e_step
         dynamic, static = split_static(kwargs)
         items = hashable_items(static)
+        pattern = data_pattern(dynamic.get("y"))
         if items is None:
-            fn = _make_step(self.model, e_step, self.m_step, tuple(static.items()))
+            fn = _make_step(self.model, e_step, self.m_step, tuple(static.items()), pattern)
         else:
-            fn = _cached_step(self.model, e_step, self.m_step, items)
+            fn = _cached_step(self.model, e_step, self.m_step, items, pattern)
         return fn, dynamic
 
     def _all_params(self, params, kwargs):
@@ -252,9 +254,10 @@ def _params_of(init):
     raise ValueError(f"init_params must be a dict or an EMResult; got {type(init).__name__}")
 
 
-def _make_step(model, e_step, m_step, static_items):
+def _make_step(model, e_step, m_step, static_items, pattern=None):
     static = dict(static_items)
 
+    @assume_pattern(pattern)  # traced knowing the data's NaN pattern (one path compiles)
     def step(params, dynamic, rng_key):
         kwargs = {**static, **dynamic}
         ss, spec = bind(model, params, **kwargs)
@@ -273,8 +276,8 @@ def _make_step(model, e_step, m_step, static_items):
 
 
 @functools.lru_cache(maxsize=128)
-def _cached_step(model, e_step, m_step, static_items):
-    return _make_step(model, e_step, m_step, static_items)
+def _cached_step(model, e_step, m_step, static_items, pattern=None):
+    return _make_step(model, e_step, m_step, static_items, pattern)
 
 
 def fit_em(model: Callable, e_step, rng_key, num_iters: int, *, m_step=None, **kwargs) -> EMResult:

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from ppl_dyn.infer import _linalg as la
+from ppl_dyn.infer._pattern import COMPLETE, MIXED, SHARED, pattern_hint
 from ppl_dyn.state_space import StateSpace, mask_covariance
 
 _LOG2PI = 1.8378770664093453
@@ -327,7 +328,13 @@ class KalmanSmoother(NamedTuple):
         def shared():
             return kalman_smooth_shared(view0, views.c, views.e, y)
 
-        # sequences with the same missing-data pattern share every covariance
+        # sequences with the same missing-data pattern share every covariance; the
+        # pattern is known at trace time under EM / smooth (only one path compiles)
+        hint = pattern_hint()
+        if hint in (COMPLETE, SHARED):
+            return shared()
+        if hint == MIXED:
+            return jax.vmap(one)(y, u)
         mask = jnp.isnan(y)
         same = jnp.all(mask == mask[:1])
         return jax.lax.cond(same, shared, lambda: jax.vmap(one)(y, u))

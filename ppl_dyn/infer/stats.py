@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from ppl_dyn.infer import _linalg as la
+from ppl_dyn.infer._pattern import COMPLETE, pattern_hint
 from ppl_dyn.state_space import StateSpace, mask_covariance
 
 
@@ -167,6 +168,9 @@ def gaussian_linear_statistics(post, ss: StateSpace, y, u) -> LinearStats:
         return sum_stats(per_seq)
 
     # imputation costs a dy x dy factorisation per step: skip it when nothing is missing
+    hint = pattern_hint()
+    if hint is not None:  # known at trace time (EM): compile one path only
+        return run(hint != COMPLETE)
     return jax.lax.cond(jnp.any(jnp.isnan(y)), lambda: run(True), lambda: run(False))
 
 

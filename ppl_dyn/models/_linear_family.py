@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import jax.numpy as jnp
+import numpy as np
 import numpyro
 import numpyro.distributions as dist
 
@@ -35,8 +36,9 @@ def _cov_site(name: str, dim: int, structure: str, scale: float):
     if structure not in _NOISE:
         raise ValueError(f"{name} structure must be 'full' or 'diag'; got {structure!r}")
     if structure == "full":
-        eye = jnp.eye(dim)
-        return numpyro.sample(name, dist.InverseWishart(dim + 2.0, scale * eye))
+        # NumPy constants and the Cholesky factor given directly: no eager XLA work
+        tril = np.sqrt(scale) * np.eye(dim)
+        return numpyro.sample(name, dist.InverseWishart(dim + 2.0, scale_tril=tril))
     return numpyro.sample(name, dist.InverseGamma(2.0, scale).expand([dim]).to_event(1))
 
 
@@ -74,7 +76,7 @@ def linear_in_params_model(
     dx = state_dim
 
     A = numpyro.sample(
-        "A", dist.Normal(0.0, 0.5 / jnp.sqrt(num_phi)).expand([dx, num_phi]).to_event(2)
+        "A", dist.Normal(0.0, 0.5 / np.sqrt(num_phi)).expand([dx, num_phi]).to_event(2)
     )
     C = numpyro.sample("C", dist.Normal(0.0, 1.0).expand([dy, num_psi]).to_event(2))
     B = D = None
