@@ -6,6 +6,7 @@ from ppl_dyn.infer.kalman import GaussianPosterior, KalmanSmoother
 from ppl_dyn.infer.mstep import GradientMStep, LinearGaussianMStep
 from ppl_dyn.infer.nested import NestedFit, factor_analysis_init, fit_nested
 from ppl_dyn.infer.particle import ParticlePosterior, ParticleSmoother
+from ppl_dyn.infer.sgd import SGD, SGDState, fit_sgd
 from ppl_dyn.infer.stats import InitStats, LinearStats, RegressionStats
 
 __all__ = [
@@ -13,6 +14,9 @@ __all__ = [
     "EMResult",
     "EMState",
     "fit_em",
+    "SGD",
+    "SGDState",
+    "fit_sgd",
     "fit_nested",
     "factor_analysis_init",
     "NestedFit",
