@@ -1,24 +1,146 @@
-"""Command-line interface: ``ppl-dyn demo [--out DIR]``.
+"""Command-line interface: ``ppl-dyn demo | simulate | fit | report | reproduce``.
 
 The CLI is an application, so it enables float64 for its own runs (the library itself
-never changes JAX's precision on import).
+never changes JAX's precision on import). Every run writes into a fresh temporary
+directory next to ``--out`` and moves it into place only when everything is written, so
+a failed run leaves nothing behind. Problems with the input (bad files, wrong columns,
+non-numeric cells, too-short series, bad flags) print one line on stderr and exit with
+status 2 before any output is created. See ``docs/cli.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shlex
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+MODELS = ("lds", "tanh-rnn", "rbf")
+METHODS = ("em", "nuts", "sgd")
+E_STEPS = ("auto", "kalman", "eks", "particle")
+#: figure files of a run, in the order the report shows them
+FIGURES = ("data.png", "fit.png", "states.png", "forecast.png", "em_curve.png", "sgd_curve.png",
+           "trace.png")
 
-def _demo(args) -> int:
+
+class UsageError(Exception):
+    """A problem the user can fix; printed as one line, exit status 2."""
+
+
+# --------------------------------------------------------------------------------------
+# output directories: staged, then moved into place
+# --------------------------------------------------------------------------------------
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists():
+        if not out.is_dir():
+            raise UsageError(f"{out}: exists and is not a directory")
+        if any(out.iterdir()) and not (out / "metrics.json").is_file():
+            raise UsageError(
+                f"{out}: exists and is not a ppl-dyn run directory (no metrics.json); "
+                "choose another --out"
+            )
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path):
+    """Yield a temporary directory beside ``out``; on success it replaces ``out``
+    (an earlier run directory there is removed), on failure it is deleted, together
+    with any parent directories created for it."""
+    out = Path(out)
+    created = []
+    p = out.parent
+    while not p.exists():
+        created.append(p)
+        p = p.parent
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            os.replace(out, old / "run")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for d in created:  # innermost first
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj) -> None:
+    _atomic_write(path, json.dumps(obj, indent=2, default=_json_default, allow_nan=True))
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _save_npz(path: Path, arrays: dict) -> None:
+    import numpy as np
+
+    with open(path, "wb") as f:
+        np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+
+
+def _enable_x64():
     import jax
 
     jax.config.update("jax_enable_x64", True)
+    return jax
+
+
+def _command_line(argv) -> str:
+    return "ppl-dyn " + " ".join(shlex.quote(a) for a in argv)
+
+
+# --------------------------------------------------------------------------------------
+# demo
+# --------------------------------------------------------------------------------------
+
+
+def _demo(args) -> int:
+    out = Path(args.out)
+    _check_out_dir(out)
+    with staged_dir(out) as tmp:
+        _demo_into(args, tmp)
+    print(f"report: {out / 'report.html'} (figure {out / 'demo.png'}, "
+          f"metrics {out / 'metrics.json'})")
+    return 0
+
+
+def _demo_into(args, out: Path) -> None:
+    jax = _enable_x64()
     import jax.numpy as jnp
     import numpy as np
 
@@ -27,7 +149,6 @@ def _demo(args) -> int:
     from ppl_dyn.models import lds
     from ppl_dyn.plots import demo_figure
 
-    out = Path(args.out)
     dx, dy, T, S = 2, 3, args.num_steps, args.num_sequences
     theta = 2 * np.pi / 25
     rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
@@ -42,7 +163,7 @@ def _demo(args) -> int:
         "P0": jnp.eye(dx),
     }
     key = jax.random.key(args.seed)
-    k_sim, k_fit = jax.random.split(key)
+    k_sim, k_fit, k_id = jax.random.split(key, 3)
     sim = ppl_dyn.simulate(
         k_sim, lds, true, num_steps=T, num_sequences=S, state_dim=dx, obs_dim=dy
     )
@@ -75,11 +196,19 @@ def _demo(args) -> int:
     C, d, R = (np.asarray(result.params[k]) for k in ("C", "d", "R"))
     recon_mean = m @ C.T + d
     recon_sd = np.sqrt(np.einsum("ij,tjk,ik->ti", C, P, C) + np.diag(R))
-    out.mkdir(parents=True, exist_ok=True)
     fig_path = out / "demo.png"
     demo_figure(fig_path, y[0], recon_mean, recon_sd, x[0], states_mean, states_sd, lls, ll_true)
+    idata = ppl_dyn.to_inference_data(result, model=lds, log_likelihood=False, y=y,
+                                      state_dim=dx)
+    _add_log_likelihood(idata, post, y)  # from the smoother above
+    idata.to_netcdf(str(out / "idata.nc"))
     metrics = {
+        "command": _command_line(args.argv),
+        "kind": "demo",
         "model": "lds",
+        "method": "em",
+        "e_step": "kalman",
+        "data": "simulated (demo)",
         "num_sequences": S,
         "num_steps": T,
         "state_dim": dx,
@@ -96,30 +225,649 @@ def _demo(args) -> int:
         "log_marginals": [float(v) for v in lls],
     }
     params_out = {k: np.asarray(v).tolist() for k, v in result.params.items()}
-    _atomic_write(out / "metrics.json", json.dumps(metrics, indent=2))
-    _atomic_write(out / "params.json", json.dumps(params_out, indent=2))
+    _write_json(out / "metrics.json", metrics)
+    _write_json(out / "params.json", params_out)
+    _save_npz(out / "params.npz", result.params)
+    from ppl_dyn.report import render_report
+
+    render_report(out, display_name=str(args.out))
     print(f"EM: {result.num_iters} iterations in {fit_seconds:.2f} s "
           f"(converged: {result.converged}, monotone: {monotone})")
     print(f"log p(y): fitted {ll_fit:.3f}   true parameters {ll_true:.3f}")
     print("eigenvalues of A: true " + _fmt(eig_true) + "   fitted " + _fmt(eig_fit))
-    print(f"report: {out / 'metrics.json'} and figure {fig_path}")
-    return 0
 
 
 def _fmt(eigs):
     return "[" + ", ".join(f"{e.real:.3f}{e.imag:+.3f}j" for e in eigs) + "]"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+# --------------------------------------------------------------------------------------
+# simulate
+# --------------------------------------------------------------------------------------
+
+
+def _model_fn(name: str):
+    from ppl_dyn import models
+
+    return {"lds": models.lds, "tanh-rnn": models.tanh_rnn, "rbf": models.rbf}[name]
+
+
+def _default_num_centres(state_dim: int) -> int:
+    return {1: 11, 2: 5}.get(state_dim, 3)
+
+
+def _load_params_file(path: Path) -> dict:
+    import numpy as np
+
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: np.asarray(z[k], dtype=float) for k in z.files}
+    except Exception as err:  # noqa: BLE001 - any unreadable archive
+        raise UsageError(f"{path}: not a readable NPZ archive of parameters "
+                         f"({type(err).__name__})") from None
+
+
+def _simulate(args) -> int:
+    out = Path(args.out)
+    if out.suffix.lower() not in (".csv", ".npz"):
+        raise UsageError(f"{out}: --out must end in .csv or .npz")
+    if out.is_dir():
+        raise UsageError(f"{out}: is a directory; --out names a .csv or .npz file")
+    given = {}
+    if args.params:
+        given = _load_params_file(Path(args.params))
+    jax = _enable_x64()
+    import numpy as np
+
+    import ppl_dyn
+
+    model = _model_fn(args.model)
+    centres = widths = None
+    if "centres" in given:
+        centres, widths = given.pop("centres"), given.pop("widths", None)
+        if widths is None:
+            raise UsageError(f"{args.params}: has 'centres' but no 'widths'")
+    dx = args.state_dim
+    dy = args.obs_dim
+    if "A" in given:
+        dx = int(given["A"].shape[0])
+    if "C" in given:
+        dy = int(given["C"].shape[0])
+    kw = {"state_dim": dx, "obs_dim": dy}
+    if args.model == "rbf":
+        if centres is None:
+            lo = np.full((1, dx), -2.0)
+            nc = args.num_centres or _default_num_centres(dx)
+            centres, widths = ppl_dyn.models.rbf_grid(
+                np.concatenate([lo, -lo]), nc, coverage=1.0
+            )
+        kw.update(centres=np.asarray(centres), widths=np.asarray(widths))
+    params = {k: v for k, v in given.items() if not k.startswith("_")}
+    try:
+        sim = ppl_dyn.simulate(
+            jax.random.key(args.seed), model, params or None, num_steps=args.num_steps,
+            num_sequences=args.num_sequences, **kw,
+        )
+    except ValueError as err:
+        raise UsageError(f"cannot simulate: {err}") from None
+    y, x = np.asarray(sim["y"]), np.asarray(sim["x"])
+    t = np.arange(args.num_steps, dtype=float)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if out.suffix.lower() == ".npz":
+                arrays = {"y": y, "x": x, "time": t}
+                arrays.update({f"param_{k}": np.asarray(v) for k, v in sim["params"].items()})
+                if centres is not None:
+                    arrays.update(param_centres=np.asarray(centres),
+                                  param_widths=np.asarray(widths))
+                np.savez(f, **arrays)
+            else:
+                f.write(_simulation_csv(t, y, x).encode())
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    shape = "x".join(str(s) for s in y.shape)
+    print(f"simulated {args.model}: y {shape}, state_dim={dx}; wrote {out}")
+    return 0
+
+
+def _simulation_csv(t, y, x) -> str:
+    batched = y.ndim == 3
+    ys, xs = (y, x) if batched else (y[None], x[None])
+    dy, dx = ys.shape[-1], xs.shape[-1]
+    head = ["t"] + (["sequence"] if batched else [])
+    head += [f"y{i}" for i in range(dy)] + [f"x{i}" for i in range(dx)]
+    lines = [",".join(head)]
+    for s in range(ys.shape[0]):
+        for i, ti in enumerate(t):
+            row = [f"{ti:g}"] + ([str(s)] if batched else [])
+            row += [repr(float(v)) for v in ys[s, i]] + [repr(float(v)) for v in xs[s, i]]
+            lines.append(",".join(row))
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------
+# fit
+# --------------------------------------------------------------------------------------
+
+
+def _load_data(args):
+    from ppl_dyn.io import DataError, Series, check_series, load_series
+
+    dx = args.state_dim
+    min_steps = max(10, dx + 3)
+    if (args.data is None) == (args.dataset is None):
+        raise UsageError("give exactly one of --data FILE and --dataset NAME")
+    if args.dataset is not None:
+        import numpy as np
+
+        from ppl_dyn import datasets
+
+        if args.columns or args.time_column or args.sequence_column:
+            raise UsageError("--columns/--time-column/--sequence-column apply to --data files")
+        ds = datasets.load(args.dataset)
+        time_name = {"nile": "year", "sunspots": "year", "co2": "year"}[args.dataset]
+        series = Series(np.asarray(ds.y, float), np.asarray(ds.time, float), (ds.name,),
+                        f"dataset:{ds.name}", time_name)
+        try:
+            return check_series(series, min_steps=min_steps, time_name=time_name), ds.units
+        except DataError as err:
+            raise UsageError(str(err)) from None
+    try:
+        return load_series(args.data, columns=args.columns, time_column=args.time_column,
+                           sequence_column=args.sequence_column, min_steps=min_steps), ""
+    except DataError as err:
+        raise UsageError(str(err)) from None
+
+
+def _standardise(series, enabled: bool):
+    import numpy as np
+
+    from ppl_dyn.io import DataError
+
+    y = series.y
+    flat = y.reshape(-1, y.shape[-1])
+    mean = np.nanmean(flat, 0)
+    scale = np.nanstd(flat, 0)
+    for j, name in enumerate(series.names):
+        if not scale[j] > 0:
+            raise UsageError(str(DataError(series.source, f"column {name!r} is constant")))
+    if not enabled:
+        mean, scale = np.zeros_like(mean), np.ones_like(scale)
+    return (y - mean) / scale, mean, scale
+
+
+def _check_fit_args(args) -> None:
+    if args.state_dim < 1:
+        raise UsageError("--state-dim must be >= 1")
+    if args.num_iters < 1:
+        raise UsageError("--num-iters must be >= 1")
+    if args.forecast_steps < 1:
+        raise UsageError("--forecast-steps must be >= 1")
+    if args.num_particles < 2:
+        raise UsageError("--num-particles must be >= 2")
+    if min(args.num_warmup, args.num_samples, args.num_chains) < 1:
+        raise UsageError("--num-warmup, --num-samples and --num-chains must be >= 1")
+    if args.num_centres is not None and args.num_centres < 2:
+        raise UsageError("--num-centres must be >= 2")
+    if args.e_step == "kalman" and args.model != "lds":
+        raise UsageError("--e-step kalman is exact only for --model lds; use eks or particle")
+    if args.method == "nuts" and args.e_step == "particle":
+        raise UsageError("--method nuts needs a deterministic, differentiable E-step "
+                         "(kalman or eks), not particle")
+    if args.method == "sgd":
+        if args.e_step == "particle":
+            raise UsageError("--method sgd needs a deterministic, differentiable E-step "
+                             "(kalman or eks), not particle")
+        if not args.learning_rate > 0:
+            raise UsageError("--learning-rate must be > 0")
+        import ppl_dyn.infer as infer
+
+        if not hasattr(infer, "SGD"):
+            raise UsageError("--method sgd is not available in this version of ppl_dyn "
+                             "(ppl_dyn.infer.SGD is missing); use --method em or nuts")
+
+
+def _e_step_name(args) -> str:
+    if args.e_step != "auto":
+        return args.e_step
+    return "kalman" if args.model == "lds" else "eks"
+
+
+def _e_step_obj(name: str, num_particles: int):
+    from ppl_dyn.infer import ExtendedKalmanSmoother, KalmanSmoother, ParticleSmoother
+
+    if name == "kalman":
+        return KalmanSmoother()
+    if name == "eks":
+        return ExtendedKalmanSmoother()
+    return ParticleSmoother(num_particles=num_particles)
+
+
+def _fit(args) -> int:
+    _check_fit_args(args)
+    series, units = _load_data(args)
+    yz, mean, scale = _standardise(series, not args.no_standardize)
+    out = Path(args.out)
+    _check_out_dir(out)
+    import numpy as np
+
+    try:
+        with staged_dir(out) as tmp:
+            metrics = _fit_into(args, series, units, yz, mean, scale, tmp)
+            if not args.no_report:
+                from ppl_dyn.report import render_report
+
+                render_report(tmp, display_name=str(out))
+    except (FloatingPointError, np.linalg.LinAlgError) as err:
+        # numerical failure of the fit itself: nothing was written (staged_dir)
+        msg = " ".join(str(err).split())
+        print(f"ppl-dyn fit: the fit failed, nothing written: {type(err).__name__}: {msg}",
+              file=sys.stderr)
+        return 1
+    ll = metrics.get("log_marginal_final")
+    msg = f"fitted {args.model} by {args.method}"
+    if ll is not None:
+        msg += (f": log p(y) {metrics['log_marginal_initial']:.3f} (start) -> "
+                f"{ll:.3f} (fitted, standardised data)")
+    print(msg)
+    what = "report.html" if not args.no_report else "metrics.json"
+    print(f"report: {out / what}")
+    return 0
+
+
+def _em_fit(args, model, yz, key, e_name):
+    """EM (or, with ``--method sgd``, Adam on the marginal likelihood) for the chosen
+    model; returns (result, model kwargs, curve stages, extra metrics, initial log p(y))."""
+    import numpy as np
+
+    from ppl_dyn.infer import EM, KalmanSmoother, fit_nested
+    from ppl_dyn.infer.nested import factor_analysis_init
+    from ppl_dyn.models import lds, rbf_grid
+
+    dx, pb = args.state_dim, not args.quiet
+    kw = {"y": yz, "state_dim": dx}
+    e_step = _e_step_obj(e_name, args.num_particles)
+    if args.method == "sgd":
+        import jax
+        import optax
+
+        from ppl_dyn.infer import SGD
+
+        init = factor_analysis_init(yz, state_dim=dx)
+        stages, extra, ll0 = None, {}, None
+        if args.model == "rbf":  # centres over the states of an LDS fit, start from it
+            k_lds, key = jax.random.split(key)
+            lds_fit = EM(lds, KalmanSmoother()).run(k_lds, args.num_iters, init=init,
+                                                    rtol=args.rtol, progress_bar=pb, **kw)
+            post = KalmanSmoother().smooth(lds_fit.params, lds, **kw)
+            nc = args.num_centres or _default_num_centres(dx)
+            centres, widths = rbf_grid(np.asarray(post.means), nc)
+            kw.update(centres=np.asarray(centres), widths=np.asarray(widths))
+            init, ll0 = lds_fit, lds_fit.log_marginals[0]
+            stages = [("LDS (EM, Kalman)", lds_fit.log_marginals)]
+            extra = {"num_centres": int(centres.shape[0])}
+        res = SGD(model, e_step, optax.adam(args.learning_rate)).run(
+            key, args.num_iters, init=init, rtol=args.rtol, progress_bar=pb, **kw)
+        if stages:
+            stages.append((f"RBF (Adam, {e_name.upper()})", res.log_marginals))
+        return res, kw, stages, extra, res.log_marginals[0] if ll0 is None else ll0
+    if args.model == "rbf":
+        nc = args.num_centres or _default_num_centres(dx)
+        nested = fit_nested(key, y=yz, state_dim=dx, num_centres=nc, lds_iters=args.num_iters,
+                            rbf_iters=args.num_iters, rbf_e_step=e_step, progress_bar=pb)
+        kw.update(centres=np.asarray(nested.centres), widths=np.asarray(nested.widths))
+        stages = [("LDS (Kalman)", nested.lds.log_marginals),
+                  (f"RBF ({e_name.upper()})", nested.rbf.log_marginals)]
+        extra = {"num_centres": int(nested.centres.shape[0]),
+                 "lds_stage_log_marginals": [float(v) for v in nested.lds.log_marginals]}
+        return nested.rbf, kw, stages, extra, nested.lds.log_marginals[0]
+    init = factor_analysis_init(yz, state_dim=dx)
+    rtol = None if e_name == "particle" else args.rtol
+    res = EM(model, e_step).run(key, args.num_iters, init=init, rtol=rtol, progress_bar=pb,
+                                **kw)
+    return res, kw, None, {}, res.log_marginals[0]
+
+
+def _fit_into(args, series, units, yz, mean, scale, out: Path) -> dict:
+    jax = _enable_x64()
+    import numpy as np
+
+    import ppl_dyn
+    from ppl_dyn import plots
+    from ppl_dyn.infer import ExtendedKalmanSmoother, KalmanSmoother
+
+    model = _model_fn(args.model)
+    e_name = _e_step_name(args)
+    # the Gaussian smoother used for predictive bands, forecasts and ArviZ's
+    # one-step-ahead log-likelihood (a particle E-step has no filtered moments)
+    gauss = KalmanSmoother() if e_name == "kalman" else ExtendedKalmanSmoother()
+    k_fit, k_mc, k_pp, k_fc, k_id, k_sm = jax.random.split(jax.random.key(args.seed), 6)
+    t0 = time.perf_counter()
+    res, kw, stages, extra, ll_init = _em_fit(args, model, yz, k_fit, e_name)
+    em_seconds = time.perf_counter() - t0
+    lls = np.asarray(res.log_marginals)
+    site_names = sorted(res.params)
+    metrics = {
+        "command": _command_line(args.argv),
+        "kind": "fit",
+        "model": args.model,
+        "method": args.method,
+        "e_step": e_name,
+        "data": series.source,
+        "columns": list(series.names),
+        "units": units,
+        "num_sequences": int(yz.shape[0]) if yz.ndim == 3 else 1,
+        "num_steps": int(yz.shape[-2]),
+        "obs_dim": int(yz.shape[-1]),
+        "state_dim": args.state_dim,
+        "num_missing": int(np.sum(np.isnan(yz))),
+        "standardized": not args.no_standardize,
+        "data_mean": mean.tolist(),
+        "data_scale": scale.tolist(),
+        "seed": args.seed,
+        **extra,
+    }
+    if args.method in ("em", "sgd"):
+        source = res
+        smooth_e = _e_step_obj(e_name, args.num_particles)
+        post = smooth_e.smooth(res.params, model, rng_key=k_sm, **kw)
+        ll_final = float(np.sum(np.asarray(post.log_marginal)))
+        monotone = bool(np.all(np.diff(lls) >= -1e-8 * np.abs(lls[:-1])))
+        it_name = "em_iterations" if args.method == "em" else "sgd_steps"
+        metrics.update({
+            it_name: int(res.num_iters),
+            "converged": bool(res.converged),
+            "fit_seconds": em_seconds,
+            "log_marginal_initial": float(ll_init),
+            "log_marginal_final": ll_final,
+            "log_marginals": [float(v) for v in lls],
+        })
+        if args.method == "em":
+            metrics["em_monotone"] = monotone
+            metrics["covariance_floor_counts"] = {
+                k: int(v) for k, v in res.floor_counts.items()}
+        else:
+            metrics["learning_rate"] = args.learning_rate
+        params = dict(res.params)
+        state_mean, state_sd = _state_bands(post)
+    else:  # nuts, started from the EM fit
+        source, idata, params, state_mean, state_sd, nuts_metrics = _nuts(
+            args, model, gauss, res, kw, k_mc, site_names
+        )
+        metrics.update({
+            "em_iterations_for_init": int(res.num_iters),
+            "log_marginal_initial": float(ll_init),
+            "log_marginal_em": float(lls[-1]),
+            **nuts_metrics,
+        })
+        post = gauss.smooth(params, model, **kw)
+        metrics["log_marginal_final"] = float(np.sum(np.asarray(post.log_marginal)))
+    model_kw = {k: v for k, v in kw.items() if k != "y"}
+
+    # predictive bands (standardised units) -> original units
+    level = 0.95
+    if args.method == "nuts":  # replicated data under parameter uncertainty
+        pp = ppl_dyn.posterior_predictive(k_pp, source, e_step=gauss, level=level)
+        fc = ppl_dyn.forecast(k_fc, source, args.forecast_steps, e_step=gauss, level=level)
+        pp_mean, pp_lo, pp_hi = pp.mean, pp.lower, pp.upper
+    else:
+        pp_mean, pp_lo, pp_hi = _em_predictive_band(args.seed, args.model, params, post, level)
+        fc = ppl_dyn.forecast(k_fc, source, args.forecast_steps, model=model, e_step=gauss,
+                              level=level, num_paths=500, **kw)
+
+    def orig(a):
+        a = np.asarray(a)
+        return (a[0] if a.ndim == 3 else a) * scale + mean
+
+    y_orig = orig(yz)
+    t = series.time
+    dt = float(np.median(np.diff(t))) if len(t) > 1 else 1.0
+    t_fc = t[-1] + dt * np.arange(1, args.forecast_steps + 1)
+    y_rmse = float(np.sqrt(np.nanmean((orig(pp_mean) - y_orig) ** 2)))
+    seen = np.isfinite(y_orig)  # coverage of the observed entries only
+    inside = (y_orig >= orig(pp_lo)) & (y_orig <= orig(pp_hi))
+    cover = np.mean(inside[seen])
+    metrics.update({
+        "predictive_level": level,
+        "posterior_predictive_rmse": y_rmse,
+        "posterior_predictive_coverage": float(cover),
+        "forecast_steps": args.forecast_steps,
+        "forecast_mean_last": orig(fc.mean)[-1].tolist(),
+    })
+
+    names = list(series.names)
+    tn = series.time_name
+    S = metrics["num_sequences"]
+    note = f" (sequence 1 of {S})" if S > 1 else ""
+    plots.data_figure(out / "data.png", t, y_orig, names, tn,
+                      title=f"data: {series.source}{note}")
+    plots.band_figure(out / "fit.png", t, orig(pp_mean), orig(pp_lo), orig(pp_hi), names,
+                      y=y_orig, y_time=t, time_name=tn, label="posterior predictive",
+                      title=f"fit: posterior predictive {100 * level:.0f}% band{note}")
+    plots.band_figure(out / "states.png", t, state_mean, state_mean - 2 * state_sd,
+                      state_mean + 2 * state_sd, [f"x[{i}]" for i in range(state_mean.shape[1])],
+                      time_name=tn, label="smoothed",
+                      title="smoothed states ± 2 sd (standardised units; "
+                      f"the state basis is not identified){note}")
+    tail = max(0, len(t) - 4 * args.forecast_steps)
+    plots.band_figure(out / "forecast.png", t_fc, orig(fc.mean), orig(fc.lower),
+                      orig(fc.upper), names, y=y_orig[tail:], y_time=t[tail:], time_name=tn,
+                      label="forecast", title=f"forecast of {args.forecast_steps} steps, "
+                      f"{100 * level:.0f}% band{note}")
+    if args.method == "em":
+        plots.em_curve_figure(out / "em_curve.png", lls, stages=stages,
+                              title=f"EM ({e_name} E-step): log marginal likelihood")
+    elif args.method == "sgd":
+        plots.em_curve_figure(out / "sgd_curve.png", lls, stages=stages, xlabel="step",
+                              title=f"Adam on log p(y) ({e_name} E-step)")
+
+    # ArviZ (forecasts added from the bands above: one forecast run, not two)
+    if args.method == "nuts":
+        plots.trace_figure(out / "trace.png", idata, [k for k in site_names
+                                                     if k in idata.posterior])
+    else:
+        # the one-step-ahead log-densities come from the smoother run above (no rerun)
+        gpost = post if e_name != "particle" else gauss.smooth(params, model, **kw)
+        idata = ppl_dyn.to_inference_data(source, model=model, e_step=gauss,
+                                          log_likelihood=False, **kw)
+        _add_log_likelihood(idata, gpost, yz)
+    _add_forecasts(idata, fc, yz)
+    for g in ("posterior", "observed_data"):
+        if hasattr(idata, g):
+            getattr(idata, g).attrs.update(
+                data_mean=np.asarray(mean), data_scale=np.asarray(scale),
+                ppl_dyn_model=args.model, ppl_dyn_method=args.method)
+    idata.to_netcdf(str(out / "idata.nc"))
+    arrays = {k: np.asarray(v) for k, v in params.items()}
+    if "centres" in model_kw:
+        arrays.update(centres=model_kw["centres"], widths=model_kw["widths"])
+    _save_npz(out / "params.npz", arrays)
+    _write_json(out / "metrics.json", _finite_or_none(metrics))
+    return metrics
+
+
+def _add_log_likelihood(idata, post, yz) -> None:
+    """ArviZ's ``log_likelihood`` group from a Gaussian smoother's one-step-ahead
+    log-densities ``log p(y_t | y_{1:t-1})`` (as :func:`ppl_dyn.to_inference_data` names
+    it: variable ``y``, dims ``([sequence,] time)``)."""
+    import arviz as az
+    import numpy as np
+
+    lp = np.asarray(post.predicted_log_probs)
+    seq = ["sequence"] if yz.ndim == 3 else []
+    coords = {"time": np.arange(yz.shape[-2])}
+    if seq:
+        coords["sequence"] = np.arange(yz.shape[0])
+    idata.extend(az.from_dict(log_likelihood={"y": lp[None, None]}, coords=coords,
+                              dims={"y": seq + ["time"]}))
+
+
+def _add_forecasts(idata, fc, yz) -> None:
+    import arviz as az
+    import numpy as np
+
+    T, dy = yz.shape[-2:]
+    seq = ["sequence"] if yz.ndim == 3 else []
+    coords = {"forecast_time": np.asarray(fc.time), "obs_dim": np.arange(dy)}
+    if seq:
+        coords["sequence"] = np.arange(yz.shape[0])
+    dims = {"y": seq + ["forecast_time", "obs_dim"]}
+    group = az.from_dict(predictions={"y": np.asarray(fc.samples)}, pred_dims=dims,
+                         pred_coords=coords, coords=coords, dims=dims)
+    idata.extend(group)
+
+
+def _em_predictive_band(seed: int, model_name, params, post, level, num_draws: int = 400):
+    """Replicated data of a point estimate: per time step, states drawn from the smoothed
+    marginal ``N(m_t, P_t)`` pushed through the emission with its noise (Monte Carlo;
+    first sequence). Returns mean, lower and upper quantiles ``(T, obs_dim)``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    m, P = np.asarray(post.means), np.asarray(post.covs)
+    if m.ndim == 3:
+        m, P = m[0], P[0]
+    T, dx = m.shape
+    C, d = np.asarray(params["C"]), np.asarray(params.get("d", 0.0))
+    R = np.asarray(params["R"])
+    R = np.diag(R) if R.ndim == 1 else R
+    L = np.linalg.cholesky(0.5 * (P + np.swapaxes(P, -1, -2)) + 1e-12 * np.eye(dx))
+    x = m[None] + np.einsum("tij,ntj->nti", L, rng.standard_normal((num_draws, T, dx)))
+    psi = np.tanh(x) if model_name == "tanh-rnn" else x
+    dy = C.shape[0]
+    noise = rng.standard_normal((num_draws, T, dy)) @ np.linalg.cholesky(
+        0.5 * (R + R.T) + 1e-12 * np.eye(dy)).T
+    ys = psi @ C.T + d + noise
+    lo, hi = np.quantile(ys, [(1 - level) / 2, (1 + level) / 2], axis=0)
+    return ys.mean(0), lo, hi
+
+
+def _finite_or_none(obj):
+    """Replace non-finite floats by None (JSON has no NaN)."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def _state_bands(post):
+    import numpy as np
+
+    m, P = np.asarray(post.means), np.asarray(post.covs)
+    if m.ndim == 3:
+        m, P = m[0], P[0]
+    return m, np.sqrt(np.maximum(np.diagonal(P, axis1=-2, axis2=-1), 0.0))
+
+
+def _nuts(args, model, gauss, em_res, kw, key, site_names):
+    """NUTS over the parameters with the states integrated out by ``gauss``, started
+    from the EM fit; returns (mcmc, posterior-mean params, state bands, metrics)."""
+    import numpy as np
+    from numpyro.infer import MCMC, NUTS, init_to_value
+
+    import ppl_dyn
+    from ppl_dyn.mcmc import EXTRA_FIELDS, diagnose, em_init_values, smoothed_states
+
+    marg = ppl_dyn.handlers.marginalize(model, e_step=gauss)
+    values = em_init_values(em_res, marg, **kw)
+    kernel = NUTS(marg, init_strategy=init_to_value(values=values))
+    mcmc = MCMC(kernel, num_warmup=args.num_warmup, num_samples=args.num_samples,
+                num_chains=args.num_chains, chain_method="sequential",
+                progress_bar=not args.quiet)
+    t0 = time.perf_counter()
+    mcmc.run(key, extra_fields=EXTRA_FIELDS, **kw)
+    seconds = time.perf_counter() - t0
+    samples = mcmc.get_samples()
+    params = {k: np.mean(np.asarray(samples[k]), 0) for k in site_names if k in samples}
+    # states: mixture over draws of the smoothed Gaussians (law of total variance)
+    post = smoothed_states(mcmc)
+    m, P = np.asarray(post.means), np.asarray(post.covs)  # (c, d, [S,] T, dx[, dx])
+    if m.ndim == 5:
+        m, P = m[:, :, 0], P[:, :, 0]
+    m = m.reshape((-1,) + m.shape[-2:])
+    v = np.diagonal(P, axis1=-2, axis2=-1).reshape(m.shape)
+    state_mean = m.mean(0)
+    state_sd = np.sqrt(np.maximum(v.mean(0) + m.var(0), 0.0))
+    idata = ppl_dyn.to_inference_data(mcmc)
+    d = diagnose(idata, var_names=[k for k in site_names if k in samples])
+    metrics = {
+        "num_warmup": args.num_warmup,
+        "num_samples": args.num_samples,
+        "num_chains": args.num_chains,
+        "mcmc_seconds": seconds,
+        "fit_seconds": seconds,
+        "max_rhat": d.max_rhat,
+        "max_rhat_var": d.max_rhat_var,
+        "min_ess_bulk": d.min_ess_bulk,
+        "min_ess_tail": d.min_ess_tail,
+        "num_divergent": d.num_divergent,
+        "bfmi": None if d.bfmi is None else [float(b) for b in d.bfmi],
+        "num_max_tree_depth": d.num_max_tree_depth,
+        "diagnostic_problems": list(d.problems),
+        "params_are": "posterior means of the parameter draws",
+    }
+    return mcmc, idata, params, state_mean, state_sd, metrics
+
+
+# --------------------------------------------------------------------------------------
+# report, reproduce
+# --------------------------------------------------------------------------------------
+
+
+def _report(args) -> int:
+    from ppl_dyn.report import ReportError, render_report
+
+    try:
+        path = render_report(args.dir)
+    except ReportError as err:
+        raise UsageError(str(err)) from None
+    print(f"report: {path}")
+    return 0
+
+
+def _reproduce(args) -> int:
+    if args.num_seeds < 1 or args.num_particles < 1 or args.series_length < 20:
+        raise UsageError("--num-seeds and --num-particles must be >= 1 and "
+                         "--series-length >= 20")
+    out = Path(args.out or f"reproduce-{args.name}")
+    if args.name == "ghahramani":
+        from ppl_dyn.reproduce import ghahramani
+
+        ghahramani.main(out, num_seeds=args.num_seeds, num_steps=args.series_length,
+                        rbf_iters=args.num_iters or 20, progress_bar=not args.quiet)
+        return 0
+    from ppl_dyn.reproduce import unkelbach
+
+    unkelbach.main(out, num_seeds=args.num_seeds, num_particles=args.num_particles,
+                   num_iters=args.num_iters or 100, compare_n10=not args.no_n10,
+                   progress_bar=not args.quiet)
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# parser
+# --------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ppl-dyn", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="ppl-dyn",
+        description="Learn stochastic state-space models: simulate, fit (EM or NUTS), report.",
+    )
     sub = p.add_subparsers(dest="command", required=True)
+
     d = sub.add_parser("demo", help="simulate an LDS, fit it by EM, write a report")
     d.add_argument("--out", default="ppl-dyn-demo", help="output directory")
     d.add_argument("--num-steps", type=int, default=500)
@@ -128,6 +876,66 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=_demo)
+
+    s = sub.add_parser("simulate", help="draw y and x from a built-in model, write CSV/NPZ")
+    s.add_argument("--model", choices=MODELS, default="lds")
+    s.add_argument("--state-dim", type=int, default=2)
+    s.add_argument("--obs-dim", type=int, default=1)
+    s.add_argument("--num-steps", type=int, default=200)
+    s.add_argument("--num-sequences", type=int, default=None,
+                   help="several independent sequences (adds a leading axis / a "
+                        "'sequence' CSV column)")
+    s.add_argument("--num-centres", type=int, default=None,
+                   help="rbf: grid points per state coordinate over [-2, 2]")
+    s.add_argument("--params", default=None,
+                   help="NPZ of parameter values (e.g. a fit's params.npz); sites not "
+                        "given are drawn from their priors")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="output file, .csv or .npz")
+    s.set_defaults(func=_simulate)
+
+    f = sub.add_parser("fit", help="fit a model to a CSV/NPZ file or a shipped dataset")
+    f.add_argument("--model", choices=MODELS, default="lds")
+    f.add_argument("--method", choices=METHODS, default="em")
+    src = f.add_argument_group("data")
+    src.add_argument("--data", default=None, help="a .csv (header row) or .npz file")
+    src.add_argument("--dataset", choices=("nile", "sunspots", "co2"), default=None,
+                     help="a series shipped with ppl_dyn instead of --data")
+    src.add_argument("--columns", default=None,
+                     help="comma-separated observed columns (CSV) or arrays (NPZ); default: "
+                          "every CSV column but the time/sequence columns, NPZ array 'y'")
+    src.add_argument("--time-column", default=None, help="column (array) of time stamps")
+    src.add_argument("--sequence-column", default=None,
+                     help="CSV column labelling several equally long sequences")
+    src.add_argument("--no-standardize", action="store_true",
+                     help="fit the raw data (default: each column centred and scaled to "
+                          "unit variance)")
+    f.add_argument("--state-dim", type=int, default=2)
+    f.add_argument("--num-iters", type=int, default=100,
+                   help="EM iterations or SGD steps (rbf: per stage; nuts: of the EM start)")
+    f.add_argument("--rtol", type=float, default=1e-6,
+                   help="EM stops when the log-likelihood changes by less (relative)")
+    f.add_argument("--e-step", choices=E_STEPS, default="auto",
+                   help="auto: kalman for lds, eks for tanh-rnn and rbf")
+    f.add_argument("--num-particles", type=int, default=200, help="--e-step particle")
+    f.add_argument("--num-centres", type=int, default=None,
+                   help="rbf: centres per state coordinate (default 11, 5 for state_dim 2, "
+                        "else 3)")
+    f.add_argument("--learning-rate", type=float, default=1e-2, help="sgd: Adam's step size")
+    f.add_argument("--num-warmup", type=int, default=500, help="nuts")
+    f.add_argument("--num-samples", type=int, default=500, help="nuts")
+    f.add_argument("--num-chains", type=int, default=2, help="nuts")
+    f.add_argument("--forecast-steps", type=int, default=20)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--out", default="ppl-dyn-fit", help="output directory")
+    f.add_argument("--no-report", action="store_true", help="do not write report.html")
+    f.add_argument("--quiet", action="store_true", help="no progress bars")
+    f.set_defaults(func=_fit)
+
+    rp = sub.add_parser("report", help="render DIR/report.html from a run directory")
+    rp.add_argument("dir", help="a directory written by `ppl-dyn fit` or `ppl-dyn demo`")
+    rp.set_defaults(func=_report)
+
     r = sub.add_parser("reproduce", help="reproduce a seed paper's experiment")
     r.add_argument(
         "name",
@@ -149,32 +957,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _reproduce(args) -> int:
-    if args.num_seeds < 1 or args.num_particles < 1 or args.series_length < 20:
-        print("ppl-dyn: --num-seeds and --num-particles must be >= 1 and "
-              "--series-length >= 20", file=sys.stderr)
-        return 2
-    out = Path(args.out or f"reproduce-{args.name}")
-    if args.name == "ghahramani":
-        from ppl_dyn.reproduce import ghahramani
-
-        ghahramani.main(out, num_seeds=args.num_seeds, num_steps=args.series_length,
-                        rbf_iters=args.num_iters or 20, progress_bar=not args.quiet)
-        return 0
-    from ppl_dyn.reproduce import unkelbach
-
-    unkelbach.main(out, num_seeds=args.num_seeds, num_particles=args.num_particles,
-                   num_iters=args.num_iters or 100, compare_n10=not args.no_n10,
-                   progress_bar=not args.quiet)
-    return 0
-
-
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if getattr(args, "num_steps", 2) < 2 or (getattr(args, "num_iters", 1) or 1) < 1:
-        print("ppl-dyn: --num-steps must be >= 2 and --num-iters >= 1", file=sys.stderr)
+    args.argv = argv
+    try:
+        if args.command in ("demo", "simulate"):
+            if args.num_steps < 2:
+                raise UsageError("--num-steps must be >= 2")
+            if args.command == "demo" and args.num_iters < 1:
+                raise UsageError("--num-iters must be >= 1")
+            if args.command == "simulate" and (
+                args.state_dim < 1 or args.obs_dim < 1
+                or (args.num_sequences is not None and args.num_sequences < 1)
+            ):
+                raise UsageError("--state-dim, --obs-dim and --num-sequences must be >= 1")
+        return args.func(args)
+    except UsageError as err:
+        print(f"ppl-dyn {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,37 @@
-"""The README's main job, at tiny size: `ppl-dyn demo` writes its report."""
+"""The `ppl-dyn` command line: demo, simulate, fit (every model), bad inputs, staging.
+
+Fits run in-process (``cli.main``) at tiny sizes so that JAX compiles once per model;
+the demo runs as a subprocess, as a user would start it.
+"""
 
 import json
+import math
 import subprocess
 import sys
 
+import arviz as az
+import numpy as np
+import pytest
 
-def test_demo_writes_metrics_and_figure(tmp_path):
+from ppl_dyn import cli
+
+FIT_FILES = ("metrics.json", "params.npz", "idata.nc", "data.png", "fit.png", "states.png",
+             "forecast.png", "report.html")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _finite_numbers(obj):
+    """Every number in a JSON tree (None allowed only where a value is undefined)."""
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return []
+    if isinstance(obj, (int, float)):
+        return [obj]
+    if isinstance(obj, dict):
+        return [v for x in obj.values() for v in _finite_numbers(x)]
+    return [v for x in obj for v in _finite_numbers(x)]
+
+
+def test_demo_writes_metrics_figure_idata_and_report(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
         [sys.executable, "-m", "ppl_dyn.cli", "demo", "--out", str(out),
@@ -19,9 +45,15 @@ def test_demo_writes_metrics_and_figure(tmp_path):
     # EM started from a prior draw must end near (or above) the truth's likelihood
     assert metrics["log_marginal_fitted"] > metrics["log_marginals"][0]
     png = (out / "demo.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert png[:8] == PNG and len(png) > 10_000
     assert set(json.loads((out / "params.json").read_text())) >= {"A", "C", "Q", "R"}
-    assert "report:" in proc.stdout
+    with np.load(out / "params.npz") as z:
+        assert z["A"].shape == (2, 2) and z["C"].shape == (3, 2)
+    idata = az.from_netcdf(str(out / "idata.nc"))
+    assert {"posterior", "observed_data", "log_likelihood"} <= set(idata.groups())
+    assert "demo.png" in (out / "report.html").read_text()
+    assert f"report: {out / 'report.html'}" in proc.stdout
+    assert not list(tmp_path.glob(".demo.*")), "staging directories left behind"
 
 
 def test_demo_rejects_bad_arguments(tmp_path):
@@ -32,4 +64,237 @@ def test_demo_rejects_bad_arguments(tmp_path):
     )
     assert proc.returncode == 2
     assert "--num-steps" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------------------
+# simulate + fit
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    """An LDS (prior-drawn parameters, seed 3) as CSV and NPZ: T = 50, 2 outputs."""
+    d = tmp_path_factory.mktemp("sim")
+    for ext in ("csv", "npz"):
+        rc = cli.main(["simulate", "--model", "lds", "--state-dim", "2", "--obs-dim", "2",
+                       "--num-steps", "50", "--seed", "3", "--out", str(d / f"sim.{ext}")])
+        assert rc == 0
+    return d
+
+
+def test_simulate_writes_csv_and_npz_with_true_parameters(simulated):
+    header = (simulated / "sim.csv").read_text().splitlines()[0]
+    assert header == "t,y0,y1,x0,x1"
+    with np.load(simulated / "sim.npz") as z:
+        assert z["y"].shape == (50, 2) and z["x"].shape == (50, 2)
+        assert z["param_A"].shape == (2, 2) and z["param_R"].shape == (2, 2)
+        y_npz = z["y"]
+    y_csv = np.loadtxt(simulated / "sim.csv", delimiter=",", skiprows=1)[:, 1:3]
+    np.testing.assert_allclose(y_csv, y_npz)  # same seed, same draw, both formats
+
+
+def _fit(tmp_path, simulated, *extra, name="run", data="sim.csv"):
+    out = tmp_path / name
+    argv = ["fit", "--data", str(simulated / data), "--out", str(out), "--quiet",
+            "--num-iters", "4", "--forecast-steps", "5", *extra]
+    if data.endswith(".csv"):
+        argv += ["--columns", "y0,y1", "--time-column", "t"]
+    assert cli.main(argv) == 0
+    for f in FIT_FILES:
+        assert (out / f).is_file(), f
+    assert not list(tmp_path.glob(f".{name}.*")), "staging directories left behind"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert all(math.isfinite(v) for v in _finite_numbers(metrics))
+    for f in ("data.png", "fit.png", "states.png", "forecast.png"):
+        assert (out / f).read_bytes()[:8] == PNG
+    return out, metrics
+
+
+def test_fit_lds_em_improves_on_its_start_and_writes_everything(tmp_path, simulated, capsys):
+    out, m = _fit(tmp_path, simulated, "--model", "lds", "--state-dim", "2",
+                  "--num-iters", "8")
+    assert "report:" in capsys.readouterr().out
+    assert (m["model"], m["method"], m["e_step"]) == ("lds", "em", "kalman")
+    assert (m["num_steps"], m["obs_dim"], m["state_dim"]) == (50, 2, 2)
+    # EM with the exact E-step: non-decreasing, and the fit beats its starting values
+    assert m["em_monotone"] is True
+    assert m["log_marginal_final"] > m["log_marginal_initial"]
+    assert m["log_marginal_final"] >= m["log_marginals"][-1] - 1e-8
+    assert len(m["log_marginals"]) == m["em_iterations"] <= 8
+    # standardised data: the recorded mean and scale are the columns' moments
+    y = np.loadtxt(simulated / "sim.csv", delimiter=",", skiprows=1)[:, 1:3]
+    np.testing.assert_allclose(m["data_mean"], y.mean(0))
+    np.testing.assert_allclose(m["data_scale"], y.std(0))
+    assert m["standardized"] is True and all(s > 0 for s in m["data_scale"])
+    assert 0.5 <= m["posterior_predictive_coverage"] <= 1.0
+    assert (out / "em_curve.png").is_file()
+    with np.load(out / "params.npz") as z:
+        assert {k: z[k].shape for k in ("A", "C", "Q", "R")} == {
+            "A": (2, 2), "C": (2, 2), "Q": (2, 2), "R": (2, 2)}
+        assert np.all(np.linalg.eigvalsh(z["Q"]) > 0)
+    idata = az.from_netcdf(str(out / "idata.nc"))
+    assert {"posterior", "observed_data", "log_likelihood", "predictions",
+            "sample_stats"} <= set(idata.groups())
+    assert idata.predictions["y"].shape[-2:] == (5, 2)
+    ll = idata.log_likelihood["y"].values.sum()  # one-step-ahead terms sum to log p(y)
+    assert ll == pytest.approx(m["log_marginal_final"], rel=1e-8)
+
+
+@pytest.mark.parametrize("model, state_dim, e_step", [
+    ("tanh-rnn", 2, "eks"),
+    ("rbf", 1, "eks"),
+])
+def test_fit_nonlinear_models_em(tmp_path, simulated, model, state_dim, e_step):
+    out, m = _fit(tmp_path, simulated, "--model", model, "--state-dim", str(state_dim),
+                  "--num-iters", "3", data="sim.npz")
+    assert (m["model"], m["e_step"]) == (model, e_step)
+    assert m["columns"] == ["y0", "y1"]
+    assert m["log_marginal_final"] > m["log_marginal_initial"]
+    with np.load(out / "params.npz") as z:
+        if model == "rbf":  # centres and widths are saved with the weights
+            assert z["A"].shape == (1, z["centres"].shape[0] + 1)
+            assert z["widths"].shape == (z["centres"].shape[0],)
+        else:
+            assert z["A"].shape == (2, 2)
+
+
+@pytest.mark.slow
+def test_fit_tanh_rnn_particle_em(tmp_path, simulated):
+    _, m = _fit(tmp_path, simulated, "--model", "tanh-rnn", "--state-dim", "2",
+                "--e-step", "particle", "--num-particles", "50", "--num-iters", "3")
+    assert m["e_step"] == "particle"
+
+
+@pytest.mark.slow
+def test_fit_nuts_on_shipped_dataset(tmp_path):
+    out = tmp_path / "nuts"
+    rc = cli.main(["fit", "--dataset", "nile", "--model", "lds", "--method", "nuts",
+                   "--state-dim", "1", "--num-iters", "10", "--num-warmup", "40",
+                   "--num-samples", "40", "--num-chains", "2", "--forecast-steps", "5",
+                   "--out", str(out), "--quiet"])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["data"] == "dataset:nile" and m["method"] == "nuts"
+    assert m["num_divergent"] >= 0 and (out / "trace.png").is_file()
+    html = (out / "report.html").read_text()
+    assert "r_hat" in html and "divergent transitions" in html
+
+
+@pytest.mark.slow
+def test_fit_lds_sgd(tmp_path, simulated):
+    out, m = _fit(tmp_path, simulated, "--model", "lds", "--state-dim", "2", "--method",
+                  "sgd", "--num-iters", "5", "--learning-rate", "0.01", data="sim.npz")
+    assert (m["method"], m["sgd_steps"]) == ("sgd", 5)
+    assert (out / "sgd_curve.png").is_file()
+    # Adam with a small step from the factor-analysis start: the likelihood goes up
+    assert m["log_marginal_final"] > m["log_marginal_initial"]
+
+
+def test_fit_sgd_refuses_a_particle_e_step(tmp_path, simulated, capsys):
+    rc = cli.main(["fit", "--method", "sgd", "--e-step", "particle", "--model", "tanh-rnn",
+                   "--data", str(simulated / "sim.npz"), "--out", str(tmp_path / "sgd")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "particle" in err
+    assert not (tmp_path / "sgd").exists()
+
+
+# --------------------------------------------------------------------------------------
+# bad inputs: one line naming the file, exit 2, nothing written
+# --------------------------------------------------------------------------------------
+
+GOOD_ROWS = "\n".join(f"{t},{np.sin(t / 3):.4f},{np.cos(t / 5):.4f}" for t in range(30))
+
+
+T_COL = ["--time-column", "t"]
+
+
+@pytest.mark.parametrize("name, content, flags, problem", [
+    ("missing.csv", None, [], "no such file"),
+    ("cols.csv", "t,a,b\n" + GOOD_ROWS, T_COL + ["--columns", "a,zz"], "no column 'zz'"),
+    ("time.csv", "t,a,b\n" + GOOD_ROWS, ["--time-column", "time"], "no column 'time'"),
+    ("text.csv", "t,a,b\n" + GOOD_ROWS.replace("0.3272", "abc", 1), T_COL,
+     "row 3, column 'a': 'abc' is not a number"),
+    ("short.csv", "t,a,b\n" + "\n".join(GOOD_ROWS.splitlines()[:5]), T_COL, "too short"),
+    ("nan.csv", "t,a,b\n" + "\n".join(f"{t},nan,1.{t}" for t in range(30)), T_COL,
+     "column 'a' has no observed values"),
+    ("inf.csv", "t,a,b\n" + GOOD_ROWS.replace("0.3272", "inf", 1), T_COL, "infinite"),
+    ("ragged.csv", "t,a,b\n" + GOOD_ROWS + "\n99,1.0", T_COL, "fields"),
+    ("empty.csv", "", [], "empty"),
+    ("const.csv", "t,a\n" + "\n".join(f"{t},2.5" for t in range(30)), T_COL, "constant"),
+    ("data.txt", "1,2\n", [], "unknown file type"),
+    ("bad.npz", "this is not a zip archive", [], "not a readable NPZ"),
+])
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, name, content, flags,
+                                                   problem):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    out = tmp_path / "out"
+    rc = cli.main(["fit", "--data", str(path), "--out", str(out), *flags])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert str(path) in err and problem in err, err
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ([name] if content is not None else [])
+
+
+def test_bad_npz_column_and_shape(tmp_path, capsys):
+    path = tmp_path / "d.npz"
+    np.savez(path, y=np.ones((20, 2)), s=np.array(["a"] * 20), t=np.arange(19.0))
+    for flags, problem in ((["--columns", "q"], "no array 'q'"),
+                           (["--columns", "s"], "not numeric"),
+                           (["--time-column", "t"], "must be numeric of shape (20,)")):
+        rc = cli.main(["fit", "--data", str(path), "--out", str(tmp_path / "o"), *flags])
+        err = capsys.readouterr().err
+        assert rc == 2 and str(path) in err and problem in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_dir_that_is_not_a_run_is_refused(tmp_path, simulated, capsys):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    rc = cli.main(["fit", "--data", str(simulated / "sim.npz"), "--out", str(out)])
+    assert rc == 2 and "not a ppl-dyn run directory" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_failure_during_fit_leaves_nothing(tmp_path, simulated, monkeypatch, capsys):
+    def boom(args, series, units, yz, mean, scale, out):
+        (out / "metrics.json").write_text("{}")
+        raise FloatingPointError("EM diverged")
+
+    monkeypatch.setattr(cli, "_fit_into", boom)
+    out = tmp_path / "deep" / "run"
+    rc = cli.main(["fit", "--data", str(simulated / "sim.npz"), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1 and "EM diverged" in err
+    assert list(tmp_path.iterdir()) == []  # neither the run nor the parent it created
+
+
+def test_fit_replaces_an_earlier_run_only_when_complete(tmp_path, simulated, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"old": true}')
+
+    def ok(args, series, units, yz, mean, scale, d):
+        (d / "metrics.json").write_text('{"model": "lds", "new": true}')
+        return {"model": "lds"}
+
+    monkeypatch.setattr(cli, "_fit_into", ok)
+    assert cli.main(["fit", "--data", str(simulated / "sim.npz"), "--out", str(out),
+                     "--no-report"]) == 0
+    assert json.loads((out / "metrics.json").read_text()) == {"model": "lds", "new": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_report_of_a_non_run_directory_exits_2(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path) in err and "not a ppl-dyn run directory" in err
+    assert not (tmp_path / "report.html").exists()
+    assert cli.main(["report", str(tmp_path / "nope")]) == 2
+    assert "no such directory" in capsys.readouterr().err
