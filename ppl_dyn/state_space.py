@@ -256,7 +256,13 @@ def markov(
     if e_step is not None and spec.y is not None:
         return _marginal_factor(spec, e_step)
     noncentered = msg.get("noncentered", noncentered)  # ppl_dyn.handlers.noncentered
-    return _sample_latent(spec, noncentered=bool(noncentered))
+    # The state distributions' arguments are computed from earlier states: an explosive
+    # initial guess (NumPyro's uniform(-2, 2) init with T = 1000) gives inf means, which
+    # NumPyro's eager validation turns into an exception instead of the non-finite
+    # potential that makes it retry another initial point. Parameter values are checked
+    # against their supports at their own sites.
+    with validation_enabled(False):
+        return _sample_latent(spec, noncentered=bool(noncentered))
 
 
 def normalise_data(y, u, num_steps, num_sequences, obs_dim):

@@ -214,3 +214,22 @@ def test_import_does_not_enable_x64():
         capture_output=True, text=True, env=env, timeout=120, check=True,
     )
     assert out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr
+
+
+def test_explosive_parameters_give_a_non_finite_potential_not_an_exception():
+    # NumPyro retries initial points whose potential is non-finite; an exception from its
+    # eager argument validation (inf state means at T = 400 with A = 10 I) would stop NUTS
+    from numpyro.distributions.transforms import biject_to
+    from numpyro.infer.util import potential_energy
+
+    from ppl_dyn.handlers import noncentered
+
+    T = 400
+    params = {"A": 10.0 * np.eye(2), "C": np.ones((1, 2)), "Q": np.eye(2), "R": np.eye(1),
+              "b": np.zeros(2), "d": np.zeros(1), "m0": np.zeros(2), "P0": np.eye(2),
+              "x_innovations": np.ones((T, 2))}
+    pd = biject_to(dist.constraints.positive_definite)
+    z = {k: pd.inv(jnp.asarray(v)) if k in ("Q", "R", "P0") else jnp.asarray(v)
+         for k, v in params.items()}
+    pe = potential_energy(noncentered(lds), (), {"y": np.zeros((T, 1)), "state_dim": 2}, z)
+    assert not np.isfinite(float(pe))
