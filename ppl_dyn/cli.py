@@ -842,6 +842,18 @@ def _reproduce(args) -> int:
         raise UsageError("--num-seeds and --num-particles must be >= 1 and "
                          "--series-length >= 20")
     out = Path(args.out or f"reproduce-{args.name}")
+    if args.name == "comparison":
+        from ppl_dyn.reproduce import comparison
+
+        def given(flag):  # the shared flags' defaults are the other studies'
+            return any(a == flag or a.startswith(flag + "=") for a in args.argv)
+
+        default_seeds = 1 if args.small else 3
+        comparison.main(out, small=args.small,
+                        num_seeds=args.num_seeds if given("--num-seeds") else default_seeds,
+                        num_particles=args.num_particles if given("--num-particles") else None,
+                        num_iters=args.num_iters)
+        return 0
     if args.name == "ghahramani":
         from ppl_dyn.reproduce import ghahramani
 
@@ -939,8 +951,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reproduce", help="reproduce a seed paper's experiment")
     r.add_argument(
         "name",
-        choices=["unkelbach", "ghahramani"],
-        help="unkelbach: seed 000 (particle EM, tanh-RNN); ghahramani: seed 001 (EKS + RBF)",
+        choices=["unkelbach", "ghahramani", "comparison"],
+        help="unkelbach: seed 000 (particle EM, tanh-RNN); ghahramani: seed 001 (EKS + RBF); "
+             "comparison: issue 6 study (LDS/tanh-RNN/RBF by EM vs RNN/LSTM by BPTT)",
     )
     r.add_argument("--out", default=None, help="output directory (default: reproduce-NAME)")
     r.add_argument("--num-seeds", type=int, default=5, help="data seeds (median reported)")
@@ -952,9 +965,44 @@ def build_parser() -> argparse.ArgumentParser:
         "--series-length", type=int, default=2000, help="ghahramani: train + test length"
     )
     r.add_argument("--no-n10", action="store_true", help="skip the N = 10 comparison")
+    r.add_argument("--small", action="store_true",
+                   help="comparison: tiny data and few iterations, one seed (smoke test)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=_reproduce)
+
+    b = sub.add_parser(
+        "bench",
+        help="run every benchmark script (needs a source checkout and the bench extra) and "
+             "write one Markdown table of our times against the anchors",
+    )
+    b.add_argument("--quick", action="store_true", help="smoke-size runs of every script")
+    b.add_argument("--only", default=None, help="run only the scripts whose name contains this")
+    b.add_argument("--out", default=None, help="the table (default benchmarks/results.md)")
+    b.set_defaults(func=_bench)
     return p
+
+
+def _bench(args) -> int:
+    """Runs ``benchmarks/run_all.py`` of the source checkout this package was installed
+    from (editable install) or of the current directory."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent.parent
+    candidates = [here / "benchmarks" / "run_all.py", Path.cwd() / "benchmarks" / "run_all.py"]
+    script = next((c for c in candidates if c.is_file()), None)
+    if script is None:
+        raise UsageError(
+            "benchmarks/run_all.py not found: the benchmarks live in the source repository; "
+            "run this from a checkout (pip install -e '.[bench]')"
+        )
+    cmd = [sys.executable, str(script)]
+    if args.quick:
+        cmd.append("--quick")
+    if args.only:
+        cmd += ["--only", args.only]
+    if args.out:
+        cmd += ["--out", args.out]
+    return subprocess.call(cmd)
 
 
 def main(argv=None) -> int:

@@ -298,3 +298,14 @@ def test_report_of_a_non_run_directory_exits_2(tmp_path, capsys):
     assert not (tmp_path / "report.html").exists()
     assert cli.main(["report", str(tmp_path / "nope")]) == 2
     assert "no such directory" in capsys.readouterr().err
+
+
+def test_bench_dispatches_to_the_checkout_runner(capfd):
+    # an unknown script name is rejected by benchmarks/run_all.py itself (exit 2, listing
+    # the scripts): proves the subcommand found and ran the checkout's runner
+    from ppl_dyn.cli import main
+
+    rc = main(["bench", "--only", "no-such-benchmark"])
+    assert rc == 2
+    err = capfd.readouterr().err
+    assert "unknown benchmark" in err and "lds_em" in err, err
