@@ -90,22 +90,10 @@ class EM:
     def init(self, rng_key, init_params: Union[dict, "EMResult", None] = None, **kwargs) -> EMState:
         """Initial state: ``init_params`` where given, prior draws (from ``rng_key``) for
         the remaining free sites."""
-        check_rng_key(rng_key)
-        kwargs = validate_data(kwargs)
-        init_key, run_key = jax.random.split(rng_key)
-        given = dict(_params_of(init_params))
-        if given:
-            given = adapt_params(self.model, given, kwargs)
-        info = inspect_checked(self.model, given, False, rng_key=init_key, **kwargs)
-        if not info.free:
-            raise ValueError("the model has no free parameter sites: nothing to estimate")
-        self.m_step.check(info.spec.structure, info.free)
-        # strongly typed, in the dtype of the site, so the jitted step compiles once
-        params = {
-            k: jnp.asarray(given.get(k, s["value"]), dtype=jnp.result_type(s["value"]))
-            for k, s in info.free.items()
-        }
-        check_params(params, info.free)
+        params, run_key, _ = initial_params(
+            self.model, rng_key, init_params, kwargs,
+            check=lambda info: self.m_step.check(info.spec.structure, info.free),
+        )
         return EMState(params=params, iteration=0, rng_key=run_key)
 
     def update(self, state: EMState, **kwargs):
@@ -242,6 +230,31 @@ def _converged(lls, rtol, window) -> bool:
         return False
     new, old = np.mean(lls[-window:]), np.mean(lls[-2 * window : -window])
     return abs(new - old) <= rtol * abs(old)
+
+
+def initial_params(model, rng_key, init_params, kwargs, check=None):
+    """Validated starting values of the free sites (shared by :class:`EM` and ``SGD``):
+    ``init_params`` where given (adapted across the model family), prior draws from
+    ``rng_key`` for the rest. Returns ``(params, run_key, kwargs)`` with the data
+    validated; ``check(info)`` may veto the model (e.g. an M-step's requirements)."""
+    check_rng_key(rng_key)
+    kwargs = validate_data(kwargs)
+    init_key, run_key = jax.random.split(rng_key)
+    given = dict(_params_of(init_params))
+    if given:
+        given = adapt_params(model, given, kwargs)
+    info = inspect_checked(model, given, False, rng_key=init_key, **kwargs)
+    if not info.free:
+        raise ValueError("the model has no free parameter sites: nothing to estimate")
+    if check is not None:
+        check(info)
+    # strongly typed, in the dtype of the site, so a jitted step compiles once
+    params = {
+        k: jnp.asarray(given.get(k, s["value"]), dtype=jnp.result_type(s["value"]))
+        for k, s in info.free.items()
+    }
+    check_params(params, info.free)
+    return params, run_key, kwargs
 
 
 def _params_of(init):

@@ -33,10 +33,10 @@ from numpyro.distributions.transforms import biject_to
 from numpyro.infer.util import compute_log_probs, transform_fn
 from tqdm.auto import tqdm
 
-from ppl_dyn._validation import check_params, check_rng_key
+from ppl_dyn._validation import check_rng_key
 from ppl_dyn.handlers import marginalize, marginalized_e_step
-from ppl_dyn.infer._run import adapt_params, inspect_checked, split_static, validate_data
-from ppl_dyn.infer.em import EMResult, _converged, _params_of
+from ppl_dyn.infer._run import inspect_checked, split_static, validate_data
+from ppl_dyn.infer.em import EMResult, _converged, initial_params
 from ppl_dyn.infer.kalman import KalmanSmoother
 from ppl_dyn.infer.particle import ParticleSmoother
 from ppl_dyn.state_space import bind, log_marginal_name
@@ -149,20 +149,7 @@ class SGD:
     def init(self, rng_key, init_params: Union[dict, EMResult, None] = None, **kwargs) -> SGDState:
         """Initial state: ``init_params`` where given, prior draws (from ``rng_key``) for
         the remaining free sites (the same draws as :meth:`EM.init` with that key)."""
-        check_rng_key(rng_key)
-        kwargs = validate_data(kwargs)
-        init_key, run_key = jax.random.split(rng_key)
-        given = dict(_params_of(init_params))
-        if given:
-            given = adapt_params(self.model, given, kwargs)
-        info = inspect_checked(self.model, given, False, rng_key=init_key, **kwargs)
-        if not info.free:
-            raise ValueError("the model has no free parameter sites: nothing to estimate")
-        params = {
-            k: jnp.asarray(given.get(k, s["value"]), dtype=jnp.result_type(s["value"]))
-            for k, s in info.free.items()
-        }
-        check_params(params, info.free)
+        params, run_key, kwargs = initial_params(self.model, rng_key, init_params, kwargs)
         core = self._core(kwargs)
         z = transform_fn(core.transforms, params, invert=True)
         return SGDState(params, 0, run_key, z, self.optimizer.init(z))
