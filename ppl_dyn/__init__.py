@@ -6,6 +6,7 @@ The library never changes JAX's precision on import; enable float64 yourself wit
 
 from ppl_dyn import handlers, infer, mcmc, models
 from ppl_dyn.arviz_io import to_inference_data
+from ppl_dyn.infer._run import pad_sequences
 from ppl_dyn.predict import Prediction, predict, prediction_rmse
 from ppl_dyn.predictive import PredictiveBands, forecast, posterior_predictive
 from ppl_dyn.simulate import simulate
@@ -23,6 +24,7 @@ __all__ = [
     "forecast",
     "PredictiveBands",
     "simulate",
+    "pad_sequences",
     "predict",
     "prediction_rmse",
     "Prediction",

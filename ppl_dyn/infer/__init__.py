@@ -5,6 +5,8 @@ from ppl_dyn.infer.em import EM, EMResult, EMState, fit_em
 from ppl_dyn.infer.kalman import GaussianPosterior, KalmanSmoother
 from ppl_dyn.infer.mstep import GradientMStep, LinearGaussianMStep
 from ppl_dyn.infer.nested import NestedFit, factor_analysis_init, fit_nested
+from ppl_dyn.infer.online import OnlineEM, OnlineEMMonitor, OnlineEMResult
+from ppl_dyn.infer.paris import PARISPosterior, PARISSmoother
 from ppl_dyn.infer.particle import ParticlePosterior, ParticleSmoother
 from ppl_dyn.infer.sgd import SGD, SGDState, fit_sgd
 from ppl_dyn.infer.stats import InitStats, LinearStats, RegressionStats
@@ -27,6 +29,11 @@ __all__ = [
     "GradientMStep",
     "ParticleSmoother",
     "ParticlePosterior",
+    "PARISSmoother",
+    "PARISPosterior",
+    "OnlineEM",
+    "OnlineEMResult",
+    "OnlineEMMonitor",
     "LinearStats",
     "RegressionStats",
     "InitStats",

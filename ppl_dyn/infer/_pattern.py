@@ -21,18 +21,28 @@ import numpy as np
 COMPLETE = "complete"  # no NaN anywhere
 SHARED = "shared"  # every sequence has the same NaN pattern (some NaN)
 MIXED = "mixed"  # sequences differ
+# ragged lengths (a time mask with False entries) and no NaN before any sequence's end:
+# the E-steps treat it as MIXED (per-sequence passes, which use the mask); the
+# statistics as COMPLETE within the mask (no imputation terms). Code that does not know
+# this value takes its general path, which is also correct.
+RAGGED = "ragged"
 
 _HINT: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
     "ppl_dyn_missing_pattern", default=None
 )
 
 
-def data_pattern(y) -> Optional[str]:
+def data_pattern(y, time_mask=None) -> Optional[str]:
     """The pattern of concrete observations ``y`` (``(T, dy)`` or ``(S, T, dy)``), or
-    ``None`` when ``y`` is absent or traced."""
+    ``None`` when ``y`` is absent or traced. With a time mask ``(S, T)`` (ragged
+    lengths) that drops some steps: :data:`RAGGED` when no observation before a
+    sequence's end is missing, else :data:`MIXED`."""
     if y is None or isinstance(y, jax.core.Tracer):
         return None
     mask = np.isnan(np.asarray(y, dtype=float))
+    if time_mask is not None and not np.all(time_mask):
+        inside = np.asarray(time_mask, bool).reshape(mask.shape[:-1])[..., None]
+        return MIXED if np.any(mask & inside) else RAGGED
     if not mask.any():
         return COMPLETE
     if mask.ndim < 3 or np.all(mask == mask[:1]):

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from ppl_dyn.infer import _linalg as la
-from ppl_dyn.infer.kalman import GaussianPosterior, covariance_update, rts_step
+from ppl_dyn.infer.kalman import GaussianPosterior, covariance_update, masked_rts_step, rts_step
 from ppl_dyn.state_space import StateSpace, gaussian_moments
 
 
@@ -39,11 +39,19 @@ def _linearise(fn, x):
     return mean, jac, cov
 
 
-def eks_one(ss: StateSpace, y: jax.Array, u: jax.Array, lin: Optional[jax.Array] = None):
+def eks_one(
+    ss: StateSpace,
+    y: jax.Array,
+    u: jax.Array,
+    lin: Optional[jax.Array] = None,
+    time_mask: Optional[jax.Array] = None,
+):
     """Extended Kalman smoother for one sequence ``y`` ``(T, dy)``, ``u`` ``(T, du)``.
 
     ``lin`` ``(T, dx)``: linearisation points (iterated EKS); None uses the filter's
     own points (predicted means for the update, filtered means for the prediction).
+    ``time_mask`` ``(T,)``: False past the sequence's end (ragged lengths): those steps
+    add 0 to the log-marginal and the backward pass restarts at the last step inside.
     """
     dtype = jnp.result_type(y.dtype, jnp.float32)
     mask = ~jnp.isnan(y)
@@ -71,14 +79,22 @@ def eks_one(ss: StateSpace, y: jax.Array, u: jax.Array, lin: Optional[jax.Array]
 
     _, (m_p, P_p, m_f, P_f, ll, F, Q) = jax.lax.scan(step, (m0, P0), (yf, mask, u, u_next, lin))
 
+    if time_mask is None:
+        valid_next = jnp.ones(y.shape[:1], bool)[1:]
+    else:
+        ll = jnp.where(time_mask, ll, 0.0)
+        valid_next = time_mask[1:]
+
     def back(carry, inp):
-        F_t, Q_t, *rest = inp
-        return rts_step(F_t, Q_t, carry, tuple(rest))
+        F_t, Q_t, *rest, v = inp
+        if time_mask is None:
+            return rts_step(F_t, Q_t, carry, tuple(rest))
+        return masked_rts_step(F_t, Q_t, carry, tuple(rest), v)
 
     _, (m_s, P_s, cross) = jax.lax.scan(
         back,
         (m_f[-1], P_f[-1]),
-        (F[:-1], Q[:-1], m_f[:-1], P_f[:-1], m_p[1:], P_p[1:]),
+        (F[:-1], Q[:-1], m_f[:-1], P_f[:-1], m_p[1:], P_p[1:], valid_next),
         reverse=True,
     )
     means = jnp.concatenate([m_s, m_f[-1:]], 0)
@@ -86,15 +102,18 @@ def eks_one(ss: StateSpace, y: jax.Array, u: jax.Array, lin: Optional[jax.Array]
     return GaussianPosterior(means, covs, cross, m_f, P_f, ll, jnp.sum(ll))
 
 
-def ieks_one(ss: StateSpace, y, u, num_iterations: int):
+def ieks_one(ss: StateSpace, y, u, num_iterations: int, time_mask=None):
     """``num_iterations`` passes, each linearised about the previous smoothed means."""
-    post = eks_one(ss, y, u)
+    post = eks_one(ss, y, u, time_mask=time_mask)
     if num_iterations == 1:
         return post
     means = jax.lax.fori_loop(
-        0, num_iterations - 2, lambda _, m: eks_one(ss, y, u, lin=m).means, post.means
+        0,
+        num_iterations - 2,
+        lambda _, m: eks_one(ss, y, u, lin=m, time_mask=time_mask).means,
+        post.means,
     )
-    return eks_one(ss, y, u, lin=means)
+    return eks_one(ss, y, u, lin=means, time_mask=time_mask)
 
 
 class ExtendedKalmanSmoother(NamedTuple):
@@ -125,22 +144,40 @@ class ExtendedKalmanSmoother(NamedTuple):
 
     num_iterations: int = 1
 
-    def posterior(self, rng_key, ss: StateSpace, y: jax.Array, u: jax.Array):
-        """Pure E-step on normalised data ``y`` ``(S, T, dy)``, ``u`` ``(S, T, du)``."""
+    def posterior(
+        self,
+        rng_key,
+        ss: StateSpace,
+        y: jax.Array,
+        u: jax.Array,
+        time_mask: Optional[jax.Array] = None,
+    ):
+        """Pure E-step on normalised data ``y`` ``(S, T, dy)``, ``u`` ``(S, T, du)``;
+        ``time_mask`` ``(S, T)`` is False past each sequence's end (ragged lengths)."""
         del rng_key  # deterministic
         n = int(self.num_iterations)
         if n < 1:
             raise ValueError(f"num_iterations must be >= 1; got {self.num_iterations}")
-        return jax.vmap(lambda y_s, u_s: ieks_one(ss, y_s, u_s, n))(y, u)
+        if time_mask is None:
+            return jax.vmap(lambda y_s, u_s: ieks_one(ss, y_s, u_s, n))(y, u)
+        return jax.vmap(lambda y_s, u_s, w_s: ieks_one(ss, y_s, u_s, n, w_s))(y, u, time_mask)
 
     def smooth(
-        self, params: dict, model, *args, rng_key: Optional[jax.Array] = None, **kwargs
+        self,
+        params: dict,
+        model,
+        *args,
+        rng_key: Optional[jax.Array] = None,
+        lengths=None,
+        **kwargs,
     ) -> GaussianPosterior:
         """Smoothed (approximate) posterior of the states of ``model`` at ``params``.
 
         Validates eagerly, then runs jitted (compiled once per model and static
-        arguments). A leading sequence axis is kept when ``y`` has one.
+        arguments). A leading sequence axis is kept when ``y`` has one. Ragged
+        sequences: lists of arrays or ``lengths=``, as in
+        :meth:`KalmanSmoother.smooth`.
         """
         from ppl_dyn.infer._run import smooth_eager
 
-        return smooth_eager(self, params, model, args, kwargs, rng_key)
+        return smooth_eager(self, params, model, args, kwargs, rng_key, lengths)

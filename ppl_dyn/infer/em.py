@@ -14,9 +14,13 @@ from tqdm.auto import tqdm
 from ppl_dyn._validation import check_params, check_rng_key
 from ppl_dyn.infer._pattern import assume_pattern, data_pattern
 from ppl_dyn.infer._run import (
+    accepts_keyword,
     adapt_params,
     hashable_items,
     inspect_checked,
+    pad_to_multiple,
+    posterior_with_mask,
+    ragged_data,
     split_static,
     validate_data,
 )
@@ -87,20 +91,36 @@ class EM:
         self.m_step = LinearGaussianMStep() if m_step is None else m_step
 
     # -- SVI-shaped API ----------------------------------------------------------------
-    def init(self, rng_key, init_params: Union[dict, "EMResult", None] = None, **kwargs) -> EMState:
+    def init(
+        self,
+        rng_key,
+        init_params: Union[dict, "EMResult", None] = None,
+        *,
+        lengths=None,
+        **kwargs,
+    ) -> EMState:
         """Initial state: ``init_params`` where given, prior draws (from ``rng_key``) for
-        the remaining free sites."""
+        the remaining free sites. ``lengths`` and list-valued ``y``/``u`` as in
+        :meth:`run`."""
+        kwargs, _ = ragged_data(kwargs, lengths)
         params, run_key, _ = initial_params(
-            self.model, rng_key, init_params, kwargs,
+            self.model,
+            rng_key,
+            init_params,
+            kwargs,
             check=lambda info: self.m_step.check(info.spec.structure, info.free),
         )
         return EMState(params=params, iteration=0, rng_key=run_key)
 
-    def update(self, state: EMState, **kwargs):
-        """One EM iteration: returns ``(new_state, log_marginal_of_old_params)``."""
-        step, dynamic = self._compiled(kwargs)
+    def update(self, state: EMState, *, lengths=None, **kwargs):
+        """One EM iteration: returns ``(new_state, log_marginal_of_old_params)``.
+
+        ``lengths`` and list-valued ``y``/``u`` as in :meth:`run`; the time mask is a
+        traced argument, so new lengths (same padded shape) do not recompile."""
+        kwargs, time_mask = ragged_data(kwargs, lengths)
+        step, dynamic = self._compiled(kwargs, time_mask=time_mask)
         key, sub = jax.random.split(state.rng_key)
-        new_params, ll, _, _ = step(state.params, dynamic, sub)
+        new_params, ll, _, _ = step(state.params, dynamic, sub, *_mask_arg(time_mask))
         return EMState(new_params, state.iteration + 1, key), ll
 
     def run(
@@ -114,6 +134,8 @@ class EM:
         smoothing_window: Optional[int] = None,
         e_step_schedule: Optional[Callable[[int], object]] = None,
         progress_bar: bool = True,
+        lengths=None,
+        mesh=None,
         **kwargs,
     ) -> EMResult:
         """Run up to ``num_iters`` iterations.
@@ -133,6 +155,16 @@ class EM:
             e_step_schedule: ``iteration -> E-step`` (e.g. a growing particle count);
                 overrides ``e_step`` per iteration (each distinct E-step compiles once).
             progress_bar: show a tqdm progress bar.
+            lengths: sequences of different lengths, as padded ``y`` ``(S, T, dy)`` (and
+                ``u``) with ``lengths`` ``(S,)`` integers in ``[1, T]``. Alternatively
+                pass ``y`` (and ``u``) as lists of arrays ``(L_s, dim)``. The steps past
+                a sequence's end are dropped from the statistics exactly (a missing
+                final observation, NaN without ``lengths``, is a real time step and is
+                kept). See ``docs/scale.md``.
+            mesh: a ``jax.sharding.Mesh``: shard the sequence axis over all its devices
+                (sequences padded with length-0 ones to a multiple of the device
+                count; they add nothing). Parameters are replicated; the pooled
+                statistics become a cross-device sum.
             **kwargs: the model's arguments (``y=...``, ``state_dim=...``, ...).
 
         Raises:
@@ -147,20 +179,31 @@ class EM:
             if init_params is not None:
                 raise ValueError("pass init_params or init, not both")
             init_params = init
+        kwargs, time_mask = ragged_data(kwargs, lengths)
         kwargs = validate_data(kwargs)
         state = self.init(rng_key, init_params=init_params, **kwargs)
-        step, dynamic = self._compiled(kwargs)
+        if mesh is not None:
+            if not isinstance(mesh, jax.sharding.Mesh):
+                raise ValueError(f"mesh must be a jax.sharding.Mesh; got {type(mesh).__name__}")
+            kwargs, time_mask = pad_to_multiple(kwargs, time_mask, mesh.devices.size)
+            if np.all(time_mask):
+                time_mask = None  # nothing padded and no lengths
+        step, dynamic = self._compiled(kwargs, time_mask=time_mask)
+        mask_arg = _mask_arg(time_mask)
+        if mesh is not None:
+            params, dynamic, mask_arg = shard_sequences(mesh, state.params, dynamic, mask_arg)
+        else:
+            params = state.params
         lls: list[float] = []
         floor_counts: dict = {}
         converged = False
         bar = tqdm(range(num_iters), disable=not progress_bar, desc="EM", leave=False)
         key = state.rng_key
-        params = state.params
         for it in bar:
             key, sub = jax.random.split(key)
             if e_step_schedule is not None:
-                step, dynamic = self._compiled(kwargs, e_step_schedule(it))
-            new_params, ll, floors, finite = step(params, dynamic, sub)
+                step, _ = self._compiled(kwargs, e_step_schedule(it), time_mask)
+            new_params, ll, floors, finite = step(params, dynamic, sub, *mask_arg)
             ll = float(ll)
             finite = {k: bool(v) for k, v in finite.items()}
             if not np.isfinite(ll):
@@ -190,6 +233,7 @@ class EM:
                 RuntimeWarning,
                 stacklevel=2,
             )
+        params = jax.device_get(params) if mesh is not None else params
         final = EMState(params, state.iteration + len(lls), key)
         all_params = self._all_params(params, kwargs)
         return EMResult(
@@ -207,11 +251,17 @@ class EM:
         )
 
     # -- internals ---------------------------------------------------------------------
-    def _compiled(self, kwargs, e_step=None):
+    def _compiled(self, kwargs, e_step=None, time_mask=None):
         e_step = self.e_step if e_step is None else e_step
+        if time_mask is not None and not accepts_keyword(self.m_step.statistics, "time_mask"):
+            raise ValueError(
+                f"ragged lengths (lengths=, lists of sequences, or a mesh that pads the "
+                f"sequences) need an M-step whose statistics() takes time_mask; "
+                f"{type(self.m_step).__name__}.statistics does not"
+            )
         dynamic, static = split_static(kwargs)
         items = hashable_items(static)
-        pattern = data_pattern(dynamic.get("y"))
+        pattern = data_pattern(dynamic.get("y"), time_mask)
         if items is None:
             fn = _make_step(self.model, e_step, self.m_step, tuple(static.items()), pattern)
         else:
@@ -271,13 +321,18 @@ def _make_step(model, e_step, m_step, static_items, pattern=None):
     static = dict(static_items)
 
     @assume_pattern(pattern)  # traced knowing the data's NaN pattern (one path compiles)
-    def step(params, dynamic, rng_key):
+    def step(params, dynamic, rng_key, time_mask=None):
+        # time_mask (S, T), ragged lengths: a traced argument (new lengths, same shapes:
+        # no recompilation); None compiles the step without it
         kwargs = {**static, **dynamic}
         ss, spec = bind(model, params, **kwargs)
         k_e, k_m = jax.random.split(rng_key)
-        post = e_step.posterior(k_e, ss, spec.y, spec.u)
+        post = posterior_with_mask(e_step, k_e, ss, spec.y, spec.u, time_mask)
         ll = jnp.sum(post.log_marginal)
-        stats = m_step.statistics(post, ss, spec.y, spec.u)
+        if time_mask is None:
+            stats = m_step.statistics(post, ss, spec.y, spec.u)
+        else:
+            stats = m_step.statistics(post, ss, spec.y, spec.u, time_mask=time_mask)
         new, floors = m_step.update(
             stats, ss, frozenset(params), rng_key=k_m, model=model, model_kwargs=kwargs
         )
@@ -291,6 +346,33 @@ def _make_step(model, e_step, m_step, static_items, pattern=None):
 @functools.lru_cache(maxsize=128)
 def _cached_step(model, e_step, m_step, static_items, pattern=None):
     return _make_step(model, e_step, m_step, static_items, pattern)
+
+
+def _mask_arg(time_mask) -> tuple:
+    return () if time_mask is None else (time_mask,)
+
+
+def shard_sequences(mesh, params: dict, dynamic: dict, mask_arg: tuple):
+    """Place the data on ``mesh``: ``y``, a per-sequence ``u`` and the time mask split
+    along their leading sequence axis over all the mesh's devices; parameters and any
+    other array replicated. The caller pads the sequence count to a multiple of
+    ``mesh.devices.size``."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh must be a jax.sharding.Mesh; got {type(mesh).__name__}")
+    axes = tuple(mesh.axis_names)  # the sequence axis spans every mesh axis
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def split(a):
+        spec = PartitionSpec(axes, *([None] * (np.ndim(a) - 1)))
+        return jax.device_put(a, NamedSharding(mesh, spec))
+
+    dynamic = {
+        k: split(v) if k in ("y", "u") and np.ndim(v) == 3 else jax.device_put(v, replicated)
+        for k, v in dynamic.items()
+    }
+    return jax.device_put(params, replicated), dynamic, tuple(split(m) for m in mask_arg)
 
 
 def fit_em(model: Callable, e_step, rng_key, num_iters: int, *, m_step=None, **kwargs) -> EMResult:

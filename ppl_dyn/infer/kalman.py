@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from ppl_dyn.infer import _linalg as la
-from ppl_dyn.infer._pattern import COMPLETE, MIXED, SHARED, pattern_hint
+from ppl_dyn.infer._pattern import COMPLETE, MIXED, RAGGED, SHARED, pattern_hint
 from ppl_dyn.state_space import StateSpace, mask_covariance
 
 _LOG2PI = 1.8378770664093453
@@ -209,32 +209,62 @@ def rts_step(F, Q, carry, inp):
     return (m_s, P_s), (m_s, P_s, cross)
 
 
-def rts_smoother(view: LinearGaussianView, m_p, P_p, m_f, P_f):
-    """Backward pass with lag-one cross-covariances ``Cov[x_{t+1}, x_t | y]``."""
+def masked_rts_step(F, Q, carry, inp, valid_next):
+    """:func:`rts_step`, restarted where step ``t+1`` lies past the sequence's end
+    (``valid_next`` False): there the smoothed moments at ``t`` are the filtered ones and
+    the cross-covariance is 0, whatever the padded steps hold (even inf or NaN)."""
+    (m_s, P_s), (_, _, cross) = rts_step(F, Q, carry, inp)
+    m_s = jnp.where(valid_next, m_s, inp[0])
+    P_s = jnp.where(valid_next, P_s, inp[1])
+    cross = jnp.where(valid_next, cross, 0.0)
+    return (m_s, P_s), (m_s, P_s, cross)
 
-    def step(carry, inp):
-        return rts_step(view.F, view.Q, carry, inp)
+
+def rts_smoother(view: LinearGaussianView, m_p, P_p, m_f, P_f, time_mask=None):
+    """Backward pass with lag-one cross-covariances ``Cov[x_{t+1}, x_t | y]``.
+
+    ``time_mask`` ``(T,)``: False past the sequence's end (ragged lengths); the pass then
+    starts at the last step inside (see :func:`masked_rts_step`)."""
+    inputs = (m_f[:-1], P_f[:-1], m_p[1:], P_p[1:])
+    if time_mask is None:
+
+        def step(carry, inp):
+            return rts_step(view.F, view.Q, carry, inp)
+
+    else:
+        inputs = inputs + (time_mask[1:],)
+
+        def step(carry, inp):
+            return masked_rts_step(view.F, view.Q, carry, inp[:-1], inp[-1])
 
     last = (m_f[-1], P_f[-1])
-    _, (m_s, P_s, cross) = jax.lax.scan(
-        step, last, (m_f[:-1], P_f[:-1], m_p[1:], P_p[1:]), reverse=True
-    )
+    _, (m_s, P_s, cross) = jax.lax.scan(step, last, inputs, reverse=True)
     means = jnp.concatenate([m_s, m_f[-1:]], 0)
     covs = jnp.concatenate([P_s, P_f[-1:]], 0)
     return means, covs, cross
 
 
-def kalman_smooth_view(view: LinearGaussianView, y: jax.Array) -> GaussianPosterior:
-    """Filter + RTS for one sequence ``y`` ``(T, dy)`` (NaN = missing)."""
+def kalman_smooth_view(
+    view: LinearGaussianView, y: jax.Array, time_mask: Optional[jax.Array] = None
+) -> GaussianPosterior:
+    """Filter + RTS for one sequence ``y`` ``(T, dy)`` (NaN = missing).
+
+    ``time_mask`` ``(T,)`` (ragged lengths): steps where it is False lie past the
+    sequence's end (``y`` NaN there); they add exactly 0 to the log-marginal, the
+    smoother restarts at the last step inside, and the moments returned past the end are
+    the filter's predictions."""
     m_p, P_p, m_f, P_f, ll = kalman_filter(view, y)
-    means, covs, cross = rts_smoother(view, m_p, P_p, m_f, P_f)
+    if time_mask is not None:
+        ll = jnp.where(time_mask, ll, 0.0)
+    means, covs, cross = rts_smoother(view, m_p, P_p, m_f, P_f, time_mask)
     return GaussianPosterior(means, covs, cross, m_f, P_f, ll, jnp.sum(ll))
 
 
-def _covariance_pass(view: LinearGaussianView, mask: jax.Array):
+def _covariance_pass(view: LinearGaussianView, mask: jax.Array, valid=None):
     """The data-independent half of the filter and smoother for one missing-data pattern
     ``mask`` ``(T, dy)``: gains, innovation factors and smoothed covariances. Shared by
-    every sequence with that pattern (the means are a separate, linear pass)."""
+    every sequence with that pattern (the means are a separate, linear pass). ``valid``
+    ``(T,)``: False past the sequence's end (the smoother restarts there; ``J = 0``)."""
     eye = jnp.eye(view.F.shape[0], dtype=view.F.dtype)
     F, FT, Q = view.F, view.F.T, view.Q
 
@@ -251,11 +281,15 @@ def _covariance_pass(view: LinearGaussianView, mask: jax.Array):
 
     _, (P_p, P_f, K, Linv, logdet) = jax.lax.scan(fstep, view.P0, mask)
 
-    def bstep(P_s_next, inp):
-        J, P_s, cross = rts_covariance(F, Q, P_s_next, *inp)
-        return P_s, (P_s, cross, J)
+    valid = jnp.ones(mask.shape[:1], bool) if valid is None else valid
 
-    _, (P_s, cross, J) = jax.lax.scan(bstep, P_f[-1], (P_f[:-1], P_p[1:]), reverse=True)
+    def bstep(P_s_next, inp):
+        P_f_t, P_p_next, v = inp
+        J, P_s, cross = rts_covariance(F, Q, P_s_next, P_f_t, P_p_next)
+        P_s = jnp.where(v, P_s, P_f_t)
+        return P_s, (P_s, jnp.where(v, cross, 0.0), jnp.where(v, J, 0.0))
+
+    _, (P_s, cross, J) = jax.lax.scan(bstep, P_f[-1], (P_f[:-1], P_p[1:], valid[1:]), reverse=True)
     covs = jnp.concatenate([P_s, P_f[-1:]], 0)
     return P_f, K, Linv, logdet, J, covs, cross
 
@@ -299,6 +333,65 @@ def kalman_smooth_shared(view: LinearGaussianView, c, e, y: jax.Array) -> Gaussi
     return GaussianPosterior(tm(means), bc(covs), bc(cross), tm(m_f), bc(P_f), ll, jnp.sum(ll, -1))
 
 
+def _ragged_pays(y, dx: int) -> bool:
+    """Whether one covariance pass per possible length (``T + 1`` passes, kept in memory)
+    is cheaper than one per sequence: at least 4 sequences per length, and the per-length
+    gains under ``2**25`` numbers (static shapes: decided at trace time)."""
+    S, T, dy = y.shape
+    return 4 * (T + 1) <= S and (T + 1) * T * dx * (dx + dy) <= 2**25
+
+
+def kalman_smooth_ragged(view: LinearGaussianView, c, e, y, time_mask) -> GaussianPosterior:
+    """Filter + RTS for ``S`` sequences of different lengths, each fully observed up to
+    its end (``y`` ``(S, T, dy)`` NaN past it, ``time_mask`` ``(S, T)``; the ``"ragged"``
+    pattern). The covariances depend on the length only: one covariance pass per
+    possible length ``0..T`` (``(T + 1) T`` steps instead of ``S T``), then the means of
+    all sequences together, each with the gains of its length."""
+    S, T, dy = y.shape
+    lengths = jnp.sum(time_mask, -1).astype(jnp.int32)  # (S,)
+    valid = jnp.arange(T)[None, :] < jnp.arange(T + 1)[:, None]  # (T + 1, T): by length
+    masks = jnp.broadcast_to(valid[..., None], (T + 1, T, dy))
+    P_f, K, Linv, logdet, J, covs, cross = jax.vmap(lambda m, v: _covariance_pass(view, m, v))(
+        masks, valid
+    )
+    F, H = view.F, view.H
+    dtype = F.dtype
+    n_obs = jnp.sum(masks, -1).astype(dtype)  # (T + 1, T)
+    mask = ~jnp.isnan(y)
+    yf = jnp.where(mask, y, 0.0)
+    tm = lambda a: jnp.swapaxes(a, 0, 1)  # noqa: E731  (S or T+1, T, .) -> (T, ., .)
+    c_next = jnp.concatenate([c[:, 1:], jnp.zeros_like(c[:, :1])], 1)
+
+    def fstep(m_pred, inp):
+        y_t, mask_t, v_t, e_t, cn_t, K_t, Li_t, ld_t, n_t = inp
+        K_s, Li_s = K_t[lengths], Li_t[lengths]  # the gains of each sequence's length
+        r = jnp.where(mask_t, y_t - m_pred @ H.T - e_t, 0.0)  # (S, dy)
+        m_f = m_pred + jnp.einsum("sij,sj->si", K_s, r)
+        z = jnp.einsum("sij,sj->si", Li_s, r)
+        ll = -0.5 * (jnp.sum(z * z, -1) + ld_t[lengths] + n_t[lengths] * _LOG2PI)
+        return m_f @ F.T + cn_t, (m_pred, m_f, jnp.where(v_t, ll, 0.0))
+
+    m0 = jnp.broadcast_to(view.m0, (S, view.m0.shape[0]))
+    inputs = (tm(yf), tm(mask), tm(time_mask), tm(e), tm(c_next), tm(K), tm(Linv))
+    _, (m_p, m_f, ll) = jax.lax.scan(fstep, m0, inputs + (tm(logdet), tm(n_obs)))
+
+    def bstep(m_s_next, inp):
+        m_f_t, m_p_next, J_t, v_next = inp
+        m_s = m_f_t + jnp.einsum("sij,sj->si", J_t[lengths], m_s_next - m_p_next)
+        m_s = jnp.where(v_next[:, None], m_s, m_f_t)  # restart at each end
+        return m_s, m_s
+
+    _, m_s = jax.lax.scan(
+        bstep, m_f[-1], (m_f[:-1], m_p[1:], tm(J), tm(time_mask)[1:]), reverse=True
+    )
+    means = jnp.concatenate([m_s, m_f[-1:]], 0)
+    ll = tm(ll)
+    gather = lambda a: a[lengths]  # noqa: E731
+    return GaussianPosterior(
+        tm(means), gather(covs), gather(cross), tm(m_f), gather(P_f), ll, jnp.sum(ll, -1)
+    )
+
+
 class KalmanSmoother(NamedTuple):
     """Exact E-step for linear-Gaussian models: Kalman filter + RTS smoother.
 
@@ -313,13 +406,34 @@ class KalmanSmoother(NamedTuple):
         (20, 2)
     """
 
-    def posterior(self, rng_key, ss: StateSpace, y: jax.Array, u: jax.Array):
-        """Pure E-step on normalised data ``y`` ``(S, T, dy)``, ``u`` ``(S, T, du)``."""
+    def posterior(
+        self,
+        rng_key,
+        ss: StateSpace,
+        y: jax.Array,
+        u: jax.Array,
+        time_mask: Optional[jax.Array] = None,
+    ):
+        """Pure E-step on normalised data ``y`` ``(S, T, dy)``, ``u`` ``(S, T, du)``.
+
+        ``time_mask`` ``(S, T)``: False past each sequence's end (ragged lengths; ``y``
+        is NaN there). NaN padding alone already leaves the posterior of the observed
+        span and the log-marginal unchanged; the mask makes that hold however the padded
+        steps behave numerically (see :func:`kalman_smooth_view`)."""
         del rng_key  # exact: no randomness
 
-        def one(y_s, u_s):
-            return kalman_smooth_view(linear_gaussian_view(ss, u_s), y_s)
+        def one(y_s, u_s, mask_s=None):
+            return kalman_smooth_view(linear_gaussian_view(ss, u_s), y_s, mask_s)
 
+        hint = pattern_hint()
+        if time_mask is not None and hint == RAGGED and _ragged_pays(y, ss.state_dim):
+            # complete up to each end: covariances depend on the length only
+            views = jax.vmap(lambda u_s: linear_gaussian_view(ss, u_s))(u)
+            view0 = jax.tree_util.tree_map(lambda a: a[0], views)
+            return kalman_smooth_ragged(view0, views.c, views.e, y, time_mask)
+        if time_mask is not None and hint not in (COMPLETE, SHARED):
+            # (COMPLETE / SHARED with a mask: the hint says that the mask is all True)
+            return jax.vmap(one)(y, u, time_mask)
         if y.shape[0] == 1:
             return jax.vmap(one)(y, u)
         views = jax.vmap(lambda u_s: linear_gaussian_view(ss, u_s))(u)
@@ -330,24 +444,34 @@ class KalmanSmoother(NamedTuple):
 
         # sequences with the same missing-data pattern share every covariance; the
         # pattern is known at trace time under EM / smooth (only one path compiles)
-        hint = pattern_hint()
         if hint in (COMPLETE, SHARED):
             return shared()
-        if hint == MIXED:
+        if hint in (MIXED, RAGGED):
             return jax.vmap(one)(y, u)
         mask = jnp.isnan(y)
         same = jnp.all(mask == mask[:1])
         return jax.lax.cond(same, shared, lambda: jax.vmap(one)(y, u))
 
     def smooth(
-        self, params: dict, model, *args, rng_key: Optional[jax.Array] = None, **kwargs
+        self,
+        params: dict,
+        model,
+        *args,
+        rng_key: Optional[jax.Array] = None,
+        lengths=None,
+        **kwargs,
     ) -> GaussianPosterior:
         """Smoothed posterior of the states of ``model`` at ``params``.
 
         Validates the data and parameters eagerly (clear ``ValueError``), then runs the
         jitted filter and smoother. Shapes follow ``y``: a leading sequence axis is kept
         when ``y`` has one.
+
+        Sequences of different lengths: pass ``y`` (and ``u``) as lists of arrays, or
+        padded arrays ``(S, T, dim)`` with ``lengths=`` ``(S,)``. The posterior is then
+        padded to the longest sequence; past a sequence's end it holds the filter's
+        predictions and ``predicted_log_probs`` is 0.
         """
         from ppl_dyn.infer._run import smooth_eager
 
-        return smooth_eager(self, params, model, args, kwargs, rng_key)
+        return smooth_eager(self, params, model, args, kwargs, rng_key, lengths)

@@ -198,16 +198,28 @@ class LinearGaussianMStep(NamedTuple):
                 "condition them (numpyro.handlers.condition) or use GradientMStep"
             )
 
-    def statistics(self, posterior, ss, y, u) -> LinearStats:
-        """Expected sufficient statistics from any supported posterior type."""
+    def statistics(self, posterior, ss, y, u, time_mask=None) -> LinearStats:
+        """Expected sufficient statistics from any supported posterior type.
+
+        ``time_mask`` ``(S, T)``: False past each sequence's end (ragged lengths); those
+        steps contribute nothing."""
         from ppl_dyn.infer.kalman import GaussianPosterior
+        from ppl_dyn.infer.paris import PARISPosterior, paris_linear_statistics
         from ppl_dyn.infer.particle import ParticlePosterior, particle_linear_statistics
         from ppl_dyn.infer.stats import gaussian_linear_statistics
 
         if isinstance(posterior, GaussianPosterior):
-            return gaussian_linear_statistics(posterior, ss, y, u)
+            return gaussian_linear_statistics(posterior, ss, y, u, time_mask)
         if isinstance(posterior, ParticlePosterior):
-            return particle_linear_statistics(posterior, ss, y, u)
+            return particle_linear_statistics(posterior, ss, y, u, time_mask)
+        if isinstance(posterior, PARISPosterior):  # accumulated in the forward pass
+            if time_mask is not None:
+                raise ValueError(
+                    "ragged lengths (lengths=, lists of sequences, or a mesh that pads the "
+                    "sequences) are not supported with the PaRIS E-step: its statistics "
+                    "are accumulated in the forward pass without a time mask"
+                )
+            return paris_linear_statistics(posterior)
         raise TypeError(
             f"LinearGaussianMStep cannot use a {type(posterior).__name__}; "
             "see the E-step/M-step table in docs/index.md"
@@ -264,7 +276,7 @@ class GradientMStep(NamedTuple):
     def check(self, structure, free_names) -> None:
         del structure, free_names  # any model written by the convention
 
-    def statistics(self, posterior, ss, y, u):
+    def statistics(self, posterior, ss, y, u, time_mask=None):
         from ppl_dyn.infer.particle import ParticlePosterior
 
         if not isinstance(posterior, ParticlePosterior) or posterior.trajectories is None:
@@ -272,7 +284,9 @@ class GradientMStep(NamedTuple):
                 "GradientMStep needs sampled trajectories: use "
                 "ParticleSmoother(mode='ffbsi', num_trajectories=M)"
             )
-        return (posterior.trajectories, y, u)  # (S, M, T, dx), (S, T, dy), (S, T, du)
+        if time_mask is None:  # (S, M, T, dx), (S, T, dy), (S, T, du)
+            return (posterior.trajectories, y, u)
+        return (posterior.trajectories, y, u, time_mask)  # ragged lengths: (S, T) mask
 
     def update(self, stats, ss, free, *, rng_key=None, model=None, model_kwargs=None):
         import optax
@@ -282,7 +296,8 @@ class GradientMStep(NamedTuple):
 
         if model is None:
             raise ValueError("GradientMStep needs the model (EM passes it)")
-        traj, y, u = stats
+        traj, y, u, *mask = stats
+        time_mask = mask[0] if mask else None
         info = inspect_model(model, **model_kwargs)
         bijections = {k: biject_to(info.free[k]["fn"].support) for k in free}
         params = ss.params
@@ -292,7 +307,7 @@ class GradientMStep(NamedTuple):
         def neg_q(z):
             theta = {k: bijections[k](v) for k, v in z.items()}
             ss_t, _ = bind(model, theta, **model_kwargs)
-            return -scale * complete_data_log_lik(ss_t, traj, y, u)
+            return -scale * complete_data_log_lik(ss_t, traj, y, u, time_mask)
 
         opt = optax.adam(self.learning_rate)
 
@@ -306,19 +321,25 @@ class GradientMStep(NamedTuple):
         return {k: bijections[k](v) for k, v in z.items()}, {}
 
 
-def complete_data_log_lik(ss, traj, y, u):
-    """``sum_{s,m} log p(x^{s,m}, y^s)`` for trajectories ``(S, M, T, dx)``."""
+def complete_data_log_lik(ss, traj, y, u, time_mask=None):
+    """``sum_{s,m} log p(x^{s,m}, y^s)`` for trajectories ``(S, M, T, dx)``; with a
+    ``time_mask`` ``(S, T)`` (ragged lengths) only the steps inside each sequence."""
     from ppl_dyn.infer.particle import emission_log_lik
 
-    def one_seq(X, y_s, u_s):  # X: (M, T, dx)
+    if time_mask is None:
+        time_mask = jnp.ones(y.shape[:2], bool)
+
+    def one_seq(X, y_s, u_s, valid):  # X: (M, T, dx)
         mask = ~jnp.isnan(y_s)
-        lp0 = jnp.sum(ss.init.log_prob(X[:, 0]))
+        lp0 = jnp.where(valid[0], jnp.sum(ss.init.log_prob(X[:, 0])), 0.0)
         trans = jax.vmap(lambda xp, xn, ut: ss.transition(xp, ut).log_prob(xn), (1, 1, 0))(
             X[:, :-1], X[:, 1:], u_s[1:]
         )
         emis = jax.vmap(lambda x, ut, yt, mt: emission_log_lik(ss, x, ut, yt, mt), (1, 0, 0, 0))(
             X, u_s, y_s, mask
         )
+        trans = jnp.where(valid[1:, None], trans, 0.0)
+        emis = jnp.where(valid[:, None], emis, 0.0)
         return lp0 + jnp.sum(trans) + jnp.sum(emis)
 
-    return jnp.sum(jax.vmap(one_seq)(traj, y, u))
+    return jnp.sum(jax.vmap(one_seq)(traj, y, u, time_mask))

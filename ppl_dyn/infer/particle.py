@@ -27,7 +27,8 @@ from blackjax.smc import resampling as bj_resampling
 from jax.scipy.special import logsumexp
 
 from ppl_dyn.infer import _linalg as la
-from ppl_dyn.infer.stats import InitStats, LinearStats, RegressionStats, sum_stats
+from ppl_dyn.infer.backward import DEFAULT_MAX_TRIALS, ffbsi_hybrid, ffbsi_mcmc, path_statistics
+from ppl_dyn.infer.stats import InitStats, LinearStats, RegressionStats, keep, sum_stats
 from ppl_dyn.state_space import (
     StateSpace,
     mask_covariance,
@@ -223,10 +224,19 @@ def _chunks(n: int, chunk_size: Optional[int]):
     return size, num
 
 
-def ffbsm(ss: StateSpace, filt: FilterOutput, u, feature, chunk_size: Optional[int] = None):
+def ffbsm(
+    ss: StateSpace,
+    filt: FilterOutput,
+    u,
+    feature,
+    chunk_size: Optional[int] = None,
+    time_mask=None,
+):
     """Marginal smoothing log-weights and the pair moments, in one reverse scan.
 
-    ``feature`` maps states ``(N, dx)`` to dynamics features ``(N, k)``.
+    ``feature`` maps states ``(N, dx)`` to dynamics features ``(N, k)``. ``time_mask``
+    ``(T,)``: False past the sequence's end (ragged lengths); the backward pass restarts
+    at the last step inside (smoothed = filter weights there, pair moments 0 past it).
     """
     X, LW = filt.particles, filt.log_weights
     T, N, dx = X.shape
@@ -236,7 +246,7 @@ def ffbsm(ss: StateSpace, filt: FilterOutput, u, feature, chunk_size: Optional[i
     gaussian = ss.structure is not None  # additive Gaussian noise, state-independent Q
 
     def back(log_v_next, inp):
-        x_t, lw_t, x_next, u_next = inp
+        x_t, lw_t, x_next, u_next, valid_next = inp
         phi_t = feature(x_t)  # (N, k)
         xn = jnp.concatenate([x_next, jnp.zeros((pad, dx), x_next.dtype)], 0)
         lvn = jnp.concatenate([log_v_next, jnp.full((pad,), -jnp.inf, log_v_next.dtype)])
@@ -274,9 +284,15 @@ def ffbsm(ss: StateSpace, filt: FilterOutput, u, feature, chunk_size: Optional[i
         if gaussian:
             pair = la.mm(L, pair)  # back from whitened x_{t+1}
         log_v = jnp.log(colsum)
+        # x_{t+1} past the sequence's end (ragged lengths): restart from the filter
+        log_v = jnp.where(valid_next, log_v, lw_t)
+        pair = jnp.where(valid_next, pair, 0.0)
         return log_v, (log_v, pair)
 
-    _, (log_v, pair) = jax.lax.scan(back, LW[-1], (X[:-1], LW[:-1], X[1:], u[1:]), reverse=True)
+    valid = jnp.ones((T,), bool) if time_mask is None else time_mask
+    _, (log_v, pair) = jax.lax.scan(
+        back, LW[-1], (X[:-1], LW[:-1], X[1:], u[1:], valid[1:]), reverse=True
+    )
     log_v = jnp.concatenate([log_v, LW[-1:]], 0)
     return log_v, pair
 
@@ -290,20 +306,25 @@ def _sample_rows(key, logits):
     return jnp.minimum(idx, logits.shape[-1] - 1).astype(jnp.int32)
 
 
-def ffbsi(rng_key, ss: StateSpace, filt: FilterOutput, u, num_trajectories: int):
-    """Backward simulation: ``M`` exact draws of whole trajectories, O(N M) per step."""
+def ffbsi(rng_key, ss: StateSpace, filt: FilterOutput, u, num_trajectories: int, time_mask=None):
+    """Backward simulation: ``M`` exact draws of whole trajectories, O(N M) per step.
+
+    ``time_mask`` ``(T,)``: False past the sequence's end (ragged lengths); at the last
+    step inside, the draw is from the filter weights alone."""
     X, LW = filt.particles, filt.log_weights
     T = X.shape[0]
     keys = jax.random.split(rng_key, T)
     J_T = _sample_rows(keys[-1], jnp.broadcast_to(LW[-1], (num_trajectories, LW.shape[-1])))
+    valid = jnp.ones((T,), bool) if time_mask is None else time_mask
 
     def back(J_next, inp):
-        key, x_t, lw_t, x_next, u_next = inp
+        key, x_t, lw_t, x_next, u_next, valid_next = inp
         lam = pairwise_transition_log_prob(ss, x_next[J_next], x_t, u_next)  # (M, N)
-        J = _sample_rows(key, lw_t[None, :] + lam)
+        J = _sample_rows(key, lw_t[None, :] + jnp.where(valid_next, lam, 0.0))
         return J, J
 
-    _, J = jax.lax.scan(back, J_T, (keys[:-1], X[:-1], LW[:-1], X[1:], u[1:]), reverse=True)
+    inputs = (keys[:-1], X[:-1], LW[:-1], X[1:], u[1:], valid[1:])
+    _, J = jax.lax.scan(back, J_T, inputs, reverse=True)
     idx = jnp.concatenate([J, J_T[None]], 0)  # (T, M)
     traj = jnp.take_along_axis(X, idx[..., None], axis=1)  # (T, M, dx)
     return jnp.swapaxes(traj, 0, 1)
@@ -330,18 +351,26 @@ def _imputed_y_moments(ss: StateSpace, x, u_t, y_t, mask_t):
     return Ey, 0.5 * (Rc + Rc.T)
 
 
-def particle_linear_statistics(post: ParticlePosterior, ss: StateSpace, y, u) -> LinearStats:
-    """Statistics of the dynamics and emission regressions from FFBSm weights."""
+def particle_linear_statistics(
+    post: ParticlePosterior, ss: StateSpace, y, u, time_mask=None
+) -> LinearStats:
+    """Statistics of the dynamics and emission regressions from FFBSm weights.
+
+    ``time_mask`` ``(S, T)`` (ragged lengths): steps where it is False lie past the
+    sequence's end and contribute nothing (a length-0 sequence not even its initial
+    state)."""
     st = ss.structure
     if st is None:
         raise ValueError("the model declares no LinearStructure; use GradientMStep for its M-step")
     phi = st.dynamics.features
     psi = st.emission.features
 
-    def one(X, log_v, pair, y_s, u_s):
-        v = jnp.exp(log_v)  # (T, N)
-        T = X.shape[0]
-        ones = jnp.ones((T, 1), X.dtype)
+    def one(X, log_v, pair, y_s, u_s, valid):
+        # past the end: zero weights and particles (selects: they may be inf or NaN)
+        X = keep(valid, X)
+        v = keep(valid, jnp.exp(log_v))  # (T, N)
+        pair = keep(valid[1:], pair)
+        ones = valid.astype(X.dtype)[:, None]  # (T, 1): 1 inside the sequence, 0 past it
         # dynamics: z = x_t, r = [phi(x_{t-1}); u_t; 1]
         F = jax.vmap(phi)(X)  # (T, N, k)
         Ef = jnp.einsum("tn,tnk->tk", v, F)
@@ -350,13 +379,14 @@ def particle_linear_statistics(post: ParticlePosterior, ss: StateSpace, y, u) ->
         Exx = jnp.einsum("tn,tnd,tne->tde", v, X, X)
         r_bar = jnp.concatenate([Ef[:-1], u_s[1:], ones[1:]], -1)  # (T-1, p)
         k = F.shape[-1]
+        r_bar = r_bar * ones[1:]
         S_rr = r_bar.T @ r_bar
-        S_rr = S_rr.at[:k, :k].set(jnp.sum(Eff[:-1], 0))
+        S_rr = S_rr.at[:k, :k].set(jnp.sum(keep(valid[1:], Eff[:-1]), 0))
         z_bar = Ex[1:]
         S_zr = z_bar.T @ r_bar
         S_zr = S_zr.at[:, :k].set(jnp.sum(pair, 0))
         S_zz = jnp.sum(Exx[1:], 0)
-        dyn = RegressionStats(S_zr, S_rr, S_zz, jnp.asarray(T - 1, X.dtype))
+        dyn = RegressionStats(S_zr, S_rr, S_zz, jnp.sum(ones[1:]))
         # emission: z = y_t (missing entries imputed per particle), r = [psi(x_t); u_t; 1]
         mask = ~jnp.isnan(y_s)
         Ey, Rc = jax.vmap(lambda x, ut, yt, mt: _imputed_y_moments(ss, x, ut, yt, mt))(
@@ -368,32 +398,60 @@ def particle_linear_statistics(post: ParticlePosterior, ss: StateSpace, y, u) ->
         Egg = jnp.einsum("tn,tnq,tnr->tqr", v, G, G)
         Ez = jnp.einsum("tn,tnd->td", v, Ey)
         Ezg = jnp.einsum("tn,tnd,tnq->tdq", v, Ey, G)
-        Ezz = jnp.einsum("tn,tnd,tne->tde", v, Ey, Ey) + Rc
-        psi_bar = jnp.concatenate([Eg, u_s, ones], -1)
+        Ezz = jnp.einsum("tn,tnd,tne->tde", v, Ey, Ey) + keep(valid, Rc)
+        psi_bar = jnp.concatenate([Eg, u_s, ones], -1) * ones
         E_rr = psi_bar.T @ psi_bar
         E_rr = E_rr.at[:q, :q].set(jnp.sum(Egg, 0))
         E_zr = Ez.T @ psi_bar
         E_zr = E_zr.at[:, :q].set(jnp.sum(Ezg, 0))
-        emi = RegressionStats(E_zr, E_rr, jnp.sum(Ezz, 0), jnp.asarray(T, X.dtype))
-        init = InitStats(Ex[0], Exx[0], jnp.ones((), X.dtype))
+        emi = RegressionStats(E_zr, E_rr, jnp.sum(Ezz, 0), jnp.sum(ones))
+        init = InitStats(Ex[0], Exx[0], ones[0, 0])
         return LinearStats(dyn, emi, init)
 
-    per_seq = jax.vmap(one)(post.particles, post.smoothed_log_weights, post.pair_moments, y, u)
+    mask = jnp.ones(y.shape[:2], bool) if time_mask is None else time_mask
+    per_seq = jax.vmap(one)(
+        post.particles, post.smoothed_log_weights, post.pair_moments, y, u, mask
+    )
     return sum_stats(per_seq)
 
 
+_MODES = ("ffbsm", "ffbsi", "ffbsi-mcmc", "ffbsi-hybrid")
+
+
 class ParticleSmoother(NamedTuple):
-    """Particle E-step: bootstrap filter + FFBSm (default) or FFBSi.
+    """Particle E-step: bootstrap filter + FFBSm (default) or backward simulation.
+
+    Modes (``docs/particle.md``):
+
+    * ``"ffbsm"``: marginal and pair weights, O(N^2) per step (chunked); no paths.
+    * ``"ffbsi"``: FFBSm weights as above, plus ``num_trajectories`` exact
+      backward-simulated paths (O(N M) per step).
+    * ``"ffbsi-mcmc"``: ``M = num_trajectories`` paths drawn with ``num_mcmc_steps``
+      independent Metropolis-Hastings moves per backward step, started at the
+      genealogical ancestor (:func:`ppl_dyn.infer.backward.ffbsi_mcmc`);
+      O(N + M num_mcmc_steps) per step, deterministic.
+    * ``"ffbsi-hybrid"``: ``M`` exact paths by rejection sampling with at most
+      ``max_trials`` rounds per step, then the exact O(N) draw for the remaining rows
+      (:func:`ppl_dyn.infer.backward.ffbsi_hybrid`); needs Gaussian transitions (a
+      ``LinearStructure``).
+
+    In the two linear-cost modes no FFBSm is run: ``smoothed_log_weights`` hold
+    ``log(c_t^i / M)`` with ``c_t^i`` the number of paths through particle ``i`` at ``t``
+    (``-inf`` where none), ``pair_moments`` hold ``(1/M) sum_m x_{t+1}^m phi(x_t^m)^T``
+    along the paths, and ``trajectories`` the paths; so ``means``, ``covs`` and the
+    M-step statistics are exactly the averages over the ``M`` paths.
 
     Args:
         num_particles: ``N``.
         resampling: ``"systematic"``, ``"stratified"`` or ``"multinomial"``.
         ess_threshold: resample when ``ESS < ess_threshold * N`` (1.0: always).
-        mode: ``"ffbsm"`` (marginal and pair weights, O(N^2) per step, chunked) or
-            ``"ffbsi"`` (``num_trajectories`` backward-simulated paths).
-        num_trajectories: ``M`` for ``"ffbsi"``.
+        mode: ``"ffbsm"``, ``"ffbsi"``, ``"ffbsi-mcmc"`` or ``"ffbsi-hybrid"``.
+        num_trajectories: ``M`` for the three backward-simulation modes.
         chunk_size: rows of the ``N x N`` transition matrix evaluated at once
             (None: all); bounds memory at ``chunk_size * N`` per step.
+        num_mcmc_steps: Metropolis-Hastings moves per backward step (``"ffbsi-mcmc"``).
+        max_trials: rejection rounds per backward step before the exact fallback
+            (``"ffbsi-hybrid"``).
     """
 
     num_particles: int = 100
@@ -402,46 +460,74 @@ class ParticleSmoother(NamedTuple):
     mode: str = "ffbsm"
     num_trajectories: int = 100
     chunk_size: Optional[int] = 256
+    num_mcmc_steps: int = 1
+    max_trials: int = DEFAULT_MAX_TRIALS
 
     def _check(self):
         if self.resampling not in _RESAMPLERS:
             raise ValueError(
                 f"resampling must be one of {sorted(_RESAMPLERS)}; got {self.resampling!r}"
             )
-        if self.mode not in ("ffbsm", "ffbsi"):
-            raise ValueError(f"mode must be 'ffbsm' or 'ffbsi'; got {self.mode!r}")
+        if self.mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}; got {self.mode!r}")
+        for name, low in (("num_trajectories", 1), ("num_mcmc_steps", 1), ("max_trials", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value or int(value) < low:
+                raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
         if int(self.num_particles) < 1:
             raise ValueError(f"num_particles must be >= 1; got {self.num_particles}")
 
-    def posterior(self, rng_key, ss: StateSpace, y, u) -> ParticlePosterior:
-        """Pure E-step on normalised data ``y`` ``(S, T, dy)``, ``u`` ``(S, T, du)``."""
+    def posterior(self, rng_key, ss: StateSpace, y, u, time_mask=None) -> ParticlePosterior:
+        """Pure E-step on normalised data ``y`` ``(S, T, dy)``, ``u`` ``(S, T, du)``.
+
+        ``time_mask`` ``(S, T)``: False past each sequence's end (ragged lengths; ``y``
+        NaN there). FFBSm and FFBSi then start their backward pass at the last step
+        inside, so the smoother of the observed span is the one of the cut sequence; the
+        two linear-cost modes run through the padded steps (valid draws, a little more
+        Monte Carlo noise)."""
         self._check()
         feature = ss.structure.dynamics.features if ss.structure is not None else (lambda x: x)
         S = y.shape[0]
         keys = jax.random.split(rng_key, S)
 
-        def one(key, y_s, u_s):
+        def one(key, y_s, u_s, mask_s=None):
             k_f, k_b = jax.random.split(key)
             filt = particle_filter(
                 k_f, ss, y_s, u_s, self.num_particles, self.resampling, self.ess_threshold
             )
-            log_v, pair = ffbsm(ss, filt, u_s, feature, self.chunk_size)
             traj = None
+            if self.mode in ("ffbsm", "ffbsi"):
+                log_v, pair = ffbsm(ss, filt, u_s, feature, self.chunk_size, mask_s)
             if self.mode == "ffbsi":
-                traj = ffbsi(k_b, ss, filt, u_s, self.num_trajectories)
+                traj = ffbsi(k_b, ss, filt, u_s, self.num_trajectories, mask_s)
+            elif self.mode == "ffbsi-mcmc":
+                back = ffbsi_mcmc(k_b, ss, filt, u_s, self.num_trajectories, self.num_mcmc_steps)
+            elif self.mode == "ffbsi-hybrid":
+                back = ffbsi_hybrid(k_b, ss, filt, u_s, self.num_trajectories, self.max_trials)
+            if self.mode in ("ffbsi-mcmc", "ffbsi-hybrid"):
+                traj = back.trajectories
+                log_v, pair = path_statistics(filt.particles, back.indices, feature)
             return ParticlePosterior(
                 filt.particles, filt.log_weights, log_v, pair, traj, filt.log_marginal, filt.ess
             )
 
-        return jax.vmap(one)(keys, y, u)
+        if time_mask is None:
+            return jax.vmap(one)(keys, y, u)
+        return jax.vmap(one)(keys, y, u, time_mask)
 
-    def smooth(self, params: dict, model, *args, rng_key=None, **kwargs) -> ParticlePosterior:
-        """Particle posterior of ``model`` at ``params`` (``rng_key`` required)."""
+    def smooth(
+        self, params: dict, model, *args, rng_key=None, lengths=None, **kwargs
+    ) -> ParticlePosterior:
+        """Particle posterior of ``model`` at ``params`` (``rng_key`` required).
+
+        Ragged sequences: lists of arrays or ``lengths=``, as in
+        :meth:`KalmanSmoother.smooth` (the posterior is padded to the longest)."""
         from ppl_dyn._validation import check_rng_key
-        from ppl_dyn.infer._run import hashable_items, prepare_eager, split_static
+        from ppl_dyn.infer._run import hashable_items, prepare_eager, ragged_data, split_static
 
         check_rng_key(rng_key)
         self._check()
+        kwargs, time_mask = ragged_data(kwargs, lengths)
         _, spec = prepare_eager(model, params, args, kwargs)
         has_u = kwargs.get("u") is not None
         rest = {k: v for k, v in kwargs.items() if k not in ("y", "u")}
@@ -449,7 +535,7 @@ class ParticleSmoother(NamedTuple):
         items = hashable_items(static)
         make = _smooth_kernel if items is not None else _smooth_kernel.__wrapped__
         kernel = make(self, model, items if items is not None else tuple(static.items()), has_u)
-        post = kernel(rng_key, params, spec.y, spec.u, dynamic)
+        post = kernel(rng_key, params, spec.y, spec.u, dynamic, time_mask)
         if not spec.batched:
             post = jax.tree_util.tree_map(lambda a: a[0], post)
         return post
@@ -459,9 +545,9 @@ class ParticleSmoother(NamedTuple):
 def _smooth_kernel(e_step: ParticleSmoother, model, static_items, has_u: bool):
     from ppl_dyn.state_space import bind
 
-    def kernel(rng_key, params, y, u, dynamic):
+    def kernel(rng_key, params, y, u, dynamic, time_mask=None):
         data = {"y": y, "u": u} if has_u else {"y": y}
         ss, spec = bind(model, params, **data, **dict(static_items), **dynamic)
-        return e_step.posterior(rng_key, ss, spec.y, spec.u)
+        return e_step.posterior(rng_key, ss, spec.y, spec.u, time_mask=time_mask)
 
     return jax.jit(kernel)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from ppl_dyn.infer import _linalg as la
-from ppl_dyn.infer._pattern import COMPLETE, pattern_hint
+from ppl_dyn.infer._pattern import COMPLETE, RAGGED, pattern_hint
 from ppl_dyn.state_space import StateSpace, mask_covariance
 
 
@@ -109,13 +109,24 @@ def _emission_design(ss: StateSpace, u):
     return W.astype(u.dtype), e
 
 
-def gaussian_linear_statistics(post, ss: StateSpace, y, u) -> LinearStats:
+def keep(valid, a):
+    """``a`` ``(T, ...)`` with the rows where ``valid`` ``(T,)`` is False set to 0 (a
+    select, not a product: padded steps may hold inf or NaN)."""
+    return jnp.where(valid.reshape(valid.shape + (1,) * (a.ndim - 1)), a, jnp.zeros((), a.dtype))
+
+
+def gaussian_linear_statistics(post, ss: StateSpace, y, u, time_mask=None) -> LinearStats:
     """Statistics for the regression M-step under a Gaussian posterior (batched ``S``).
 
     Dynamics: ``z = x_t``, ``r = [phi(x_{t-1}); u_t; 1]``; emission: ``z = y_t``
     (missing entries imputed), ``r = [psi(x_t); u_t; 1]``. Feature expectations use the
     x-marginal (Stein) form ``E[z phi^T] = E[z] E[phi]^T + Cov[z, x] E[d phi/dx]^T``,
     which never inverts a cloud covariance (``docs/math.md`` section 5).
+
+    ``time_mask`` ``(S, T)`` (ragged lengths): steps where it is False lie past the
+    sequence's end and contribute nothing: no emission term, no transition into them,
+    and a sequence of length 0 (internal padding) not even an initial-state term. The
+    pooled statistics then equal the sum over the sequences cut at their lengths.
     """
     st = ss.structure
     if st is None:
@@ -124,54 +135,60 @@ def gaussian_linear_statistics(post, ss: StateSpace, y, u) -> LinearStats:
             "(use a GradientMStep for models without a closed form)"
         )
 
-    def one(means, covs, cross, y_s, u_s, impute):
+    def one(means, covs, cross, y_s, u_s, valid, impute):
+        w = valid.astype(means.dtype)  # 1 inside the sequence, 0 past its end
+        wd = w[1:]  # transitions into t = 2..T
+        means, covs = keep(valid, means), keep(valid, covs)
+        cross = keep(valid[1:], cross)
         # dynamics: z = x_t, r = [phi(x_{t-1}); u_t; 1], t = 2..T
         f_mean, f_cov, f_jac = feature_statistics(st.dynamics, means[:-1], covs[:-1])
         k = f_mean.shape[-1]
-        r_bar = _regressor_means(f_mean, u_s[1:])
+        r_bar = _regressor_means(f_mean, u_s[1:]) * wd[:, None]
         p = r_bar.shape[-1]
-        S_rr = r_bar.T @ r_bar + _pad_top_left(jnp.sum(f_cov, 0), p)
+        S_rr = r_bar.T @ r_bar + _pad_top_left(jnp.sum(keep(valid[1:], f_cov), 0), p)
         if st.dynamics.feature == "linear":
             cz = jnp.sum(cross, 0)  # sum Cov[x_t, x_{t-1}]
         else:
             cz = jnp.einsum("tij,tkj->ik", cross, f_jac)  # sum Cov[x_t, x_{t-1}] E[J]^T
         S_zr = (means[1:].T @ r_bar).at[:, :k].add(cz)
-        S_zz = means[1:].T @ means[1:] + jnp.sum(covs[1:], 0)
-        n_dyn = jnp.asarray(means.shape[0] - 1, means.dtype)
-        dyn = RegressionStats(S_zr, S_rr, S_zz, n_dyn)
+        S_zz = means[1:].T @ (means[1:] * wd[:, None]) + jnp.sum(keep(valid[1:], covs[1:]), 0)
+        dyn = RegressionStats(S_zr, S_rr, S_zz, jnp.sum(wd))
         # emission: z = y_t (missing entries imputed), r = [psi(x_t); u_t; 1], t = 1..T
         g_mean, g_cov, _ = feature_statistics(st.emission, means, covs)
-        psi = _regressor_means(g_mean, u_s)
+        psi = _regressor_means(g_mean, u_s) * w[:, None]
         q = psi.shape[-1]
         kq = g_mean.shape[-1]
-        E_rr = psi.T @ psi + _pad_top_left(jnp.sum(g_cov, 0), q)
+        E_rr = psi.T @ psi + _pad_top_left(jnp.sum(keep(valid, g_cov), 0), q)
         if impute:
             linear = st.emission.feature == "linear"
             H, e = _linear_emission(ss, u_s) if linear else _emission_design(ss, u_s)
             R = ss.emission_cov(u_s[0])
             Ey, Cyf, Cyy = imputed_observations(H, e, R, y_s, g_mean, g_cov)
+            Ey, Cyf, Cyy = keep(valid, Ey), keep(valid, Cyf), keep(valid, Cyy)
             E_zr = (Ey.T @ psi).at[:, :kq].add(jnp.sum(Cyf, 0))
             E_zz = Ey.T @ Ey + jnp.sum(Cyy, 0)
-        else:  # fully observed: y is known, no imputation terms
-            E_zr = y_s.T @ psi
-            E_zz = y_s.T @ y_s
-        emi = RegressionStats(E_zr, E_rr, E_zz, jnp.asarray(means.shape[0], means.dtype))
-        init = InitStats(
-            means[0], covs[0] + jnp.outer(means[0], means[0]), jnp.ones((), means.dtype)
-        )
+        else:  # fully observed (within the sequences): no imputation terms
+            y0 = keep(valid, y_s)
+            E_zr = y0.T @ psi
+            E_zz = y0.T @ y0
+        emi = RegressionStats(E_zr, E_rr, E_zz, jnp.sum(w))
+        init = InitStats(means[0], covs[0] + jnp.outer(means[0], means[0]), w[0])
         return LinearStats(dyn, emi, init)
+
+    mask = jnp.ones(y.shape[:2], bool) if time_mask is None else time_mask
 
     def run(impute):
         per_seq = jax.vmap(lambda *a: one(*a, impute))(
-            post.means, post.covs, post.cross_covs, y, u
+            post.means, post.covs, post.cross_covs, y, u, mask
         )
         return sum_stats(per_seq)
 
     # imputation costs a dy x dy factorisation per step: skip it when nothing is missing
     hint = pattern_hint()
     if hint is not None:  # known at trace time (EM): compile one path only
-        return run(hint != COMPLETE)
-    return jax.lax.cond(jnp.any(jnp.isnan(y)), lambda: run(True), lambda: run(False))
+        return run(hint not in (COMPLETE, RAGGED))
+    missing = jnp.any(jnp.isnan(y) & mask[..., None])
+    return jax.lax.cond(missing, lambda: run(True), lambda: run(False))
 
 
 def _linear_emission(ss: StateSpace, u):
