@@ -1,4 +1,5 @@
-"""ArviZ export: one :func:`to_inference_data` for numpyro MCMC, BlackJAX runs and EM.
+"""ArviZ export: one :func:`to_inference_data` for numpyro MCMC, BlackJAX runs, PGAS
+and EM.
 
 Groups written:
 
@@ -41,8 +42,9 @@ def to_inference_data(
     rng_key=None,
     **model_kwargs,
 ):
-    """Convert a numpyro ``MCMC``, a :class:`~ppl_dyn.mcmc.BlackJAXRun` or an
-    :class:`~ppl_dyn.infer.EMResult` to ``arviz.InferenceData``.
+    """Convert a numpyro ``MCMC``, a :class:`~ppl_dyn.mcmc.BlackJAXRun`, a
+    :class:`~ppl_dyn.infer.PGASResult` or an :class:`~ppl_dyn.infer.EMResult` to
+    ``arviz.InferenceData``.
 
     Args:
         source: the fitted object.
@@ -64,9 +66,18 @@ def to_inference_data(
     import arviz as az
     import jax
 
+    from ppl_dyn.infer.pgas import PGASResult
     from ppl_dyn.mcmc import _e_step_of, _spec_of, _tree_depth_from_steps, draws_of
 
+    states = None
+    pgas = isinstance(source, PGASResult)
+    if pgas:  # the parameter draws as a dict of draws; the state paths join below
+        model = source.model if model is None else model
+        model_kwargs = {**source.model_kwargs, **model_kwargs}
+        states, source = source.states, source.samples
     draws = draws_of(source, model, model_kwargs)
+    if pgas:
+        draws = draws._replace(kind="pgas")
     spec = _spec_of(draws)
     samples = {k: np.asarray(v) for k, v in draws.samples.items()}
     S, T, dx, dy = spec.num_sequences, spec.num_steps, spec.state_dim, spec.obs_dim
@@ -77,6 +88,8 @@ def to_inference_data(
     # ---- posterior -------------------------------------------------------------------
     step_lp = samples.pop(lp_name, None)
     post = _join_states(samples, spec)
+    if states is not None:
+        post[spec.state_name] = np.asarray(states)
     dims = {k: _dims(k, v.shape[2:], spec) for k, v in post.items()}
     dims = {k: v for k, v in dims.items() if v is not None}
 

@@ -8,6 +8,8 @@ from ppl_dyn.infer.nested import NestedFit, factor_analysis_init, fit_nested
 from ppl_dyn.infer.online import OnlineEM, OnlineEMMonitor, OnlineEMResult
 from ppl_dyn.infer.paris import PARISPosterior, PARISSmoother
 from ppl_dyn.infer.particle import ParticlePosterior, ParticleSmoother
+from ppl_dyn.infer.pgas import PGAS, MNIWPrior, PGASResult
+from ppl_dyn.infer.psaem import PSAEM, PSAEMResult, PSAEMState, step_size_schedule
 from ppl_dyn.infer.sgd import SGD, SGDState, fit_sgd
 from ppl_dyn.infer.stats import InitStats, LinearStats, RegressionStats
 
@@ -34,6 +36,13 @@ __all__ = [
     "OnlineEM",
     "OnlineEMResult",
     "OnlineEMMonitor",
+    "PSAEM",
+    "PSAEMResult",
+    "PSAEMState",
+    "step_size_schedule",
+    "PGAS",
+    "PGASResult",
+    "MNIWPrior",
     "LinearStats",
     "RegressionStats",
     "InitStats",
