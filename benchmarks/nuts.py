@@ -1,17 +1,27 @@
 """Benchmark: NUTS on a linear dynamical system -- latent states sampled vs integrated out,
 NumPyro vs BlackJAX, and NUTS over dynamax's Kalman filter; initialisation from EM.
 
-Run from the repository root (it takes about 30-40 minutes on a 2-core CPU; close other
-CPU-heavy processes, timings are wall-clock)::
+Run from the repository root (about 30-60 minutes on a 2-core CPU, several hours with
+``--free``; close other CPU-heavy processes, timings are wall-clock)::
 
-    nice python benchmarks/nuts.py [--quick] [--out results.json]
+    nice python benchmarks/nuts.py [--quick] [--free] [--out results.json]
 
 It needs the ``bench`` extra for dynamax (``pip install -e .[bench]``). ``--quick`` runs
 every case at smoke size (T = 50, 50 + 50 draws) in a few minutes.
 
-Model and data: ``ppl_dyn.models.lds`` with ``state_dim = 2``, ``obs_dim = 1`` and all of
-A, b, Q, C, d, R, m0, P0 free under the built-in priors (docs/models.md); one sequence
-simulated from fixed parameters (below), T = 200 (its first 200 steps) and T = 1000.
+Model and data: ``ppl_dyn.models.lds`` with ``state_dim = 2``, ``obs_dim = 1``, one sequence
+simulated from fixed parameters (below), T = 200 (its first 200 steps) and T = 1000. By
+default the model is put in an *identified* form by conditioning (``numpyro.handlers.
+condition``) the observation row ``C = (1, 0)``, the state noise ``Q = 0.1 I``, the state
+offset ``b = 0`` and the initial state ``m0 = 0, P0 = I`` on their true values, so that
+``A`` (4 entries), ``R`` and ``d`` are free under the built-in priors. With every site free
+the LDS is identified only up to an invertible change of state basis (and ``b`` trades off
+against ``d``), NUTS then spends most draws at its maximum tree depth walking along that
+ridge, and one case takes most of an hour here; ``--free`` runs that version. The
+identified form keeps one discrete symmetry -- flipping the sign of the second state
+flips ``A[0, 1]`` and ``A[1, 0]`` together -- so the posterior has two mirror-image modes;
+ESS and R-hat are reported for all free entries and for the sign-invariant quantities
+``A[0, 0]``, ``A[1, 1]``, ``A[0, 1] A[1, 0]``, ``R``, ``d`` and ``lp``.
 
 Cases, each in a fresh child process (so every row pays its own compilation), float64:
 
@@ -23,18 +33,18 @@ Cases, each in a fresh child process (so every row pays its own compilation), fl
 
 each sampled by ``numpyro.infer.MCMC(NUTS(...), chain_method="vectorized")`` and by
 ``ppl_dyn.mcmc.run_blackjax`` (BlackJAX NUTS with window adaptation, chains vmapped),
-2 chains x (500 warmup + 500 draws) at T = 200 and 300 + 300 at T = 1000, from the
-default initialisation (uniform in (-2, 2) on the unconstrained scale). The latent form
-at T = 1000 uses 250 + 250 draws and a maximum tree depth of 8 (at depth 10 one case
-would take most of an hour); ESS per second is a rate, so the rows stay comparable.
+2 chains x (500 warmup + 500 draws) at T = 200 and 300 + 300 at T = 1000 (also for the
+4-chain cases), from the default initialisation (uniform in (-2, 2) on the unconstrained
+scale); with ``--free``, the latent form at T = 1000 uses 250 + 250 at a maximum tree
+depth of 8. ESS per second is a rate, so the rows
+stay comparable.
 dynamax runs through BlackJAX only (the sampler is then identical and only the
 likelihood differs).
 
 Reported per case: wall time (compile included; for BlackJAX also compile and sampling
 separately), the minimum bulk ESS over all parameter entries and over the identified
-quantities (tr A, det A, R, d and lp: the LDS is identified only up to an invertible
-change of state basis, so entries of A, C, Q, b, m0, P0 mix slowly along that ridge),
-ESS per second for both, max R-hat, divergences and mean leapfrog steps per draw.
+quantities (above), ESS per second for both, max R-hat, divergences and mean leapfrog
+steps per draw.
 
 Finally ``init``: 4 chains of BlackJAX NUTS on the marginal model at T = 1000, from the
 default initialisation and from an EM fit (``run_blackjax(..., init_params=em_result)``),
@@ -60,14 +70,15 @@ CASE_TIMEOUT_S = 2400
 
 TRUE = dict(
     A=[[0.9, 0.2], [-0.2, 0.8]],
-    C=[[1.0, 0.5]],
+    C=[[1.0, 0.0]],
     Q=[[0.1, 0.0], [0.0, 0.1]],
     R=[[0.2]],
-    b=[0.1, -0.1],
+    b=[0.0, 0.0],
     d=[0.5],
     m0=[0.0, 0.0],
     P0=[[1.0, 0.0], [0.0, 1.0]],
 )
+FIXED = ("C", "Q", "b", "m0", "P0")  # conditioned on TRUE unless --free
 
 
 # --------------------------------------------------------------------------------------
@@ -136,26 +147,47 @@ class DynamaxFilter:
         return FilterResult(ll, jnp.full(y.shape[:2], jnp.nan, y.dtype))
 
 
-PARAMS = ("A", "C", "Q", "R", "b", "d", "m0", "P0")
+ALL_PARAMS = ("A", "C", "Q", "R", "b", "d", "m0", "P0")
 
 
-def summarise(idata, wall_s, extra=None):
+def base_model(free: bool):
+    """``lds``, with the FIXED sites conditioned on their true values unless ``free``."""
+    import numpy as np
+    from numpyro.handlers import condition
+
+    from ppl_dyn.models import lds
+
+    if free:
+        return lds
+    return condition(lds, {k: np.asarray(TRUE[k], float) for k in FIXED})
+
+
+def summarise(idata, wall_s, extra=None, free=False):
     import arviz as az
     import numpy as np
 
     post = idata.posterior
-    ess = az.ess(post[list(PARAMS)], method="bulk")
-    min_ess = float(min(np.nanmin(ess[k].values) for k in PARAMS))
-    rhat = az.rhat(post[list(PARAMS)])
-    max_rhat = float(max(np.nanmax(rhat[k].values) for k in PARAMS))
+    params = [k for k in ALL_PARAMS if free or k not in FIXED]
+    ess = az.ess(post[params], method="bulk")
+    min_ess = float(min(np.nanmin(ess[k].values) for k in params))
+    rhat = az.rhat(post[params])
+    max_rhat = float(max(np.nanmax(rhat[k].values) for k in params))
     A = post["A"].values
     ident = {
-        "trA": A[..., 0, 0] + A[..., 1, 1],
-        "detA": A[..., 0, 0] * A[..., 1, 1] - A[..., 0, 1] * A[..., 1, 0],
+        "A00": A[..., 0, 0],
+        "A11": A[..., 1, 1],
+        "A01*A10": A[..., 0, 1] * A[..., 1, 0],
         "R": post["R"].values[..., 0, 0],
         "d": post["d"].values[..., 0],
         "lp": idata.sample_stats["lp"].values,
     }
+    if free:  # only basis-invariant quantities are identified
+        ident = {
+            "trA": A[..., 0, 0] + A[..., 1, 1],
+            "detA": A[..., 0, 0] * A[..., 1, 1] - A[..., 0, 1] * A[..., 1, 0],
+            "R": ident["R"],
+            "lp": ident["lp"],
+        }
     ess_id = {k: float(az.ess(v, method="bulk")) for k, v in ident.items()}
     rhat_id = {k: float(az.rhat(v)) for k, v in ident.items()}
     st = idata.sample_stats
@@ -184,6 +216,8 @@ def run_case(
     init: str = "default",
     chains: int = 2,
     dense: bool = False,
+    free: bool = False,
+    draws: int | None = None,
 ):
     _setup()
     import jax
@@ -191,23 +225,31 @@ def run_case(
 
     import ppl_dyn
     from ppl_dyn.handlers import marginalize, noncentered
-    from ppl_dyn.models import lds
 
+    lds = base_model(free)
     y = data(T)
     warm = draws = 50 if quick else 500
     depth = 10
-    if T >= 1000 and not quick and chains == 2:
+    if T >= 1000 and not quick:
         warm = draws = 300  # (NUTS over dynamax's filter would take ~40 min at 500 + 500)
-    if form == "latent" and T >= 1000 and not quick:
+    if free and form == "latent" and T >= 1000 and not quick:
         warm = draws = 250
         depth = 8
+    if draws is not None:  # --draws: warm-up and draws per chain for the selected cases
+        warm = draws = int(draws)
     model = {
         "latent": lambda: noncentered(lds),
         "marginal": lambda: marginalize(lds),
         "dynamax": lambda: marginalize(lds, e_step=DynamaxFilter()),
     }[form]()
     kw = dict(y=y, state_dim=2)
-    extra = {"num_warmup": warm, "num_samples": draws, "max_tree_depth": depth, "dense": dense}
+    extra = {
+        "num_warmup": warm,
+        "num_samples": draws,
+        "max_tree_depth": depth,
+        "dense": dense,
+        "free": free,
+    }
     if backend == "numpyro":
         t0 = time.perf_counter()
         mcmc = MCMC(
@@ -222,7 +264,7 @@ def run_case(
         jax.block_until_ready(mcmc.get_samples())
         wall = time.perf_counter() - t0
         idata = ppl_dyn.to_inference_data(mcmc, log_likelihood=False)
-        return summarise(idata, wall, extra)
+        return summarise(idata, wall, extra, free)
     init_params = None
     if init == "em":
         from ppl_dyn.infer import EM, KalmanSmoother
@@ -249,7 +291,7 @@ def run_case(
     wall = time.perf_counter() - t0
     extra.update(run.timing)
     idata = ppl_dyn.to_inference_data(run, log_likelihood=False)
-    return summarise(idata, wall, extra)
+    return summarise(idata, wall, extra, free)
 
 
 # --------------------------------------------------------------------------------------
@@ -354,6 +396,8 @@ def report(results):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--free", action="store_true", help="all LDS sites free (not identified)")
+    ap.add_argument("--draws", type=int, default=None, help="warm-up = draws per chain")
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", default=None)
     ap.add_argument("--only", default=None, help="run only the cases whose name contains this")
@@ -366,6 +410,10 @@ def main():
     results = {}
     for case in cases(args.quick):
         name = name_of(case)
+        if args.free:
+            case = dict(case, free=True)
+        if args.draws is not None:
+            case = dict(case, draws=args.draws)
         if args.only and args.only not in name:
             continue
         print(f"running {name} ...", flush=True)
@@ -381,7 +429,13 @@ def main():
             )
     report(results)
     if args.out:
-        meta = {"machine": platform.platform(), "cpus": os.cpu_count(), "quick": args.quick}
+        meta = {
+            "machine": platform.platform(),
+            "cpus": os.cpu_count(),
+            "quick": args.quick,
+            "free": args.free,
+            "fixed": [] if args.free else list(FIXED),
+        }
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=1)
 
