@@ -173,6 +173,21 @@ def prior_moments(params, T, u=None):
 # --------------------------------------------------------------------------------------
 
 
+def scalar_lds_params():
+    """A fresh dict of parameters of a 1-d LDS with offsets (A 0.9, Q = R = 0.5), shared by
+    the particle-method tests."""
+    return dict(
+        A=np.array([[0.9]]),
+        C=np.array([[1.0]]),
+        Q=np.array([[0.5]]),
+        R=np.array([[0.5]]),
+        m0=np.array([0.3]),
+        P0=np.array([[1.0]]),
+        b=np.array([0.1]),
+        d=np.array([-0.2]),
+    )
+
+
 def random_pd(rng, dim, scale=1.0, cond=None):
     """A random symmetric positive definite matrix; ``cond`` fixes its condition number."""
     G = rng.normal(size=(dim, dim))
@@ -312,13 +327,7 @@ def em_q_function(params, moments, us=None):
         if T > 1:
             r = m[1:] - m[:-1] @ A.T - c[1:]
             Xs = jnp.sum(X, 0)
-            S = (
-                r.T @ r
-                + jnp.sum(P[1:], 0)
-                - Xs @ A.T
-                - A @ Xs.T
-                + A @ jnp.sum(P[:-1], 0) @ A.T
-            )
+            S = r.T @ r + jnp.sum(P[1:], 0) - Xs @ A.T - A @ Xs.T + A @ jnp.sum(P[:-1], 0) @ A.T
             total = total + _gauss_expect(S, Q, T - 1)
         # emissions t = 1..T, summed:
         # E[(y_t - C x_t - e_t)(...)^T] = r r^T + Cyy - Cyx C^T - C Cyx^T + C P_t C^T

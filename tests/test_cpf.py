@@ -25,16 +25,7 @@ from ppl_dyn.infer.cpf import ancestral_paths, conditional_particle_filter, path
 from ppl_dyn.models import lds
 from ppl_dyn.state_space import bind
 
-PARAMS = dict(
-    A=np.array([[0.9]]),
-    C=np.array([[1.0]]),
-    Q=np.array([[0.5]]),
-    R=np.array([[0.5]]),
-    m0=np.array([0.3]),
-    P0=np.array([[1.0]]),
-    b=np.array([0.1]),
-    d=np.array([-0.2]),
-)
+PARAMS = O.scalar_lds_params()
 
 
 def data(T, seed=3, missing=(7, 8)):

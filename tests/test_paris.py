@@ -388,16 +388,7 @@ def test_paris_variance_versus_t_large():
 
 @pytest.mark.slow  # two EM compilations (~40 s on the shared 2-core machine)
 def test_paris_em_reaches_exact_em_likelihood():
-    truth = dict(
-        A=np.array([[0.9]]),
-        C=np.array([[1.0]]),
-        Q=np.array([[0.5]]),
-        R=np.array([[0.5]]),
-        m0=np.array([0.3]),
-        P0=np.array([[1.0]]),
-        b=np.array([0.1]),
-        d=np.array([-0.2]),
-    )
+    truth = O.scalar_lds_params()
     _, y = O.sample_lds(np.random.default_rng(8), truth, 100)
     start = dict(truth)
     start.update(

@@ -32,16 +32,7 @@ from ppl_dyn.infer import (
 )
 from ppl_dyn.models import lds
 
-TRUE = dict(
-    A=np.array([[0.9]]),
-    C=np.array([[1.0]]),
-    Q=np.array([[0.5]]),
-    R=np.array([[0.5]]),
-    m0=np.array([0.3]),
-    P0=np.array([[1.0]]),
-    b=np.array([0.1]),
-    d=np.array([-0.2]),
-)
+TRUE = O.scalar_lds_params()
 
 
 def conditioned(free):

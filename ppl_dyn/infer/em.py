@@ -226,13 +226,7 @@ class EM:
                 converged = True
                 break
         bar.close()
-        hits = {k: v for k, v in floor_counts.items() if v}
-        if hits:
-            warnings.warn(
-                f"EM applied the covariance eigenvalue floor (iterations per site): {hits}",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        warn_floors("EM", floor_counts)
         params = jax.device_get(params) if mesh is not None else params
         final = EMState(params, state.iteration + len(lls), key)
         all_params = self._all_params(params, kwargs)
@@ -271,6 +265,18 @@ class EM:
     def _all_params(self, params, kwargs):
         ss, _ = bind(self.model, params, **kwargs)
         return {k: v for k, v in ss.params.items()}
+
+
+def warn_floors(method: str, floor_counts: dict, stacklevel: int = 3) -> None:
+    """One RuntimeWarning naming the covariance sites whose M-step hit the eigenvalue
+    floor, with the number of iterations per site (nothing when none did)."""
+    hits = {k: v for k, v in floor_counts.items() if v}
+    if hits:
+        warnings.warn(
+            f"{method} applied the covariance eigenvalue floor (iterations per site): {hits}",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )
 
 
 def _converged(lls, rtol, window) -> bool:

@@ -20,7 +20,6 @@ keep fluctuating.
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import Callable, NamedTuple, Union
 
 import jax
@@ -31,7 +30,7 @@ from tqdm.auto import tqdm
 from ppl_dyn.infer._pattern import assume_pattern, data_pattern
 from ppl_dyn.infer._run import hashable_items, split_static
 from ppl_dyn.infer.cpf import conditional_particle_filter, path_posterior
-from ppl_dyn.infer.em import EMResult, initial_params
+from ppl_dyn.infer.em import EMResult, initial_params, warn_floors
 from ppl_dyn.infer.mstep import GradientMStep, LinearGaussianMStep
 from ppl_dyn.state_space import bind
 
@@ -266,13 +265,7 @@ class PSAEM:
             if progress_bar and (it % 10 == 0 or it == num_iters - 1):
                 bar.set_postfix(log_lik=f"{ll:.4f}", refresh=False)
         bar.close()
-        hits = {k: v for k, v in floor_counts.items() if v}
-        if hits:
-            warnings.warn(
-                f"PSAEM applied the covariance eigenvalue floor (iterations per site): {hits}",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        warn_floors("PSAEM", floor_counts)
         ss, _ = bind(self.model, params, **kwargs)
         return PSAEMResult(
             params=dict(ss.params),
