@@ -217,7 +217,7 @@ def run_case(
     chains: int = 2,
     dense: bool = False,
     free: bool = False,
-    draws: int | None = None,
+    num_draws: int | None = None,
 ):
     _setup()
     import jax
@@ -235,8 +235,8 @@ def run_case(
     if free and form == "latent" and T >= 1000 and not quick:
         warm = draws = 250
         depth = 8
-    if draws is not None:  # --draws: warm-up and draws per chain for the selected cases
-        warm = draws = int(draws)
+    if num_draws is not None:  # --draws: warm-up and draws per chain for the selected cases
+        warm = draws = int(num_draws)
     model = {
         "latent": lambda: noncentered(lds),
         "marginal": lambda: marginalize(lds),
@@ -413,7 +413,7 @@ def main():
         if args.free:
             case = dict(case, free=True)
         if args.draws is not None:
-            case = dict(case, draws=args.draws)
+            case = dict(case, num_draws=args.draws)
         if args.only and args.only not in name:
             continue
         print(f"running {name} ...", flush=True)
