@@ -42,12 +42,11 @@ from ppl_dyn.infer.paris import (
     BackwardKernel,
     _check_int,
     check_filter_args,
-    filter_init,
-    filter_step,
     initial_tau,
     paris_update,
     weighted_sum,
 )
+from ppl_dyn.infer.particle import filter_init, filter_step
 from ppl_dyn.state_space import bind
 
 

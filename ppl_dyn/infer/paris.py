@@ -59,8 +59,8 @@ from ppl_dyn.infer.particle import (
     _RESAMPLERS,
     FilterOutput,
     _imputed_y_moments,
-    _normalise,
-    emission_log_lik,
+    filter_init,
+    filter_step,
 )
 from ppl_dyn.infer.stats import InitStats, LinearStats, RegressionStats, sum_stats
 from ppl_dyn.state_space import StateSpace
@@ -267,40 +267,6 @@ def paris_update(
 # --------------------------------------------------------------------------------------
 # the bootstrap filter step (as in particle.particle_filter, same key usage)
 # --------------------------------------------------------------------------------------
-
-
-def filter_init(key, ss, y1, u1, m1, num_particles):
-    """Initial particles, normalised log-weights, ``log p_hat(y_1)`` and ESS."""
-    N = num_particles
-    x1 = ss.init.sample(key, (N,)).astype(y1.dtype)
-    lw1 = emission_log_lik(ss, x1, u1, y1, m1).astype(y1.dtype)
-    lw1 = jnp.where(jnp.isnan(lw1), -jnp.inf, lw1)
-    lw1n, lse1 = _normalise(lw1)
-    ess1 = 1.0 / jnp.sum(jnp.exp(2 * lw1n))
-    return x1, lw1n, lse1 - jnp.log(N).astype(y1.dtype), ess1
-
-
-def filter_step(
-    ss, resampling, ess_threshold, k_res, k_mov, x_prev, lw_prev, degenerate, u_t, y_t, m_t
-):
-    """One bootstrap step: ``(x_t, lw_t, ancestors, log p_hat(y_t | y_{1:t-1}), ess,
-    resampled)``; ``degenerate`` (all previous weights zero) suppresses resampling."""
-    N = x_prev.shape[0]
-    resample = _RESAMPLERS[resampling]
-    w = jnp.exp(lw_prev)
-    ess = 1.0 / jnp.sum(w**2)
-    do_res = (ess < ess_threshold * N) & ~degenerate
-    idx = jax.lax.cond(
-        do_res,
-        lambda: resample(k_res, jnp.where(degenerate, 1.0 / N, w), N).astype(jnp.int32),
-        lambda: jnp.arange(N, dtype=jnp.int32),
-    )
-    lw_base = jnp.where(do_res, jnp.full((N,), -jnp.log(N), lw_prev.dtype), lw_prev)
-    x = ss.transition(x_prev[idx], u_t).sample(k_mov).astype(y_t.dtype)
-    inc = emission_log_lik(ss, x, u_t, y_t, m_t).astype(y_t.dtype)
-    inc = jnp.where(jnp.isnan(inc), -jnp.inf, inc)
-    lw_new, step_lz = _normalise(lw_base + inc)
-    return x, lw_new, idx, step_lz, ess, do_res
 
 
 # --------------------------------------------------------------------------------------

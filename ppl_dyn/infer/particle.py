@@ -153,6 +153,40 @@ def _normalise(logw):
     return jnp.where(jnp.isfinite(lse), logw - lse, -jnp.inf), lse
 
 
+def filter_init(key, ss, y1, u1, m1, num_particles):
+    """Initial particles, normalised log-weights, ``log p_hat(y_1)`` and ESS."""
+    N = num_particles
+    x1 = ss.init.sample(key, (N,)).astype(y1.dtype)
+    lw1 = emission_log_lik(ss, x1, u1, y1, m1).astype(y1.dtype)
+    lw1 = jnp.where(jnp.isnan(lw1), -jnp.inf, lw1)
+    lw1n, lse1 = _normalise(lw1)
+    ess1 = 1.0 / jnp.sum(jnp.exp(2 * lw1n))
+    return x1, lw1n, lse1 - jnp.log(N).astype(y1.dtype), ess1
+
+
+def filter_step(
+    ss, resampling, ess_threshold, k_res, k_mov, x_prev, lw_prev, degenerate, u_t, y_t, m_t
+):
+    """One bootstrap step: ``(x_t, lw_t, ancestors, log p_hat(y_t | y_{1:t-1}), ess,
+    resampled)``; ``degenerate`` (all previous weights zero) suppresses resampling."""
+    N = x_prev.shape[0]
+    resample = _RESAMPLERS[resampling]
+    w = jnp.exp(lw_prev)
+    ess = 1.0 / jnp.sum(w**2)
+    do_res = (ess < ess_threshold * N) & ~degenerate
+    idx = jax.lax.cond(
+        do_res,
+        lambda: resample(k_res, jnp.where(degenerate, 1.0 / N, w), N).astype(jnp.int32),
+        lambda: jnp.arange(N, dtype=jnp.int32),
+    )
+    lw_base = jnp.where(do_res, jnp.full((N,), -jnp.log(N), lw_prev.dtype), lw_prev)
+    x = ss.transition(x_prev[idx], u_t).sample(k_mov).astype(y_t.dtype)
+    inc = emission_log_lik(ss, x, u_t, y_t, m_t).astype(y_t.dtype)
+    inc = jnp.where(jnp.isnan(inc), -jnp.inf, inc)
+    lw_new, step_lz = _normalise(lw_base + inc)
+    return x, lw_new, idx, step_lz, ess, do_res
+
+
 def particle_filter(
     rng_key,
     ss: StateSpace,
@@ -167,38 +201,20 @@ def particle_filter(
     If every weight is zero (log-weights all ``-inf``) the log-marginal is ``-inf``
     and the weights stay ``-inf``; no NaN is produced and no index is silently chosen.
     """
-    resample = _RESAMPLERS[resampling]
     N = num_particles
     T = y.shape[0]
     mask = ~jnp.isnan(y)
     k_init, k_rest = jax.random.split(rng_key)
     step_keys = jax.random.split(k_rest, (max(T - 1, 0), 2))
-    dtype = y.dtype
-    x1 = ss.init.sample(k_init, (N,)).astype(dtype)
-    lw1 = emission_log_lik(ss, x1, u[0], y[0], mask[0]).astype(dtype)
-    lw1 = jnp.where(jnp.isnan(lw1), -jnp.inf, lw1)
-    lw1n, lse1 = _normalise(lw1)
-    logZ1 = lse1 - jnp.log(N).astype(dtype)
-    ess1 = 1.0 / jnp.sum(jnp.exp(2 * lw1n))
+    x1, lw1n, logZ1, ess1 = filter_init(k_init, ss, y[0], u[0], mask[0], N)
 
     def step(carry, inp):
         x_prev, lw_prev, logZ = carry  # lw_prev normalised
         k_res, k_mov, u_t, y_t, m_t = inp
-        w = jnp.exp(lw_prev)
-        ess = 1.0 / jnp.sum(w**2)
         degenerate = ~jnp.isfinite(logZ)
-        do_res = (ess < ess_threshold * N) & ~degenerate
-        idx = jax.lax.cond(
-            do_res,
-            lambda: resample(k_res, jnp.where(degenerate, 1.0 / N, w), N).astype(jnp.int32),
-            lambda: jnp.arange(N, dtype=jnp.int32),
+        x, lw_new, idx, step_lz, ess, do_res = filter_step(
+            ss, resampling, ess_threshold, k_res, k_mov, x_prev, lw_prev, degenerate, u_t, y_t, m_t
         )
-        lw_base = jnp.where(do_res, jnp.full((N,), -jnp.log(N), lw_prev.dtype), lw_prev)
-        x_anc = x_prev[idx]
-        x = ss.transition(x_anc, u_t).sample(k_mov).astype(dtype)
-        inc = emission_log_lik(ss, x, u_t, y_t, m_t).astype(dtype)
-        inc = jnp.where(jnp.isnan(inc), -jnp.inf, inc)
-        lw_new, step_lz = _normalise(lw_base + inc)
         return (x, lw_new, logZ + step_lz), (x, lw_new, idx, ess, do_res)
 
     xs = (step_keys[:, 0], step_keys[:, 1], u[1:], y[1:], mask[1:])
