@@ -196,6 +196,7 @@ def summarise(idata, wall_s, extra=None, free=False):
         "min_ess_params": min_ess,
         "min_ess_identified": min(ess_id.values()),
         "ess_identified": ess_id,
+        "rhat_identified": rhat_id,
         "ess_per_s_params": min_ess / wall_s,
         "ess_per_s_identified": min(ess_id.values()) / wall_s,
         "max_rhat_params": max_rhat,
@@ -398,6 +399,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--free", action="store_true", help="all LDS sites free (not identified)")
     ap.add_argument("--draws", type=int, default=None, help="warm-up = draws per chain")
+    ap.add_argument("--dense", action="store_true", help="adapt a dense mass matrix")
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", default=None)
     ap.add_argument("--only", default=None, help="run only the cases whose name contains this")
@@ -414,6 +416,8 @@ def main():
             case = dict(case, free=True)
         if args.draws is not None:
             case = dict(case, num_draws=args.draws)
+        if args.dense:
+            case = dict(case, dense=True)
         if args.only and args.only not in name:
             continue
         print(f"running {name} ...", flush=True)

@@ -233,3 +233,34 @@ def test_explosive_parameters_give_a_non_finite_potential_not_an_exception():
          for k, v in params.items()}
     pe = potential_energy(noncentered(lds), (), {"y": np.zeros((T, 1)), "state_dim": 2}, z)
     assert not np.isfinite(float(pe))
+
+
+def test_jitted_entry_points_trace_without_numpyro_validation_and_restore_it():
+    # NumPyro validates distribution arguments by default; inside jit the checks cannot
+    # raise but cost eager compilations, so our compiled steps trace without them
+    from numpyro.distributions.distribution import Distribution
+
+    from ppl_dyn.infer._run import jit_model, without_validation
+
+    seen = []
+
+    def body(x):
+        seen.append(Distribution._validate_args)
+        return dist.Normal(x, 1.0).log_prob(0.0)
+
+    before = Distribution._validate_args
+    jit_model(body)(jnp.zeros(()))
+    assert seen == [False] and Distribution._validate_args == before
+
+    def fails():
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        without_validation(fails)()
+    assert Distribution._validate_args == before
+    # invalid values given eagerly are still rejected, by name
+    with pytest.raises(ValueError, match="Q"):
+        KalmanSmoother().smooth(
+            {"A": np.eye(2), "C": np.ones((1, 2)), "Q": -np.eye(2), "R": np.eye(1),
+             "b": np.zeros(2), "d": np.zeros(1), "m0": np.zeros(2), "P0": np.eye(2)},
+            lds, y=np.zeros((5, 1)), state_dim=2)

@@ -26,10 +26,12 @@ def test_data_pattern():
     assert seen == [None]
 
 
-@pytest.mark.parametrize("pattern", [SHARED, MIXED])  # COMPLETE: every EM test
-def test_hinted_step_equals_unhinted(pattern):
+# COMPLETE: every EM test runs the hinted step; here with dy > dx it also checks the
+# information-form filter's one-factor-of-R path against the general one
+@pytest.mark.parametrize("pattern, obs_dim", [(SHARED, 2), (MIXED, 2), (COMPLETE, 3)])
+def test_hinted_step_equals_unhinted(pattern, obs_dim):
     sim = ppl_dyn.simulate(jax.random.key(0), lds, num_steps=30, num_sequences=3,
-                           state_dim=2, obs_dim=2)
+                           state_dim=2, obs_dim=obs_dim)
     y = np.array(sim["y"])
     if pattern != COMPLETE:
         y[:, 4:7, 0] = np.nan

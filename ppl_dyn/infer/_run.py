@@ -18,6 +18,32 @@ def is_array(v: Any) -> bool:
     return isinstance(v, (jax.Array, np.ndarray))
 
 
+def without_validation(fn):
+    """``fn`` run with NumPyro's distribution argument checks switched off.
+
+    NumPyro validates distribution arguments by default. Under ``jax.jit`` the checks
+    cannot raise (the values are tracers), but evaluating them still costs: their
+    constant parts (triangular masks, diagonals) run eagerly, op by op, each compiling
+    its own small XLA program -- about 1.3 s of a fresh process's first EM step on the
+    LDS. Our jitted entry points validate the parameters eagerly beforehand
+    (:func:`inspect_checked`), so the traced body runs without the checks.
+    """
+    from numpyro.distributions.distribution import validation_enabled
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with validation_enabled(False):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def jit_model(fn, **jit_kwargs):
+    """``jax.jit`` of :func:`without_validation` ``(fn)``: what our compiled E-steps,
+    EM steps and samplers are built with."""
+    return jax.jit(without_validation(fn), **jit_kwargs)
+
+
 def split_static(kwargs: dict):
     """Array-valued keyword arguments are traced; everything else is static."""
     dynamic = {k: v for k, v in kwargs.items() if is_array(v)}
@@ -308,7 +334,7 @@ def _make_smoother(model, e_step, static_items, pattern=None):
         ss, spec = bind(model, params, **static, **dynamic)
         return posterior_with_mask(e_step, rng_key, ss, spec.y, spec.u, time_mask)
 
-    return jax.jit(run)
+    return jit_model(run)
 
 
 @functools.lru_cache(maxsize=64)

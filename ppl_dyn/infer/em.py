@@ -18,6 +18,7 @@ from ppl_dyn.infer._run import (
     adapt_params,
     hashable_items,
     inspect_checked,
+    jit_model,
     pad_to_multiple,
     posterior_with_mask,
     ragged_data,
@@ -346,7 +347,7 @@ def _make_step(model, e_step, m_step, static_items, pattern=None):
         finite = {k: jnp.all(jnp.isfinite(v)) for k, v in new_params.items()}
         return new_params, ll, floors, finite
 
-    return jax.jit(step)
+    return jit_model(step)
 
 
 @functools.lru_cache(maxsize=128)

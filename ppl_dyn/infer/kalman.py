@@ -147,21 +147,32 @@ def _filter_information(view: LinearGaussianView, y: jax.Array):
     dtype = view.F.dtype
     mask = ~jnp.isnan(y)
     resid0 = jnp.where(mask, y - view.e, 0.0)  # y_t - e_t, zero where missing
-    Ht, Rt = jax.vmap(masked_emission, in_axes=(None, None, 0))(view.H, view.R, mask)
-    LR = la.cholesky(Rt)  # (T, dy, dy), vectorised over time outside the loop
-    W = la.solve_lower(LR, Ht)  # LR^{-1} H_t
-    v = la.solve_lower(LR, resid0)
-    G = jnp.einsum("tki,tkj->tij", W, W)
-    logdetR = 2.0 * jnp.sum(jnp.log(jnp.diagonal(LR, axis1=-2, axis2=-1)), -1)
     n_obs = jnp.sum(mask, -1).astype(dtype)
-    const = logdetR + n_obs * _LOG2PI
+    if pattern_hint() == COMPLETE:
+        # no missing entries (known at trace time): one factor of R for all steps. Its
+        # time-vectorised form below is the bulk of this function's compile time
+        LR = la.cholesky(view.R)
+        W_c = la.solve_lower(LR, view.H)
+        G_c = la.mm(W_c.T, W_c)
+        v = la.solve_lower(LR, resid0.T).T
+        const = jnp.broadcast_to(la.log_det_from_cholesky(LR) + n_obs * _LOG2PI, n_obs.shape)
+        per_step = ()
+    else:
+        Ht, Rt = jax.vmap(masked_emission, in_axes=(None, None, 0))(view.H, view.R, mask)
+        LR = la.cholesky(Rt)  # (T, dy, dy), vectorised over time outside the loop
+        W = la.solve_lower(LR, Ht)  # LR^{-1} H_t
+        v = la.solve_lower(LR, resid0)
+        G = jnp.einsum("tki,tkj->tij", W, W)
+        const = la.log_det_from_cholesky(LR) + n_obs * _LOG2PI
+        per_step = (W, G)
     eye = jnp.eye(dx, dtype=dtype)
     F, FT, Q = view.F, view.F.T, view.Q
     c_next = jnp.concatenate([view.c[1:], jnp.zeros_like(view.c[:1])], 0)
 
     def step(carry, inp):
         m_pred, P_pred = carry
-        W_t, v_t, G_t, const_t, c_n = inp
+        v_t, const_t, c_n, *rest = inp
+        W_t, G_t = rest if rest else (W_c, G_c)
         # P_f = Lp (I + Lp^T G Lp)^{-1} Lp^T: no inverse of P (well conditioned, PSD)
         Lp = la.cholesky(P_pred)
         Mt = la.sym(eye + la.mm(la.mm(Lp.T, G_t), Lp))
@@ -177,7 +188,9 @@ def _filter_information(view: LinearGaussianView, y: jax.Array):
         P_next = la.sym(la.mm(la.mm(F, P_f), FT) + Q)
         return (m_next, P_next), (m_pred, P_pred, m_f, P_f, ll)
 
-    _, (m_p, P_p, m_f, P_f, ll) = jax.lax.scan(step, (view.m0, view.P0), (W, v, G, const, c_next))
+    _, (m_p, P_p, m_f, P_f, ll) = jax.lax.scan(
+        step, (view.m0, view.P0), (v, const, c_next) + per_step
+    )
     return m_p, P_p, m_f, P_f, ll
 
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from ppl_dyn._validation import check_rng_key
 from ppl_dyn.infer._pattern import assume_pattern, data_pattern
-from ppl_dyn.infer._run import hashable_items, split_static
+from ppl_dyn.infer._run import hashable_items, jit_model, split_static
 from ppl_dyn.infer.em import EMResult, initial_params
 from ppl_dyn.infer.mstep import LinearGaussianMStep
 from ppl_dyn.infer.paris import (
@@ -422,7 +422,7 @@ def _make_pass(model, kernel, N, resampling, thr, m_step, every, B, static_items
         rec["floors"] = nfl
         return params, weighted_sum(tau, lw), rec
 
-    return jax.jit(one_pass)
+    return jit_model(one_pass)
 
 
 @functools.lru_cache(maxsize=32)

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from ppl_dyn._validation import check_rng_key
 from ppl_dyn.handlers import marginalize, marginalized_e_step
-from ppl_dyn.infer._run import inspect_checked, split_static, validate_data
+from ppl_dyn.infer._run import inspect_checked, jit_model, split_static, validate_data
 from ppl_dyn.infer.em import EMResult, _converged, initial_params
 from ppl_dyn.infer.kalman import KalmanSmoother
 from ppl_dyn.infer.particle import ParticleSmoother
@@ -395,7 +395,7 @@ def _build_core(sgd: SGD, kwargs, dynamic, static) -> _Core:
         finite = jnp.stack([jnp.all(jnp.isfinite(new_z[k])) for k in sorted(new_z)])
         return new_z, opt_state, obj, finite
 
-    return _Core(transforms, objective, jax.jit(step), dynamic, num_obs)
+    return _Core(transforms, objective, jit_model(step), dynamic, num_obs)
 
 
 def _num_obs(kwargs) -> int:
