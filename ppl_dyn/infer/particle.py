@@ -147,6 +147,35 @@ def pairwise_transition_log_prob(ss: StateSpace, x_next, x_prev, u_next):
 # --------------------------------------------------------------------------------------
 
 
+def shard_particles(x, mesh, axis: int = 0):
+    """``x`` with its particle axis ``axis`` split over every device of ``mesh``.
+
+    A sharding constraint for XLA's SPMD partitioner (which then inserts the
+    collectives); ``x`` unchanged when ``mesh`` is None. Under ``vmap`` the batch axis
+    stays unsharded."""
+    if mesh is None:
+        return x
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    spec = [None] * x.ndim
+    spec[axis] = tuple(mesh.axis_names)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
+
+
+def check_particle_mesh(mesh, num_particles: int) -> None:
+    """Raise ValueError unless ``mesh`` is None or a ``jax.sharding.Mesh`` whose device
+    count divides ``num_particles``."""
+    if mesh is None:
+        return
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise ValueError(f"particle_mesh must be a jax.sharding.Mesh; got {type(mesh).__name__}")
+    if int(num_particles) % mesh.devices.size:
+        raise ValueError(
+            f"num_particles ({num_particles}) must be a multiple of the particle_mesh's "
+            f"device count ({mesh.devices.size})"
+        )
+
+
 def _normalise(logw):
     """Normalised log-weights; all ``-inf`` stays ``-inf`` (never NaN)."""
     lse = logsumexp(logw)
@@ -195,11 +224,14 @@ def particle_filter(
     num_particles: int,
     resampling: str = "systematic",
     ess_threshold: float = 0.5,
+    mesh=None,
 ) -> FilterOutput:
     """Bootstrap particle filter for one sequence (``y`` ``(T, dy)``, NaN = missing).
 
     If every weight is zero (log-weights all ``-inf``) the log-marginal is ``-inf``
     and the weights stay ``-inf``; no NaN is produced and no index is silently chosen.
+    ``mesh``: a ``jax.sharding.Mesh`` to split the particle axis over (see
+    :class:`ParticleSmoother`), or None.
     """
     N = num_particles
     T = y.shape[0]
@@ -207,6 +239,7 @@ def particle_filter(
     k_init, k_rest = jax.random.split(rng_key)
     step_keys = jax.random.split(k_rest, (max(T - 1, 0), 2))
     x1, lw1n, logZ1, ess1 = filter_init(k_init, ss, y[0], u[0], mask[0], N)
+    x1, lw1n = shard_particles(x1, mesh), shard_particles(lw1n, mesh)
 
     def step(carry, inp):
         x_prev, lw_prev, logZ = carry  # lw_prev normalised
@@ -215,6 +248,7 @@ def particle_filter(
         x, lw_new, idx, step_lz, ess, do_res = filter_step(
             ss, resampling, ess_threshold, k_res, k_mov, x_prev, lw_prev, degenerate, u_t, y_t, m_t
         )
+        x, lw_new, idx = (shard_particles(a, mesh) for a in (x, lw_new, idx))
         return (x, lw_new, logZ + step_lz), (x, lw_new, idx, ess, do_res)
 
     xs = (step_keys[:, 0], step_keys[:, 1], u[1:], y[1:], mask[1:])
@@ -247,12 +281,15 @@ def ffbsm(
     feature,
     chunk_size: Optional[int] = None,
     time_mask=None,
+    mesh=None,
 ):
     """Marginal smoothing log-weights and the pair moments, in one reverse scan.
 
     ``feature`` maps states ``(N, dx)`` to dynamics features ``(N, k)``. ``time_mask``
     ``(T,)``: False past the sequence's end (ragged lengths); the backward pass restarts
     at the last step inside (smoothed = filter weights there, pair moments 0 past it).
+    ``mesh``: split the particles at ``t`` (the columns ``i`` of each chunk) over its
+    devices; the rows ``j`` (particles at ``t + 1``) are replicated.
     """
     X, LW = filt.particles, filt.log_weights
     T, N, dx = X.shape
@@ -263,7 +300,8 @@ def ffbsm(
 
     def back(log_v_next, inp):
         x_t, lw_t, x_next, u_next, valid_next = inp
-        phi_t = feature(x_t)  # (N, k)
+        x_t, lw_t = shard_particles(x_t, mesh), shard_particles(lw_t, mesh)
+        phi_t = shard_particles(feature(x_t), mesh)  # (N, k)
         xn = jnp.concatenate([x_next, jnp.zeros((pad, dx), x_next.dtype)], 0)
         lvn = jnp.concatenate([log_v_next, jnp.full((pad,), -jnp.inf, log_v_next.dtype)])
         if gaussian:
@@ -272,6 +310,7 @@ def ffbsm(
             # normalised, so the logits are col_i + a_j.b_i (one product per pair)
             L = la.cholesky(ss.transition_cov(u_next))
             b = la.solve_lower(L, ss.transition_mean(x_t, u_next).T).T  # (N, dx)
+            b = shard_particles(b, mesh)
             col = lw_t - 0.5 * jnp.sum(b * b, -1)
             xn = la.solve_lower(L, xn.T).T  # whitened x_{t+1} (the pair moment un-whitens)
         xn = xn.reshape(num, size, dx)
@@ -284,6 +323,7 @@ def ffbsm(
                 a = col[None, :] + xj @ b.T  # (B, N) row-shifted logits
             else:
                 a = lw_t[None, :] + pairwise_transition_log_prob(ss, xj, x_t, u_next)
+            a = shard_particles(a, mesh, axis=1)
             # one exponential per pair: E = exp(a - rowmax); row sums normalise
             amax = jnp.max(a, axis=1)
             E = jnp.exp(a - jnp.where(jnp.isfinite(amax), amax, 0.0)[:, None])
@@ -291,11 +331,14 @@ def ffbsm(
             ok = jnp.isfinite(lvj) & (rowsum > 0)
             scale = jnp.where(ok, jnp.exp(lvj - jnp.log(jnp.where(ok, rowsum, 1.0))), 0.0)
             # W[j, i] = scale_j E[j, i] is never formed: column sums and pair moments
-            colsum = colsum + scale @ E
+            colsum = shard_particles(colsum + scale @ E, mesh)
             pair = pair + (xj * scale[:, None]).T @ (E @ phi_t)
             return (colsum, pair), None
 
-        init = (jnp.zeros((N,), X.dtype), jnp.zeros((dx, phi_t.shape[-1]), X.dtype))
+        init = (
+            shard_particles(jnp.zeros((N,), X.dtype), mesh),
+            jnp.zeros((dx, phi_t.shape[-1]), X.dtype),
+        )
         (colsum, pair), _ = jax.lax.scan(chunk, init, (xn, lvn))
         if gaussian:
             pair = la.mm(L, pair)  # back from whitened x_{t+1}
@@ -468,6 +511,22 @@ class ParticleSmoother(NamedTuple):
         num_mcmc_steps: Metropolis-Hastings moves per backward step (``"ffbsi-mcmc"``).
         max_trials: rejection rounds per backward step before the exact fallback
             (``"ffbsi-hybrid"``).
+        particle_mesh: a ``jax.sharding.Mesh`` to split the particle axis over (one long
+            sequence, many particles; ``docs/scale.md``), or None. ``num_particles``
+            must be a multiple of its device count. The particles, log-weights and
+            ancestors, and the ``N`` columns of each FFBSm chunk, carry sharding
+            constraints over all the mesh's axes; XLA inserts the collectives
+            (resampling, normalising sums, the FFBSm row sums). The random numbers do not
+            depend on the sharding: the result equals the unsharded one to
+            floating-point rounding.
+
+    Example:
+        >>> import jax, numpy as np
+        >>> from jax.sharding import Mesh
+        >>> from ppl_dyn.infer import ParticleSmoother
+        >>> mesh = Mesh(np.array(jax.devices()), ("particles",))
+        >>> e_step = ParticleSmoother(num_particles=1024 * mesh.devices.size,
+        ...                           particle_mesh=mesh)
     """
 
     num_particles: int = 100
@@ -478,6 +537,7 @@ class ParticleSmoother(NamedTuple):
     chunk_size: Optional[int] = 256
     num_mcmc_steps: int = 1
     max_trials: int = DEFAULT_MAX_TRIALS
+    particle_mesh: Optional[jax.sharding.Mesh] = None
 
     def _check(self):
         if self.resampling not in _RESAMPLERS:
@@ -492,6 +552,7 @@ class ParticleSmoother(NamedTuple):
                 raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
         if int(self.num_particles) < 1:
             raise ValueError(f"num_particles must be >= 1; got {self.num_particles}")
+        check_particle_mesh(self.particle_mesh, self.num_particles)
 
     def posterior(self, rng_key, ss: StateSpace, y, u, time_mask=None) -> ParticlePosterior:
         """Pure E-step on normalised data ``y`` ``(S, T, dy)``, ``u`` ``(S, T, du)``.
@@ -506,14 +567,23 @@ class ParticleSmoother(NamedTuple):
         S = y.shape[0]
         keys = jax.random.split(rng_key, S)
 
+        mesh = self.particle_mesh
+
         def one(key, y_s, u_s, mask_s=None):
             k_f, k_b = jax.random.split(key)
             filt = particle_filter(
-                k_f, ss, y_s, u_s, self.num_particles, self.resampling, self.ess_threshold
+                k_f, ss, y_s, u_s, self.num_particles, self.resampling, self.ess_threshold, mesh
+            )
+            # the stored (T, N, ...) filter outputs keep their particle axis split, so the
+            # backward passes start from sharded arrays
+            filt = filt._replace(
+                particles=shard_particles(filt.particles, mesh, axis=1),
+                log_weights=shard_particles(filt.log_weights, mesh, axis=1),
+                ancestors=shard_particles(filt.ancestors, mesh, axis=1),
             )
             traj = None
             if self.mode in ("ffbsm", "ffbsi"):
-                log_v, pair = ffbsm(ss, filt, u_s, feature, self.chunk_size, mask_s)
+                log_v, pair = ffbsm(ss, filt, u_s, feature, self.chunk_size, mask_s, mesh)
             if self.mode == "ffbsi":
                 traj = ffbsi(k_b, ss, filt, u_s, self.num_trajectories, mask_s)
             elif self.mode == "ffbsi-mcmc":
@@ -559,6 +629,7 @@ class ParticleSmoother(NamedTuple):
 
 @functools.lru_cache(maxsize=64)
 def _smooth_kernel(e_step: ParticleSmoother, model, static_items, has_u: bool):
+    from ppl_dyn.infer._run import jit_model
     from ppl_dyn.state_space import bind
 
     def kernel(rng_key, params, y, u, dynamic, time_mask=None):
@@ -566,4 +637,4 @@ def _smooth_kernel(e_step: ParticleSmoother, model, static_items, has_u: bool):
         ss, spec = bind(model, params, **data, **dict(static_items), **dynamic)
         return e_step.posterior(rng_key, ss, spec.y, spec.u, time_mask=time_mask)
 
-    return jax.jit(kernel)
+    return jit_model(kernel)
