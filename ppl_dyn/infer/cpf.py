@@ -80,6 +80,7 @@ def conditional_particle_filter(
     *,
     conditional=True,
     ancestor_sampling=True,
+    time_mask=None,
 ) -> CPFOutput:
     """One CPF-AS sweep over one sequence.
 
@@ -96,6 +97,12 @@ def conditional_particle_filter(
         ancestor_sampling: draw the reference's ancestors (CPF-AS); False keeps the
             reference's own history (plain CPF, which mixes poorly: for comparison).
             May be a traced bool.
+        time_mask: ``(T,)``, False past the sequence's end (ragged lengths; None: all
+            True). The sequence has ended there: each step repeats the last step inside
+            (same particles and weights, identity ancestors, log-marginal unchanged),
+            so the paths past the end repeat their last state and ``Cat(w_T)`` is the
+            last step's draw. The keys of step ``t`` do not depend on ``T``, so the
+            sweep equals the one on the sequence cut at its length (to rounding).
 
     Returns:
         A :class:`CPFOutput`.
@@ -112,6 +119,7 @@ def conditional_particle_filter(
     last = N - 1
     k_init, k_final, k_rest = jax.random.split(rng_key, 3)
     step_keys = jax.random.split(k_rest, (max(T - 1, 0), 3))
+    valid = jnp.ones((T,), bool) if time_mask is None else jnp.asarray(time_mask, bool)
 
     x1 = ss.init.sample(k_init, (N,)).astype(dtype)
     x1 = x1.at[last].set(jnp.where(conditional, reference[0], x1[last]))
@@ -122,7 +130,7 @@ def conditional_particle_filter(
 
     def step(carry, inp):
         x_prev, lw_prev, log_z = carry
-        k_res, k_anc, k_mov, u_t, y_t, m_t, x_ref = inp
+        k_res, k_anc, k_mov, u_t, y_t, m_t, x_ref, valid_t = inp
         w = jnp.exp(lw_prev)
         # N - 1 i.i.d. multinomial ancestors (blackjax returns them sorted: drawing N
         # and overwriting the last would keep the N - 1 smallest, a biased set)
@@ -138,7 +146,12 @@ def conditional_particle_filter(
         inc = emission_log_lik(ss, x, u_t, y_t, m_t).astype(dtype)
         inc = jnp.where(jnp.isnan(inc), -jnp.inf, inc)
         lw, lse = _log_normalise(inc)
-        return (x, lw, log_z + lse - log_n), (x, lw, idx)
+        # past the sequence's end: repeat the last step (a select: the step may be junk)
+        x = jnp.where(valid_t, x, x_prev)
+        lw = jnp.where(valid_t, lw, lw_prev)
+        idx = jnp.where(valid_t, idx, jnp.arange(N, dtype=jnp.int32))
+        log_z = jnp.where(valid_t, log_z + lse - log_n, log_z)
+        return (x, lw, log_z), (x, lw, idx)
 
     xs = (
         step_keys[:, 0],
@@ -148,8 +161,10 @@ def conditional_particle_filter(
         y[1:],
         mask[1:],
         reference[1:],
+        valid[1:],
     )
-    (_, lw_T, log_z), (x_rest, lw_rest, anc) = jax.lax.scan(step, (x1, lw1, lse1 - log_n), xs)
+    log_z1 = jnp.where(valid[0], lse1 - log_n, 0.0)  # a length-0 sequence: 0
+    (_, lw_T, log_z), (x_rest, lw_rest, anc) = jax.lax.scan(step, (x1, lw1, log_z1), xs)
     particles = jnp.concatenate([x1[None], x_rest], 0)
     ancestors = jnp.concatenate([jnp.arange(N, dtype=jnp.int32)[None], anc], 0)
     k = jax.random.categorical(k_final, lw_T).astype(jnp.int32)
@@ -192,7 +207,8 @@ def path_posterior(out: CPFOutput, feature):
 
     Every one of the ``N`` ancestral paths ``x^i_{1:T}`` carries its final weight
     ``w_T^i`` at every time, so the closed-form M-step statistics computed from it
-    (``LinearGaussianMStep.statistics``) equal ``sum_i w_T^i s(x^i_{1:T})``: the PSAEM
+    (``LinearGaussianMStep.statistics``; with the sweep's ``time_mask`` for ragged
+    lengths) equal ``sum_i w_T^i s(x^i_{1:T})``: the PSAEM
     estimate (missing observations enter through their conditional moments given each
     path, as in particle EM). ``feature`` maps states ``(N, dx)`` to the dynamics
     features ``phi`` (for the pair moments ``sum_i w_T^i x_{t+1}^i phi(x_t^i)^T``).

@@ -212,13 +212,9 @@ class LinearGaussianMStep(NamedTuple):
             return gaussian_linear_statistics(posterior, ss, y, u, time_mask)
         if isinstance(posterior, ParticlePosterior):
             return particle_linear_statistics(posterior, ss, y, u, time_mask)
-        if isinstance(posterior, PARISPosterior):  # accumulated in the forward pass
-            if time_mask is not None:
-                raise ValueError(
-                    "ragged lengths (lengths=, lists of sequences, or a mesh that pads the "
-                    "sequences) are not supported with the PaRIS E-step: its statistics "
-                    "are accumulated in the forward pass without a time mask"
-                )
+        if isinstance(posterior, PARISPosterior):
+            # accumulated in the forward pass, which took the time mask already
+            # (PARISSmoother.posterior(..., time_mask=...)): nothing left to drop
             return paris_linear_statistics(posterior)
         raise TypeError(
             f"LinearGaussianMStep cannot use a {type(posterior).__name__}; "

@@ -325,6 +325,7 @@ def paris_filter(
     kernel: BackwardKernel = DEFAULT_KERNEL,
     resampling: str = "systematic",
     ess_threshold: float = 0.5,
+    time_mask=None,
 ) -> PARISOutput:
     """Bootstrap filter and PaRIS in one forward ``lax.scan`` (one sequence).
 
@@ -332,6 +333,13 @@ def paris_filter(
     jax.random.split(rng_key)`` the particles are those of
     ``particle_filter(k_f, ...)`` and the backward draws those of
     ``paris_on_particles(k_b, ...)`` (same results, bit for bit).
+
+    ``time_mask`` ``(T,)``: False past the sequence's end (ragged lengths). The sequence
+    has ended there: the particles, weights, ``tau`` and the log-marginal keep their
+    values from the last step inside (a length-0 sequence gives zero statistics and
+    log-marginal 0). The keys of step ``t`` do not depend on ``T`` (``jax.random.split``
+    of a partitionable key), so the result equals the run on the sequence cut at its
+    length, to rounding.
     """
     _require_structure(ss)
     kernel = kernel.check()
@@ -342,12 +350,15 @@ def paris_filter(
     k_init, k_rest = jax.random.split(k_f)
     step_keys = jax.random.split(k_rest, (max(T - 1, 0), 2))
     back_keys = jax.random.split(k_b, max(T - 1, 0))
+    valid = jnp.ones((T,), bool) if time_mask is None else jnp.asarray(time_mask, bool)
     x1, lw1, logZ1, ess1 = filter_init(k_init, ss, y[0], u[0], mask[0], num_particles)
     tau1 = initial_tau(ss, x1, u[0], y[0], mask[0])
+    tau1 = jax.tree_util.tree_map(lambda a: jnp.where(valid[0], a, 0.0), tau1)
+    logZ1 = jnp.where(valid[0], logZ1, 0.0)
 
     def step(carry, inp):
         x_prev, lw_prev, logZ, tau = carry
-        k_res, k_mov, k_back, u_t, y_t, m_t = inp
+        k_res, k_mov, k_back, u_t, y_t, m_t, valid_t = inp
         degenerate = ~jnp.isfinite(logZ)
         x, lw, anc, step_lz, ess, _ = filter_step(
             ss,
@@ -362,10 +373,16 @@ def paris_filter(
             y_t,
             m_t,
         )
-        tau, info = paris_update(kernel, k_back, ss, x_prev, lw_prev, tau, x, anc, u_t, y_t, m_t)
-        return (x, lw, logZ + step_lz, tau), (ess, info)
+        new_tau, info = paris_update(
+            kernel, k_back, ss, x_prev, lw_prev, tau, x, anc, u_t, y_t, m_t
+        )
+        new = (x, lw, logZ + step_lz, new_tau)
+        # past the sequence's end: the carry stays (a select: the step may be junk)
+        carry = jax.tree_util.tree_map(lambda a, b: jnp.where(valid_t, a, b), new, carry)
+        info = tuple(jnp.where(valid_t, a, 0) for a in info)
+        return carry, (ess, info)
 
-    xs = (step_keys[:, 0], step_keys[:, 1], back_keys, u[1:], y[1:], mask[1:])
+    xs = (step_keys[:, 0], step_keys[:, 1], back_keys, u[1:], y[1:], mask[1:], valid[1:])
     (_, lw, logZ, tau), (ess, infos) = jax.lax.scan(step, (x1, lw1, logZ1, tau1), xs)
     return PARISOutput(
         weighted_sum(tau, lw), logZ, jnp.concatenate([ess1[None], ess]), _sum_info(infos)
@@ -418,13 +435,20 @@ class PARISSmoother(NamedTuple):
             self.kernel, self.num_backward, self.num_mcmc_steps, self.max_trials
         ).check()
 
-    def posterior(self, rng_key, ss: StateSpace, y, u) -> PARISPosterior:
-        """Pure E-step on normalised data ``y`` ``(S, T, dy)``, ``u`` ``(S, T, du)``."""
+    def posterior(self, rng_key, ss: StateSpace, y, u, time_mask=None) -> PARISPosterior:
+        """Pure E-step on normalised data ``y`` ``(S, T, dy)``, ``u`` ``(S, T, du)``.
+
+        ``time_mask`` ``(S, T)``: False past each sequence's end (ragged lengths). The
+        forward pass stops accumulating there (:func:`paris_filter`), so the statistics
+        and log-marginal of each sequence are those of the sequence cut at its length;
+        :meth:`LinearGaussianMStep.statistics` sums them as they are."""
         kernel = self.backward_kernel()
         check_filter_args(self.num_particles, self.resampling, self.ess_threshold)
         keys = jax.random.split(rng_key, y.shape[0])
+        if time_mask is None:
+            time_mask = jnp.ones(y.shape[:2], bool)
 
-        def one(key, y_s, u_s):
+        def one(key, y_s, u_s, mask_s):
             return paris_filter(
                 key,
                 ss,
@@ -434,20 +458,24 @@ class PARISSmoother(NamedTuple):
                 kernel,
                 self.resampling,
                 self.ess_threshold,
+                mask_s,
             )
 
-        out = jax.vmap(one)(keys, y, u)
+        out = jax.vmap(one)(keys, y, u, time_mask)
         return PARISPosterior(out.stats, out.log_marginal, out.ess, out.info)
 
-    def smooth(self, params: dict, model, *args, rng_key=None, **kwargs) -> PARISPosterior:
-        """PaRIS statistics of ``model`` at ``params`` (``rng_key`` required)."""
+    def smooth(
+        self, params: dict, model, *args, rng_key=None, lengths=None, **kwargs
+    ) -> PARISPosterior:
+        """PaRIS statistics of ``model`` at ``params`` (``rng_key`` required). Ragged
+        sequences: lists of arrays or ``lengths=``, as in :meth:`EM.run`."""
         from ppl_dyn._validation import check_rng_key
         from ppl_dyn.infer._run import smooth_eager
 
         check_rng_key(rng_key)
         self.backward_kernel()
         check_filter_args(self.num_particles, self.resampling, self.ess_threshold)
-        return smooth_eager(self, params, model, args, kwargs, rng_key)
+        return smooth_eager(self, params, model, args, kwargs, rng_key, lengths)
 
 
 def paris_linear_statistics(post: PARISPosterior) -> LinearStats:

@@ -29,10 +29,11 @@ from tqdm.auto import tqdm
 
 from ppl_dyn._validation import check_rng_key
 from ppl_dyn.infer import _linalg as la
-from ppl_dyn.infer._run import hashable_items, split_static
+from ppl_dyn.infer._run import hashable_items, jit_model, ragged_data, split_static
 from ppl_dyn.infer.cpf import conditional_particle_filter
 from ppl_dyn.infer.em import EMResult, initial_params
 from ppl_dyn.infer.mstep import regression_blocks, structure_sites
+from ppl_dyn.infer.stats import keep
 from ppl_dyn.state_space import bind, mask_covariance
 
 __all__ = ["MNIWPrior", "PGAS", "PGASResult"]
@@ -189,17 +190,27 @@ def _impute(key, ss, X, y, u):
     return jax.vmap(one)(mask, yf, mu, R, z)
 
 
-def _path_stats(ss, X, y, u):
+def _path_stats(ss, X, y, u, valid=None):
     """Complete-data regression statistics of one path ``X`` ``(T, dx)`` with complete
-    ``y`` ``(T, dy)``: dynamics, emission and initial-state ``(S_zr, S_rr, S_zz, n)``."""
+    ``y`` ``(T, dy)``: dynamics, emission and initial-state ``(S_zr, S_rr, S_zz, n)``.
+
+    ``valid`` ``(T,)`` (ragged lengths): steps where it is False lie past the
+    sequence's end; their emission terms and the transitions into them count 0, and
+    the initial-state term counts only for a non-empty sequence."""
     st = ss.structure
-    ones = jnp.ones((X.shape[0], 1), X.dtype)
+    T = X.shape[0]
+    valid = jnp.ones((T,), bool) if valid is None else valid
+    X, y, u = (keep(valid, a) for a in (X, y, u))  # a select: padded steps may be junk
+    ones = valid.astype(X.dtype)[:, None]
     r_dyn = jnp.concatenate([st.dynamics.features(X[:-1]), u[1:], ones[1:]], -1)
-    dyn = (X[1:].T @ r_dyn, r_dyn.T @ r_dyn, X[1:].T @ X[1:], X.shape[0] - 1.0)
-    r_emi = jnp.concatenate([st.emission.features(X), u, ones], -1)
-    emi = (y.T @ r_emi, r_emi.T @ r_emi, y.T @ y, X.shape[0] * 1.0)
+    r_dyn = r_dyn * ones[1:]
+    z_dyn = X[1:] * ones[1:]
+    dyn = (z_dyn.T @ r_dyn, r_dyn.T @ r_dyn, z_dyn.T @ z_dyn, jnp.sum(ones[1:]))
+    r_emi = jnp.concatenate([st.emission.features(X), u, ones], -1) * ones
+    emi = (y.T @ r_emi, r_emi.T @ r_emi, y.T @ y, jnp.sum(ones))
     x1 = X[0][:, None]
-    init = (x1, jnp.ones((1, 1), X.dtype), x1 @ x1.T, 1.0)
+    n1 = ones[0, 0]
+    init = (x1, n1 * jnp.ones((1, 1), X.dtype), x1 @ x1.T, n1)
     return {"dynamics": dyn, "emission": emi, "init": init}
 
 
@@ -295,6 +306,7 @@ class PGAS:
         init_params: Union[dict, EMResult, None] = None,
         keep_states: bool = False,
         progress_bar: bool = True,
+        lengths=None,
         **kwargs,
     ) -> PGASResult:
         """Run ``num_chains`` chains (vectorised) of ``num_warmup + num_samples *
@@ -310,6 +322,11 @@ class PGAS:
             init_params: starting values (dict or ``EMResult``).
             keep_states: also return the sampled state paths.
             progress_bar: show a tqdm progress bar.
+            lengths: sequences of different lengths, as in :meth:`EM.run`: padded ``y``
+                ``(S, T, dy)`` (and ``u``) with ``lengths`` ``(S,)``, or ``y`` (and
+                ``u``) as lists of arrays ``(L_s, dim)``. The conjugate updates use the
+                statistics of each path up to its sequence's end; past it the kept
+                states repeat the last state inside.
             **kwargs: the model's arguments (``y=...``, ``state_dim=...``).
 
         Raises:
@@ -324,6 +341,8 @@ class PGAS:
         ):
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}; got {v!r}")
+        kwargs, time_mask = ragged_data(kwargs, lengths)
+        mask_arg = () if time_mask is None else (time_mask,)
         k_init, k_run = jax.random.split(rng_key)
         starts = []
         structure = {}
@@ -348,7 +367,12 @@ class PGAS:
             if first:
                 refs = sweep.reference_shape(params, dynamic)
             params, refs, ll, finite = sweep.step(
-                params, refs, jnp.asarray(first), dynamic, jax.random.split(keys[it], num_chains)
+                params,
+                refs,
+                jnp.asarray(first),
+                dynamic,
+                jax.random.split(keys[it], num_chains),
+                *mask_arg,
             )
             bad = [k for k, ok in finite.items() if not bool(jnp.all(ok))]
             if bad:
@@ -450,32 +474,36 @@ def _make_sweep(model, num_particles, static_items, priors):
                 new[name] = blk[:, 0] if vec else blk
         return {k: new.get(k, v).astype(jnp.result_type(v)) for k, v in params.items()}
 
-    def one_chain(params, refs, first, dynamic, key):
+    def one_chain(params, refs, first, dynamic, key, time_mask=None):
         kwargs = {**static, **dynamic}
         ss, spec = bind(model, params, **kwargs)
         S = spec.y.shape[0]
         k_x, k_y, k_th = jax.random.split(key, 3)
+        masks = jnp.ones(spec.y.shape[:2], bool) if time_mask is None else time_mask
 
-        def states(k, y_s, u_s, ref):
+        def states(k, y_s, u_s, ref, mask_s):
             out = conditional_particle_filter(
-                k, ss, y_s, u_s, ref, num_particles, conditional=~first
+                k, ss, y_s, u_s, ref, num_particles, conditional=~first, time_mask=mask_s
             )
             return out.reference, out.log_marginal
 
-        X, ll = jax.vmap(states)(jax.random.split(k_x, S), spec.y, spec.u, refs)
+        X, ll = jax.vmap(states)(jax.random.split(k_x, S), spec.y, spec.u, refs, masks)
         Y = jax.vmap(lambda k, x, y_s, u_s: _impute(k, ss, x, y_s, u_s))(
             jax.random.split(k_y, S), X, spec.y, spec.u
         )
-        per_seq = jax.vmap(lambda x, y_s, u_s: _path_stats(ss, x, y_s, u_s))(X, Y, spec.u)
+        per_seq = jax.vmap(lambda x, y_s, u_s, m: _path_stats(ss, x, y_s, u_s, m))(
+            X, Y, spec.u, masks
+        )
         stats = jax.tree_util.tree_map(lambda a: jnp.sum(a, 0), per_seq)
         new = update_params(k_th, ss, params, stats, frozenset(params))
         finite = {k: jnp.all(jnp.isfinite(v)) for k, v in new.items()}
         return new, X, jnp.sum(ll), finite
 
-    @jax.jit
-    def step(params, refs, first, dynamic, keys):
-        return jax.vmap(one_chain, in_axes=(0, 0, None, None, 0))(
-            params, refs, first, dynamic, keys
+    @jit_model
+    def step(params, refs, first, dynamic, keys, time_mask=None):
+        # time_mask (S, T), ragged lengths: shared by the chains
+        return jax.vmap(one_chain, in_axes=(0, 0, None, None, 0, None))(
+            params, refs, first, dynamic, keys, time_mask
         )
 
     def reference_shape(params, dynamic):

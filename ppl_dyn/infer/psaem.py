@@ -28,7 +28,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ppl_dyn.infer._pattern import assume_pattern, data_pattern
-from ppl_dyn.infer._run import hashable_items, split_static
+from ppl_dyn.infer._run import (
+    accepts_keyword,
+    hashable_items,
+    jit_model,
+    ragged_data,
+    split_static,
+)
 from ppl_dyn.infer.cpf import conditional_particle_filter, path_posterior
 from ppl_dyn.infer.em import EMResult, initial_params, warn_floors
 from ppl_dyn.infer.mstep import GradientMStep, LinearGaussianMStep
@@ -198,6 +204,7 @@ class PSAEM:
         *,
         init_params: Union[dict, EMResult, PSAEMResult, None] = None,
         progress_bar: bool = True,
+        lengths=None,
         **kwargs,
     ) -> PSAEMResult:
         """Run ``num_iters`` PSAEM iterations.
@@ -208,6 +215,11 @@ class PSAEM:
             init_params: starting values (a dict, an ``EMResult`` or a ``PSAEMResult``);
                 missing free sites are drawn from their priors.
             progress_bar: show a tqdm progress bar.
+            lengths: sequences of different lengths, as in :meth:`EM.run`: padded ``y``
+                ``(S, T, dy)`` (and ``u``) with ``lengths`` ``(S,)``, or ``y`` (and
+                ``u``) as lists of arrays ``(L_s, dim)``. Each CPF-AS sweep stops at its
+                sequence's end (:func:`~ppl_dyn.infer.cpf.conditional_particle_filter`
+                with ``time_mask``) and the statistics drop the steps past it.
             **kwargs: the model's arguments (``y=...``, ``state_dim=...``, ...).
 
         Raises:
@@ -221,6 +233,13 @@ class PSAEM:
         ):
             raise ValueError(f"num_iters must be a positive int; got {num_iters!r}")
         gammas = _step_sizes(self.step_size, int(num_iters))
+        kwargs, time_mask = ragged_data(kwargs, lengths)
+        if time_mask is not None and not accepts_keyword(self.m_step.statistics, "time_mask"):
+            raise ValueError(
+                "lengths: ragged sequences need an M-step whose statistics() takes "
+                f"time_mask; {type(self.m_step).__name__}.statistics does not"
+            )
+        mask_arg = () if time_mask is None else (time_mask,)
         if isinstance(init_params, PSAEMResult):
             init_params = init_params.params
         params, key, kwargs = initial_params(
@@ -230,7 +249,7 @@ class PSAEM:
             kwargs,
             check=lambda info: self.m_step.check(info.spec.structure, info.free),
         )
-        step, shapes, dynamic = self._compiled(kwargs)
+        step, shapes, dynamic = self._compiled(kwargs, time_mask)
         stats_shape, ref_shape = shapes(params, dynamic)
         stats = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), stats_shape)
         refs = jnp.zeros(ref_shape.shape, ref_shape.dtype)
@@ -243,7 +262,7 @@ class PSAEM:
             first = jnp.asarray(it == 0)
             gamma = jnp.asarray(gammas[it], dtype=ref_shape.dtype)
             new_params, stats, refs, ll, floors, finite = step(
-                params, stats, refs, first, gamma, dynamic, sub
+                params, stats, refs, first, gamma, dynamic, sub, *mask_arg
             )
             bad = [k for k, ok in finite.items() if not bool(ok)]
             if bad:
@@ -277,10 +296,10 @@ class PSAEM:
             num_iters=int(num_iters),
         )
 
-    def _compiled(self, kwargs):
+    def _compiled(self, kwargs, time_mask=None):
         dynamic, static = split_static(kwargs)
         items = hashable_items(static)
-        pattern = data_pattern(dynamic.get("y"))
+        pattern = data_pattern(dynamic.get("y"), time_mask)
         args = (self.model, self.num_particles, self.ancestor_sampling, self.m_step)
         if items is None:
             step, shapes = _make_step(*args, tuple(static.items()), pattern)
@@ -292,14 +311,16 @@ class PSAEM:
 def _make_step(model, num_particles, ancestor_sampling, m_step, static_items, pattern=None):
     static = dict(static_items)
 
-    def sweep(params, refs, first, dynamic, rng_key):
-        """CPF-AS on every sequence; the new statistics sum_i w_T^i s(x^i)."""
+    def sweep(params, refs, first, dynamic, rng_key, time_mask=None):
+        """CPF-AS on every sequence; the new statistics sum_i w_T^i s(x^i) (time_mask
+        (S, T), ragged lengths: each sweep stops at its end, later steps count 0)."""
         kwargs = {**static, **dynamic}
         ss, spec = bind(model, params, **kwargs)
         feature = ss.structure.dynamics.features
         keys = jax.random.split(rng_key, spec.y.shape[0])
+        masks = jnp.ones(spec.y.shape[:2], bool) if time_mask is None else time_mask
 
-        def one(key, y_s, u_s, ref):
+        def one(key, y_s, u_s, ref, mask_s):
             out = conditional_particle_filter(
                 key,
                 ss,
@@ -309,11 +330,15 @@ def _make_step(model, num_particles, ancestor_sampling, m_step, static_items, pa
                 num_particles,
                 conditional=~first,
                 ancestor_sampling=ancestor_sampling,
+                time_mask=mask_s,
             )
             return out, path_posterior(out, feature)
 
-        outs, post = jax.vmap(one)(keys, spec.y, spec.u, refs)
-        stats = m_step.statistics(post, ss, spec.y, spec.u)
+        outs, post = jax.vmap(one)(keys, spec.y, spec.u, refs, masks)
+        if time_mask is None:
+            stats = m_step.statistics(post, ss, spec.y, spec.u)
+        else:
+            stats = m_step.statistics(post, ss, spec.y, spec.u, time_mask=time_mask)
         return ss, stats, outs
 
     def shapes(params, dynamic):
@@ -329,8 +354,9 @@ def _make_step(model, num_particles, ancestor_sampling, m_step, static_items, pa
             return jax.eval_shape(f, params, dynamic)
 
     @assume_pattern(pattern)
-    def step(params, stats_prev, refs, first, gamma, dynamic, rng_key):
-        ss, stats_new, outs = sweep(params, refs, first, dynamic, rng_key)
+    def step(params, stats_prev, refs, first, gamma, dynamic, rng_key, time_mask=None):
+        # time_mask (S, T), ragged lengths: a traced argument; None compiles without it
+        ss, stats_new, outs = sweep(params, refs, first, dynamic, rng_key, time_mask)
         stats = jax.tree_util.tree_map(
             lambda a, b: (1.0 - gamma) * a + gamma * b, stats_prev, stats_new
         )
@@ -341,7 +367,7 @@ def _make_step(model, num_particles, ancestor_sampling, m_step, static_items, pa
         ll = jnp.sum(outs.log_marginal)
         return new_params, stats, outs.reference, ll, floors, finite
 
-    return jax.jit(step), shapes
+    return jit_model(step), shapes
 
 
 @functools.lru_cache(maxsize=64)
