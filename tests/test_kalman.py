@@ -421,17 +421,19 @@ def test_filter_smoother_and_loglikelihood_match_pykalman():
     assert abs(float(post.log_marginal) - ll) <= 1e-9 * abs(ll)
 
 
-@pytest.mark.parametrize("same_pattern", [True, False])
+@pytest.mark.parametrize("same_pattern", [True, False, "complete"])
 def test_batch_shared_covariance_path_matches_dense(same_pattern):
     """Sequences with one missing-data pattern share a single covariance pass (their means
     run together); differing patterns fall back to one pass per sequence. Both agree with
-    the dense oracle for every sequence."""
+    the dense oracle for every sequence. Complete data with dy > dx take the
+    information-form covariance pass."""
     rng = np.random.default_rng(17)
     params, _, u = O.random_system(rng, 3, 5, 0.9, 30, du=1)
     ys = np.stack([O.sample_lds(rng, params, 30, u)[1] for _ in range(3)])
-    ys[:, 4, 0] = np.nan
-    ys[:, 9, :] = np.nan
-    if not same_pattern:
+    if same_pattern != "complete":
+        ys[:, 4, 0] = np.nan
+        ys[:, 9, :] = np.nan
+    if same_pattern is False:
         ys[1, 12, 2] = np.nan
     post = smooth(params, ys, u)
     for s in range(3):

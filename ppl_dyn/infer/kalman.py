@@ -273,26 +273,62 @@ def kalman_smooth_view(
     return GaussianPosterior(means, covs, cross, m_f, P_f, ll, jnp.sum(ll))
 
 
-def _covariance_pass(view: LinearGaussianView, mask: jax.Array, valid=None):
+def _covariance_pass(view: LinearGaussianView, mask: jax.Array, valid=None, whole_rows=False):
     """The data-independent half of the filter and smoother for one missing-data pattern
-    ``mask`` ``(T, dy)``: gains, innovation factors and smoothed covariances. Shared by
+    ``mask`` ``(T, dy)``: gains, innovation whitening and smoothed covariances. Shared by
     every sequence with that pattern (the means are a separate, linear pass). ``valid``
-    ``(T,)``: False past the sequence's end (the smoother restarts there; ``J = 0``)."""
+    ``(T,)``: False past the sequence's end (the smoother restarts there; ``J = 0``).
+
+    Returns ``(P_f, K, Z1, Z2, logdet, J, covs, cross)``: the innovation ``r_t`` has
+    ``r^T S_t^{-1} r = |Z1_t r|^2 - |Z2_t r|^2`` and ``log|S_t| = logdet_t``. With
+    ``obs_dim > state_dim`` and ``whole_rows`` (each step fully observed or fully missing:
+    the caller knows) the information form is used, as in :func:`kalman_filter`: one
+    factor of ``R`` for all steps and only state-sized factors inside the loop
+    (``Z1 = LR^{-1}``, ``Z2 = B W^T LR^{-1}`` with ``P_f = B^T B``, ``W = LR^{-1} H``:
+    Woodbury). Otherwise the covariance form (``Z1 = L_S^{-1}``, ``Z2`` empty)."""
     eye = jnp.eye(view.F.shape[0], dtype=view.F.dtype)
     F, FT, Q = view.F, view.F.T, view.Q
+    dx, dy = view.H.shape[1], view.H.shape[0]
+    T = mask.shape[0]
 
-    def fstep(P_pred, mask_t):
-        Ht, Rt = masked_emission(view.H, view.R, mask_t)
-        PHt = la.mm(P_pred, Ht.T)
-        L = la.cholesky(la.sym(la.mm(Ht, PHt) + Rt))
-        K = la.cho_solve(L, PHt.T).T
-        IKH = eye - la.mm(K, Ht)
-        P_f = la.sym(la.mm(la.mm(IKH, P_pred), IKH.T) + la.mm(la.mm(K, Rt), K.T))
-        P_next = la.sym(la.mm(la.mm(F, P_f), FT) + Q)
-        Linv = la.solve_lower(L, jnp.eye(L.shape[-1], dtype=L.dtype))
-        return P_next, (P_pred, P_f, K, Linv, la.log_det_from_cholesky(L))
+    if whole_rows and dy > dx:
+        LR = la.cholesky(view.R)
+        LRinv = la.solve_lower(LR, jnp.eye(dy, dtype=LR.dtype))
+        W = la.mm(LRinv, view.H)  # (dy, dx)
+        G = la.mm(W.T, W)
+        WtLi = la.mm(W.T, LRinv)  # (dx, dy)
+        logdetR = la.log_det_from_cholesky(LR)
 
-    _, (P_p, P_f, K, Linv, logdet) = jax.lax.scan(fstep, view.P0, mask)
+        def fstep(P_pred, mask_t):
+            o = mask_t[0]  # whole rows: observed or not
+            Lp = la.cholesky(P_pred)
+            Mt = la.sym(eye + jnp.where(o, la.mm(la.mm(Lp.T, G), Lp), 0.0))
+            Lm = la.cholesky(Mt)
+            B = la.solve_lower(Lm, Lp.T)
+            P_f = la.mm(B.T, B)
+            Z2 = jnp.where(o, la.mm(B, WtLi), 0.0)  # (dx, dy)
+            K = la.mm(B.T, Z2)  # P_f H^T R^{-1}
+            logdet = jnp.where(o, logdetR, 0.0) + la.log_det_from_cholesky(Lm)
+            P_next = la.sym(la.mm(la.mm(F, P_f), FT) + Q)
+            return P_next, (P_pred, P_f, K, Z2, logdet)
+
+        _, (P_p, P_f, K, Z2, logdet) = jax.lax.scan(fstep, view.P0, mask)
+        Z1 = jnp.broadcast_to(LRinv, (T, dy, dy))
+    else:
+
+        def fstep(P_pred, mask_t):
+            Ht, Rt = masked_emission(view.H, view.R, mask_t)
+            PHt = la.mm(P_pred, Ht.T)
+            L = la.cholesky(la.sym(la.mm(Ht, PHt) + Rt))
+            K = la.cho_solve(L, PHt.T).T
+            IKH = eye - la.mm(K, Ht)
+            P_f = la.sym(la.mm(la.mm(IKH, P_pred), IKH.T) + la.mm(la.mm(K, Rt), K.T))
+            P_next = la.sym(la.mm(la.mm(F, P_f), FT) + Q)
+            Linv = la.solve_lower(L, jnp.eye(L.shape[-1], dtype=L.dtype))
+            return P_next, (P_pred, P_f, K, Linv, la.log_det_from_cholesky(L))
+
+        _, (P_p, P_f, K, Z1, logdet) = jax.lax.scan(fstep, view.P0, mask)
+        Z2 = jnp.zeros((T, 0, dy), Z1.dtype)
 
     valid = jnp.ones(mask.shape[:1], bool) if valid is None else valid
 
@@ -304,46 +340,70 @@ def _covariance_pass(view: LinearGaussianView, mask: jax.Array, valid=None):
 
     _, (P_s, cross, J) = jax.lax.scan(bstep, P_f[-1], (P_f[:-1], P_p[1:], valid[1:]), reverse=True)
     covs = jnp.concatenate([P_s, P_f[-1:]], 0)
-    return P_f, K, Linv, logdet, J, covs, cross
+    return P_f, K, Z1, Z2, logdet, J, covs, cross
+
+
+def _rows_times(m, A):
+    """``m @ A.T`` for ``m`` ``(S, d)`` and a small ``A`` ``(d', d)``: element-wise and
+    fused inside a time loop (a separate ``dot`` per step costs more than the work)."""
+    if la.SMALL_FACTOR >= max(A.shape) and jax.default_backend() == "cpu":
+        return jnp.sum(m[:, None, :] * A[None, :, :], -1)
+    return m @ A.T
 
 
 def kalman_smooth_shared(view: LinearGaussianView, c, e, y: jax.Array) -> GaussianPosterior:
     """Filter + RTS for ``S`` sequences ``y`` ``(S, T, dy)`` that share the parameters
     and the missing-data pattern (offsets ``c``, ``e`` ``(S, T, dim)`` may differ): one
-    covariance pass, then the means of all sequences together as matrix products."""
+    covariance pass, then the means of all sequences together.
+
+    With the gains fixed, the means follow affine recursions. Filter:
+    ``m_f,t = G_t m_p,t + g_t`` with ``G_t = I - K_t H_t`` and ``g_t = K_t (y_t - e_t)``
+    (missing entries zero), so ``m_p,t+1 = F G_t m_p,t + (F g_t + c_t+1)``. Smoother:
+    ``m_s,t = J_t m_s,t+1 + (m_f,t - J_t m_p,t+1)``. Everything but the two recursions is
+    computed for all steps at once; each loop step is one small product."""
     S = y.shape[0]
     mask = ~jnp.isnan(y)
-    P_f, K, Linv, logdet, J, covs, cross = _covariance_pass(view, mask[0])
-    yf = jnp.where(mask, y, 0.0)
+    whole = pattern_hint() == COMPLETE  # no missing entry at all (known at trace time)
+    P_f, K, Z1, Z2, logdet, J, covs, cross = _covariance_pass(view, mask[0], whole_rows=whole)
     F, H = view.F, view.H
     dtype = F.dtype
     n_obs = jnp.sum(mask[0], -1).astype(dtype)
-    tm = lambda a: jnp.swapaxes(a, 0, 1)  # noqa: E731  (S, T, .) -> (T, S, .)
     c_next = jnp.concatenate([c[:, 1:], jnp.zeros_like(c[:, :1])], 1)
+    m_obs = mask[0].astype(dtype)  # (T, dy)
+    Ht = m_obs[:, :, None] * H[None]  # (T, dy, dx): missing rows zeroed
+    resid0 = jnp.where(mask, y - e, 0.0)  # (S, T, dy)
+    eye = jnp.eye(F.shape[0], dtype=dtype)
+    G = eye - jnp.einsum("tij,tjk->tik", K, Ht)  # (T, dx, dx)
+    g = jnp.einsum("tij,stj->sti", K, resid0)  # (S, T, dx)
+    A = jnp.einsum("ij,tjk->tik", F, G)
+    b = jnp.einsum("ij,stj->sti", F, g) + c_next
+    tm = lambda a: jnp.swapaxes(a, 0, 1)  # noqa: E731  (S, T, .) -> (T, S, .)
 
     def fstep(m_pred, inp):
-        y_t, mask_t, e_t, cn_t, K_t, Li_t, ld_t, n_t = inp
-        r = jnp.where(mask_t[None], y_t - m_pred @ H.T - e_t, 0.0)  # (S, dy)
-        m_f = m_pred + r @ K_t.T
-        z = r @ Li_t.T  # whitened innovations (S, dy)
-        ll = -0.5 * (jnp.sum(z * z, -1) + ld_t + n_t * _LOG2PI)
-        return m_f @ F.T + cn_t, (m_pred, m_f, ll)
+        A_t, b_t = inp
+        return _rows_times(m_pred, A_t) + b_t, m_pred
 
     m0 = jnp.broadcast_to(view.m0, (S, view.m0.shape[0]))
-    _, (m_p, m_f, ll) = jax.lax.scan(
-        fstep, m0, (tm(yf), mask[0], tm(e), tm(c_next), K, Linv, logdet, n_obs)
-    )
+    _, m_p = jax.lax.scan(fstep, m0, (A, tm(b)))
+    m_p = tm(m_p)  # (S, T, dx)
+    r = resid0 - jnp.einsum("tij,stj->sti", Ht, m_p)
+    m_f = m_p + jnp.einsum("tij,stj->sti", K, r)
+    z1 = jnp.einsum("tij,stj->sti", Z1, r)
+    z2 = jnp.einsum("tij,stj->sti", Z2, r)
+    quad = jnp.sum(z1 * z1, -1) - jnp.sum(z2 * z2, -1)  # r^T S^{-1} r
+    ll = -0.5 * (quad + logdet + n_obs * _LOG2PI)  # (S, T)
+
+    b_s = m_f[:, :-1] - jnp.einsum("tij,stj->sti", J, m_p[:, 1:])
 
     def bstep(m_s_next, inp):
-        m_f_t, m_p_next, J_t = inp
-        m_s = m_f_t + (m_s_next - m_p_next) @ J_t.T
+        J_t, b_t = inp
+        m_s = _rows_times(m_s_next, J_t) + b_t
         return m_s, m_s
 
-    _, m_s = jax.lax.scan(bstep, m_f[-1], (m_f[:-1], m_p[1:], J), reverse=True)
-    means = jnp.concatenate([m_s, m_f[-1:]], 0)
+    _, m_s = jax.lax.scan(bstep, m_f[:, -1], (J, tm(b_s)), reverse=True)
+    means = jnp.concatenate([tm(m_s), m_f[:, -1:]], 1)
     bc = lambda a: jnp.broadcast_to(a, (S,) + a.shape)  # noqa: E731
-    ll = tm(ll)
-    return GaussianPosterior(tm(means), bc(covs), bc(cross), tm(m_f), bc(P_f), ll, jnp.sum(ll, -1))
+    return GaussianPosterior(means, bc(covs), bc(cross), m_f, bc(P_f), ll, jnp.sum(ll, -1))
 
 
 def _ragged_pays(y, dx: int) -> bool:
@@ -364,9 +424,9 @@ def kalman_smooth_ragged(view: LinearGaussianView, c, e, y, time_mask) -> Gaussi
     lengths = jnp.sum(time_mask, -1).astype(jnp.int32)  # (S,)
     valid = jnp.arange(T)[None, :] < jnp.arange(T + 1)[:, None]  # (T + 1, T): by length
     masks = jnp.broadcast_to(valid[..., None], (T + 1, T, dy))
-    P_f, K, Linv, logdet, J, covs, cross = jax.vmap(lambda m, v: _covariance_pass(view, m, v))(
-        masks, valid
-    )
+    P_f, K, Z1, Z2, logdet, J, covs, cross = jax.vmap(
+        lambda m, v: _covariance_pass(view, m, v, whole_rows=True)  # rows: in or past the end
+    )(masks, valid)
     F, H = view.F, view.H
     dtype = F.dtype
     n_obs = jnp.sum(masks, -1).astype(dtype)  # (T + 1, T)
@@ -376,16 +436,18 @@ def kalman_smooth_ragged(view: LinearGaussianView, c, e, y, time_mask) -> Gaussi
     c_next = jnp.concatenate([c[:, 1:], jnp.zeros_like(c[:, :1])], 1)
 
     def fstep(m_pred, inp):
-        y_t, mask_t, v_t, e_t, cn_t, K_t, Li_t, ld_t, n_t = inp
-        K_s, Li_s = K_t[lengths], Li_t[lengths]  # the gains of each sequence's length
+        y_t, mask_t, v_t, e_t, cn_t, K_t, Z1_t, Z2_t, ld_t, n_t = inp
+        K_s = K_t[lengths]  # the gains of each sequence's length
         r = jnp.where(mask_t, y_t - m_pred @ H.T - e_t, 0.0)  # (S, dy)
         m_f = m_pred + jnp.einsum("sij,sj->si", K_s, r)
-        z = jnp.einsum("sij,sj->si", Li_s, r)
-        ll = -0.5 * (jnp.sum(z * z, -1) + ld_t[lengths] + n_t[lengths] * _LOG2PI)
+        z1 = jnp.einsum("sij,sj->si", Z1_t[lengths], r)
+        z2 = jnp.einsum("sij,sj->si", Z2_t[lengths], r)
+        quad = jnp.sum(z1 * z1, -1) - jnp.sum(z2 * z2, -1)
+        ll = -0.5 * (quad + ld_t[lengths] + n_t[lengths] * _LOG2PI)
         return m_f @ F.T + cn_t, (m_pred, m_f, jnp.where(v_t, ll, 0.0))
 
     m0 = jnp.broadcast_to(view.m0, (S, view.m0.shape[0]))
-    inputs = (tm(yf), tm(mask), tm(time_mask), tm(e), tm(c_next), tm(K), tm(Linv))
+    inputs = (tm(yf), tm(mask), tm(time_mask), tm(e), tm(c_next), tm(K), tm(Z1), tm(Z2))
     _, (m_p, m_f, ll) = jax.lax.scan(fstep, m0, inputs + (tm(logdet), tm(n_obs)))
 
     def bstep(m_s_next, inp):
