@@ -297,6 +297,7 @@ def ffbsm(
     pad = size * num - N
 
     gaussian = ss.structure is not None  # additive Gaussian noise, state-independent Q
+    fused_logits = dx <= la.SMALL and jax.default_backend() == "cpu"
 
     def back(log_v_next, inp):
         x_t, lw_t, x_next, u_next, valid_next = inp
@@ -319,7 +320,13 @@ def ffbsm(
         def chunk(acc, c):
             colsum, pair = acc
             xj, lvj = c
-            if gaussian:
+            if gaussian and fused_logits:
+                # element-wise for a small dx: XLA fuses the logits into the max and the
+                # exp passes instead of writing and re-reading a (B, N) block
+                a = col[None, :]
+                for d in range(dx):
+                    a = a + xj[:, d : d + 1] * b[None, :, d]
+            elif gaussian:
                 a = col[None, :] + xj @ b.T  # (B, N) row-shifted logits
             else:
                 a = lw_t[None, :] + pairwise_transition_log_prob(ss, xj, x_t, u_next)
@@ -330,9 +337,13 @@ def ffbsm(
             rowsum = jnp.sum(E, axis=1)
             ok = jnp.isfinite(lvj) & (rowsum > 0)
             scale = jnp.where(ok, jnp.exp(lvj - jnp.log(jnp.where(ok, rowsum, 1.0))), 0.0)
-            # W[j, i] = scale_j E[j, i] is never formed: column sums and pair moments
-            colsum = shard_particles(colsum + scale @ E, mesh)
-            pair = pair + (xj * scale[:, None]).T @ (E @ phi_t)
+            # W[j, i] = scale_j E[j, i] is never formed. Column sums and pair moments
+            # come from one product with E (one pass over the block):
+            # [scale; (scale * x_j)^T] E = [colsum; sum_j scale_j x_j E[j, :]]
+            lhs = jnp.concatenate([scale[:, None], xj * scale[:, None]], 1)  # (B, 1 + dx)
+            M = shard_particles(lhs.T @ E, mesh, axis=1)  # (1 + dx, N)
+            colsum = shard_particles(colsum + M[0], mesh)
+            pair = pair + M[1:] @ phi_t
             return (colsum, pair), None
 
         init = (
