@@ -23,9 +23,13 @@ costs before its M-step); compilation is excluded and the time is the median of
 * ``paris`` / ``paris-hybrid``: ``PARISSmoother(N, num_backward=2, kernel="mcmc" /
   "hybrid")`` from ``ppl_dyn.infer.paris`` when that module is present (forward-only,
   O(N K) per step, memory independent of T).
-* Further rows can be added in ``METHODS`` (a name and a function building the jitted
-  ``(rng_key) -> LinearStats`` E-step); e.g. a CPF-AS / PSAEM row once that E-step exposes
-  statistics for one pass.
+* ``cpf-as``: one conditional particle filter sweep with ancestor sampling
+  (``ppl_dyn.infer.cpf``), conditional on a fixed reference path, and the statistics of
+  its weighted ancestral paths: one PSAEM iteration before its averaging, O(N) per step.
+  Timed only (no accuracy row): a sweep is one move of a Markov chain, not an estimator
+  of the smoothing statistics on its own.
+* Further rows can be added in ``available_methods`` (a name and a function building the
+  jitted ``(rng_key) -> LinearStats`` E-step).
 
 Timing: per-pass seconds against N (``N = 1e2 .. 1e5``; ``--quick``: 100, 300), and
 the log-log slope of time against N over ``N >= 1000`` (over all N with ``--quick``).
@@ -134,6 +138,34 @@ def paris_method(kernel):
     return build
 
 
+def cpf_method():
+    """One CPF-AS sweep (ancestor sampling, conditional on a reference path) and the
+    statistics of its weighted ancestral paths: what one PSAEM iteration costs before
+    its averaging and M-step. Timed only: a sweep is one step of a Markov chain whose
+    error depends on the reference it is given, not an estimator on its own."""
+
+    def build(ss, spec, N):
+        from ppl_dyn.infer.cpf import conditional_particle_filter, path_posterior
+
+        ms = LinearGaussianMStep()
+        feature = ss.structure.dynamics.features
+        kal = KalmanSmoother().posterior(None, ss, spec.y, spec.u)
+        ref = kal.means[0]  # a plausible reference path (the smoothed means)
+
+        @jax.jit
+        def run(key):
+            out = conditional_particle_filter(key, ss, spec.y[0], spec.u[0], ref, N)
+            post = jax.tree_util.tree_map(lambda a: a[None], path_posterior(out, feature))
+            return ms.statistics(post, ss, spec.y, spec.u)
+
+        return run
+
+    return build
+
+
+TIMING_ONLY = ("cpf-as",)
+
+
 def available_methods():
     methods = {
         "ffbsm": particle_method("ffbsm"),
@@ -147,6 +179,7 @@ def available_methods():
         methods["paris-hybrid"] = paris_method("hybrid")
     except ImportError:
         pass
+    methods["cpf-as"] = cpf_method()
     return methods
 
 
@@ -262,6 +295,8 @@ def main(argv=None):
 
     # ---- accuracy of the EM statistics against Kalman ---------------------------------
     for name in methods:
+        if name in TIMING_ONLY:
+            continue
         rows = []
         for n in acc_grid:
             if name == "ffbsm" and n > ffbsm_max:
