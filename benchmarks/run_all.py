@@ -17,7 +17,7 @@ and all rows go into one table. ``ratio`` is the speed-up ``anchor_s / ours_s``:
 ppl_dyn is faster. ``target`` is the speed-up the issue asks for (None: no target). A
 script that fails or times out gets a row saying so; a missing anchor time is shown as
 "—". ``--from-json NAME=PATH`` builds the table from JSON files written earlier by the
-scripts' ``--out``, without running anything. The full run takes about 1.5 hours on a
+scripts' ``--out``, without running anything. The full run takes about 2 hours on a
 2-core CPU (most of it ``nuts.py``); ``--quick`` about 10-15 minutes.
 """
 
@@ -265,11 +265,48 @@ def rows_nuts(data: dict) -> list[Row]:
     return rows
 
 
+def rows_smoothers(data: dict) -> list[Row]:
+    """``smoothers.py --out``: at N = 1e4, each linear-cost smoother against FFBSm at the
+    Monte Carlo error of the EM statistics that FFBSm has there."""
+    bench = "particle smoothers"
+    T, dx = data.get("T", "?"), data.get("dx", "?")
+    device = str(data.get("device", ""))
+    where = "GPU" if "cuda" in device.lower() or "gpu" in device.lower() else "CPU"
+    tgt = data.get("target", {})
+    ref = tgt.get("ffbsm")
+    rows = []
+    if not ref:
+        return rows
+    note = "FFBSm time extrapolated O(N²)" if ref.get("extrapolated") else None
+    for name, t in tgt.items():
+        if name == "ffbsm":
+            continue
+        case = (
+            f"LDS, T={T}, dx={dx}, {where}: {name} at the EM-statistics error of FFBSm "
+            f"with N=1e4 (N* = {t.get('N_star', 0):.0f})"
+        )
+        rows.append(make_row(bench, case, t.get("seconds"), "FFBSm (O(N²)), N=1e4",
+                             ref.get("seconds"), target=20.0, note=note))
+    return rows
+
+
+def rows_many_sequences(data: dict) -> list[Row]:
+    """``many_sequences.py --out``: one EM iteration over S sequences (no anchor)."""
+    bench = "EM, many sequences"
+    rows = []
+    for r in data.get("rows", []):
+        case = f"LDS, S={r.get('S')}, T<={r.get('T')}, {r.get('layout')} lengths: one EM iteration"
+        rows.append(make_row(bench, case, r.get("per_iter_s"), None, None))
+    return rows
+
+
 BENCHMARKS: dict[str, tuple[str, Callable[[dict], list[Row]]]] = {
     "lds_em": ("lds_em.py", rows_lds_em),
     "particle_smoother": ("particle_smoother.py", rows_particle_smoother),
     "eks_rbf": ("eks_rbf.py", rows_eks_rbf),
     "nuts": ("nuts.py", rows_nuts),
+    "smoothers": ("smoothers.py", rows_smoothers),
+    "many_sequences": ("many_sequences.py", rows_many_sequences),
 }
 
 

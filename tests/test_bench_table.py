@@ -135,3 +135,16 @@ def test_run_script_ok_failed_and_timed_out(run_all, tmp_path):
         assert run_all.run_script(str(script), str(out), True, timeout) == expected
         if mode == "ok":
             assert out.read_text() == '{"quick": true}'
+
+
+def test_smoothers_rows_compare_each_linear_method_with_ffbsm_at_equal_error(run_all):
+    data = {"T": 1000, "dx": 2, "device": "TFRT_CPU_0",
+            "target": {"ffbsm": {"N": 10000, "seconds": 300.0, "mse": 1e-5, "extrapolated": True},
+                       "paris": {"N_star": 20000.0, "seconds": 3.0, "speedup": 100.0},
+                       "ffbsi-mcmc": {"N_star": 15000.0, "seconds": 30.0, "speedup": 10.0}}}
+    rows = run_all.rows_smoothers(data)
+    assert [r["ratio"] for r in rows] == [100.0, 10.0]
+    cells = _cells(run_all.build_table(rows))
+    assert [c[-1] for c in cells] == ["yes", "no"]  # target >= 20x
+    assert all("extrapolated" in c[1] and "CPU" in c[1] for c in cells)
+    assert run_all.rows_smoothers({"target": {}}) == []
