@@ -326,6 +326,31 @@ def posterior_with_mask(e_step, rng_key, ss, y, u, time_mask=None):
     return e_step.posterior(rng_key, ss, y, u)
 
 
+def mask_arg(time_mask) -> tuple:
+    """The optional trailing ``time_mask`` argument of a compiled step: ``()`` without
+    ragged lengths (the step compiles without it), else ``(time_mask,)``."""
+    return () if time_mask is None else (time_mask,)
+
+
+def check_mask_support(m_step, time_mask) -> None:
+    """``ValueError`` when ragged data (a time mask) meet an M-step whose
+    ``statistics`` cannot drop the padded steps."""
+    if time_mask is not None and not accepts_keyword(m_step.statistics, "time_mask"):
+        raise ValueError(
+            f"ragged lengths (lengths=, lists of sequences, or a mesh that pads the "
+            f"sequences) need an M-step whose statistics() takes time_mask; "
+            f"{type(m_step).__name__}.statistics does not"
+        )
+
+
+def statistics_with_mask(m_step, post, ss, y, u, time_mask=None):
+    """``m_step.statistics``, passing the time mask only when there is one (M-steps
+    without ragged support keep their plain signature)."""
+    if time_mask is None:
+        return m_step.statistics(post, ss, y, u)
+    return m_step.statistics(post, ss, y, u, time_mask=time_mask)
+
+
 def _make_smoother(model, e_step, static_items, pattern=None):
     static = dict(static_items)
 

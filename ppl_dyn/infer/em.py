@@ -14,15 +14,17 @@ from tqdm.auto import tqdm
 from ppl_dyn._validation import check_params, check_rng_key
 from ppl_dyn.infer._pattern import assume_pattern, data_pattern
 from ppl_dyn.infer._run import (
-    accepts_keyword,
     adapt_params,
+    check_mask_support,
     hashable_items,
     inspect_checked,
     jit_model,
+    mask_arg,
     pad_to_multiple,
     posterior_with_mask,
     ragged_data,
     split_static,
+    statistics_with_mask,
     validate_data,
 )
 from ppl_dyn.infer.mstep import LinearGaussianMStep
@@ -121,7 +123,7 @@ class EM:
         kwargs, time_mask = ragged_data(kwargs, lengths)
         step, dynamic = self._compiled(kwargs, time_mask=time_mask)
         key, sub = jax.random.split(state.rng_key)
-        new_params, ll, _, _ = step(state.params, dynamic, sub, *_mask_arg(time_mask))
+        new_params, ll, _, _ = step(state.params, dynamic, sub, *mask_arg(time_mask))
         return EMState(new_params, state.iteration + 1, key), ll
 
     def run(
@@ -190,9 +192,9 @@ class EM:
             if np.all(time_mask):
                 time_mask = None  # nothing padded and no lengths
         step, dynamic = self._compiled(kwargs, time_mask=time_mask)
-        mask_arg = _mask_arg(time_mask)
+        extra = mask_arg(time_mask)
         if mesh is not None:
-            params, dynamic, mask_arg = shard_sequences(mesh, state.params, dynamic, mask_arg)
+            params, dynamic, extra = shard_sequences(mesh, state.params, dynamic, extra)
         else:
             params = state.params
         lls: list[float] = []
@@ -204,7 +206,7 @@ class EM:
             key, sub = jax.random.split(key)
             if e_step_schedule is not None:
                 step, _ = self._compiled(kwargs, e_step_schedule(it), time_mask)
-            new_params, ll, floors, finite = step(params, dynamic, sub, *mask_arg)
+            new_params, ll, floors, finite = step(params, dynamic, sub, *extra)
             ll = float(ll)
             finite = {k: bool(v) for k, v in finite.items()}
             if not np.isfinite(ll):
@@ -248,12 +250,7 @@ class EM:
     # -- internals ---------------------------------------------------------------------
     def _compiled(self, kwargs, e_step=None, time_mask=None):
         e_step = self.e_step if e_step is None else e_step
-        if time_mask is not None and not accepts_keyword(self.m_step.statistics, "time_mask"):
-            raise ValueError(
-                f"ragged lengths (lengths=, lists of sequences, or a mesh that pads the "
-                f"sequences) need an M-step whose statistics() takes time_mask; "
-                f"{type(self.m_step).__name__}.statistics does not"
-            )
+        check_mask_support(self.m_step, time_mask)
         dynamic, static = split_static(kwargs)
         items = hashable_items(static)
         pattern = data_pattern(dynamic.get("y"), time_mask)
@@ -336,10 +333,7 @@ def _make_step(model, e_step, m_step, static_items, pattern=None):
         k_e, k_m = jax.random.split(rng_key)
         post = posterior_with_mask(e_step, k_e, ss, spec.y, spec.u, time_mask)
         ll = jnp.sum(post.log_marginal)
-        if time_mask is None:
-            stats = m_step.statistics(post, ss, spec.y, spec.u)
-        else:
-            stats = m_step.statistics(post, ss, spec.y, spec.u, time_mask=time_mask)
+        stats = statistics_with_mask(m_step, post, ss, spec.y, spec.u, time_mask)
         new, floors = m_step.update(
             stats, ss, frozenset(params), rng_key=k_m, model=model, model_kwargs=kwargs
         )
@@ -353,10 +347,6 @@ def _make_step(model, e_step, m_step, static_items, pattern=None):
 @functools.lru_cache(maxsize=128)
 def _cached_step(model, e_step, m_step, static_items, pattern=None):
     return _make_step(model, e_step, m_step, static_items, pattern)
-
-
-def _mask_arg(time_mask) -> tuple:
-    return () if time_mask is None else (time_mask,)
 
 
 def shard_sequences(mesh, params: dict, dynamic: dict, mask_arg: tuple):

@@ -346,7 +346,7 @@ def _covariance_pass(view: LinearGaussianView, mask: jax.Array, valid=None, whol
 def _rows_times(m, A):
     """``m @ A.T`` for ``m`` ``(S, d)`` and a small ``A`` ``(d', d)``: element-wise and
     fused inside a time loop (a separate ``dot`` per step costs more than the work)."""
-    if la.SMALL_FACTOR >= max(A.shape) and jax.default_backend() == "cpu":
+    if la._small(*A.shape):  # the size rule of _linalg's fused products
         return jnp.sum(m[:, None, :] * A[None, :, :], -1)
     return m @ A.T
 

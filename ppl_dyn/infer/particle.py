@@ -297,7 +297,7 @@ def ffbsm(
     pad = size * num - N
 
     gaussian = ss.structure is not None  # additive Gaussian noise, state-independent Q
-    fused_logits = dx <= la.SMALL and jax.default_backend() == "cpu"
+    fused_logits = la._small(dx)  # the size rule of _linalg's fused products
 
     def back(log_v_next, inp):
         x_t, lw_t, x_next, u_next, valid_next = inp

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ppl_dyn._validation import check_rng_key
 from ppl_dyn.infer import _linalg as la
-from ppl_dyn.infer._run import hashable_items, jit_model, ragged_data, split_static
+from ppl_dyn.infer._run import hashable_items, jit_model, mask_arg, ragged_data, split_static
 from ppl_dyn.infer.cpf import conditional_particle_filter
 from ppl_dyn.infer.em import EMResult, initial_params
 from ppl_dyn.infer.mstep import regression_blocks, structure_sites
@@ -342,7 +342,7 @@ class PGAS:
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}; got {v!r}")
         kwargs, time_mask = ragged_data(kwargs, lengths)
-        mask_arg = () if time_mask is None else (time_mask,)
+        extra = mask_arg(time_mask)
         k_init, k_run = jax.random.split(rng_key)
         starts = []
         structure = {}
@@ -372,7 +372,7 @@ class PGAS:
                 jnp.asarray(first),
                 dynamic,
                 jax.random.split(keys[it], num_chains),
-                *mask_arg,
+                *extra,
             )
             bad = [k for k, ok in finite.items() if not bool(jnp.all(ok))]
             if bad:

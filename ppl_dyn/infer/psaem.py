@@ -29,11 +29,13 @@ from tqdm.auto import tqdm
 
 from ppl_dyn.infer._pattern import assume_pattern, data_pattern
 from ppl_dyn.infer._run import (
-    accepts_keyword,
+    check_mask_support,
     hashable_items,
     jit_model,
+    mask_arg,
     ragged_data,
     split_static,
+    statistics_with_mask,
 )
 from ppl_dyn.infer.cpf import conditional_particle_filter, path_posterior
 from ppl_dyn.infer.em import EMResult, initial_params, warn_floors
@@ -234,12 +236,8 @@ class PSAEM:
             raise ValueError(f"num_iters must be a positive int; got {num_iters!r}")
         gammas = _step_sizes(self.step_size, int(num_iters))
         kwargs, time_mask = ragged_data(kwargs, lengths)
-        if time_mask is not None and not accepts_keyword(self.m_step.statistics, "time_mask"):
-            raise ValueError(
-                "lengths: ragged sequences need an M-step whose statistics() takes "
-                f"time_mask; {type(self.m_step).__name__}.statistics does not"
-            )
-        mask_arg = () if time_mask is None else (time_mask,)
+        check_mask_support(self.m_step, time_mask)
+        extra = mask_arg(time_mask)
         if isinstance(init_params, PSAEMResult):
             init_params = init_params.params
         params, key, kwargs = initial_params(
@@ -262,7 +260,7 @@ class PSAEM:
             first = jnp.asarray(it == 0)
             gamma = jnp.asarray(gammas[it], dtype=ref_shape.dtype)
             new_params, stats, refs, ll, floors, finite = step(
-                params, stats, refs, first, gamma, dynamic, sub, *mask_arg
+                params, stats, refs, first, gamma, dynamic, sub, *extra
             )
             bad = [k for k, ok in finite.items() if not bool(ok)]
             if bad:
@@ -335,10 +333,7 @@ def _make_step(model, num_particles, ancestor_sampling, m_step, static_items, pa
             return out, path_posterior(out, feature)
 
         outs, post = jax.vmap(one)(keys, spec.y, spec.u, refs, masks)
-        if time_mask is None:
-            stats = m_step.statistics(post, ss, spec.y, spec.u)
-        else:
-            stats = m_step.statistics(post, ss, spec.y, spec.u, time_mask=time_mask)
+        stats = statistics_with_mask(m_step, post, ss, spec.y, spec.u, time_mask)
         return ss, stats, outs
 
     def shapes(params, dynamic):
