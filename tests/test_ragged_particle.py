@@ -18,18 +18,21 @@ import numpy as np
 import numpyro
 import oracles as O
 import pytest
+from psaem_checks import (
+    FREE,
+    assert_sa_reaches_fixed_point,
+    em_fixed_point,
+    run_noisy_and_sa,
+)
 from scipy.special import logsumexp
 
 from ppl_dyn import bind
 from ppl_dyn.infer import (
-    EM,
     PGAS,
     PSAEM,
-    KalmanSmoother,
     LinearGaussianMStep,
     MNIWPrior,
     PARISSmoother,
-    step_size_schedule,
 )
 from ppl_dyn.infer import psaem as psaem_mod
 from ppl_dyn.infer._run import ragged_data
@@ -269,8 +272,6 @@ def test_ragged_pgas_path_statistics_equal_cut_paths():
 # --------------------------------------------------------------------------------------
 
 TRUE = O.scalar_lds_params()
-FREE = ("A", "b", "Q")
-INIT = dict(A=np.array([[0.5]]), Q=np.array([[1.0]]), b=np.array([0.0]))
 MODEL = numpyro.handlers.condition(lds, {k: v for k, v in TRUE.items() if k not in FREE})
 RAGGED = [60, 25, 40, 5]
 
@@ -291,28 +292,8 @@ def test_ragged_psaem_converges_to_the_ragged_exact_em_fixed_point():
     point: this checks convergence on ragged data end to end; the exact tests above
     check that the padded steps are left out of the statistics."""
     ys = scalar_ragged_data()
-    em = EM(MODEL, KalmanSmoother()).run(
-        jax.random.key(0),
-        500,
-        init_params=INIT,
-        rtol=1e-13,
-        y=ys,
-        state_dim=1,
-        progress_bar=False,
-    )
-    assert em.converged
-    fixed = {k: float(np.ravel(em.params[k])[0]) for k in FREE}
-    K, N = 300, 10
-    kw = dict(init_params=INIT, y=ys, state_dim=1, progress_bar=False)
-    noisy = PSAEM(MODEL, N, step_size=1.0).run(jax.random.key(1), K, **kw)
-    sa = PSAEM(MODEL, N, step_size=step_size_schedule(50, 0.7)).run(jax.random.key(2), K, **kw)
-    for name in FREE:
-        h1 = noisy.params_history[name].reshape(K)
-        h2 = sa.params_history[name].reshape(K)
-        sigma1 = h1[100:].std()
-        assert abs(h1[100:].mean() - fixed[name]) < sigma1, (name, h1[100:].mean(), fixed)
-        assert h2[-50:].std() < 0.3 * sigma1, (name, h2[-50:].std(), sigma1)
-        assert abs(h2[-1] - fixed[name]) < 0.75 * sigma1, (name, h2[-1], fixed, sigma1)
+    noisy, sa = run_noisy_and_sa(MODEL, ys)
+    assert_sa_reaches_fixed_point(noisy, sa, em_fixed_point(MODEL, ys))
 
 
 def _grid_posterior_A(ys, prior_sd):
