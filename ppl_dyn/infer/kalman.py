@@ -133,6 +133,18 @@ def _filter_covariance(view: LinearGaussianView, y: jax.Array):
     return m_p, P_p, m_f, P_f, ll
 
 
+def _information_update(P_pred, G, eye):
+    """Information-form measurement update of the covariance with ``G = W^T W`` (the
+    whitened emission): ``P_f = Lp (I + Lp^T G Lp)^{-1} Lp^T = B^T B`` with
+    ``P_pred = Lp Lp^T``, no inverse of ``P`` (well conditioned, PSD). Returns
+    ``(B, P_f, Lm)``, ``Lm`` the factor of ``I + Lp^T G Lp`` (its log-determinant is the
+    innovation's, minus ``log|R|``)."""
+    Lp = la.cholesky(P_pred)
+    Lm = la.cholesky(la.sym(eye + la.mm(la.mm(Lp.T, G), Lp)))
+    B = la.solve_lower(Lm, Lp.T)
+    return B, la.mm(B.T, B), Lm
+
+
 def _filter_information(view: LinearGaussianView, y: jax.Array):
     """Information-form update: per step only state-sized factorisations.
 
@@ -173,12 +185,7 @@ def _filter_information(view: LinearGaussianView, y: jax.Array):
         m_pred, P_pred = carry
         v_t, const_t, c_n, *rest = inp
         W_t, G_t = rest if rest else (W_c, G_c)
-        # P_f = Lp (I + Lp^T G Lp)^{-1} Lp^T: no inverse of P (well conditioned, PSD)
-        Lp = la.cholesky(P_pred)
-        Mt = la.sym(eye + la.mm(la.mm(Lp.T, G_t), Lp))
-        Lm = la.cholesky(Mt)
-        B = la.solve_lower(Lm, Lp.T)
-        P_f = la.mm(B.T, B)
+        B, P_f, Lm = _information_update(P_pred, G_t, eye)
         r_w = v_t - la.mv(W_t, m_pred)  # whitened residual LR^{-1}(y - H m - e)
         cb = la.mv(B, la.mv(W_t.T, r_w))
         m_f = m_pred + la.mv(B.T, cb)
@@ -301,11 +308,7 @@ def _covariance_pass(view: LinearGaussianView, mask: jax.Array, valid=None, whol
 
         def fstep(P_pred, mask_t):
             o = mask_t[0]  # whole rows: observed or not
-            Lp = la.cholesky(P_pred)
-            Mt = la.sym(eye + jnp.where(o, la.mm(la.mm(Lp.T, G), Lp), 0.0))
-            Lm = la.cholesky(Mt)
-            B = la.solve_lower(Lm, Lp.T)
-            P_f = la.mm(B.T, B)
+            B, P_f, Lm = _information_update(P_pred, jnp.where(o, G, 0.0), eye)
             Z2 = jnp.where(o, la.mm(B, WtLi), 0.0)  # (dx, dy)
             K = la.mm(B.T, Z2)  # P_f H^T R^{-1}
             logdet = jnp.where(o, logdetR, 0.0) + la.log_det_from_cholesky(Lm)
