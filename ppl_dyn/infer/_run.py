@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -38,10 +38,34 @@ def without_validation(fn):
     return wrapped
 
 
-def jit_model(fn, **jit_kwargs):
+def jit_model(fn, e_step=None, **jit_kwargs):
     """``jax.jit`` of :func:`without_validation` ``(fn)``: what our compiled E-steps,
-    EM steps and samplers are built with."""
-    return jax.jit(without_validation(fn), **jit_kwargs)
+    EM steps and samplers are built with. ``e_step``: the E-step inside ``fn``; its
+    :func:`compiler_options` go to XLA."""
+    fn = without_validation(fn)
+    plain = jax.jit(fn, **jit_kwargs)
+    options = compiler_options(e_step)
+    if not options:
+        return plain
+    # XLA takes options from the top-level program only (a jit inside a user's jit or
+    # grad raises): called with tracers, the plain jit runs and becomes part of theirs
+    tuned = jax.jit(fn, compiler_options=options, **jit_kwargs)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        leaves = jax.tree_util.tree_leaves((args, kwargs))
+        traced = any(isinstance(v, jax.core.Tracer) for v in leaves)
+        return (plain if traced else tuned)(*args, **kwargs)
+
+    call.lower = tuned.lower
+    return call
+
+
+def compiler_options(e_step) -> Optional[dict]:
+    """The XLA compiler options for a program built around ``e_step``: its
+    ``compiler_options(backend)`` (a dict or None) for the default backend."""
+    get = getattr(e_step, "compiler_options", None)
+    return get(jax.default_backend()) if callable(get) else None
 
 
 def split_static(kwargs: dict):
@@ -359,7 +383,7 @@ def _make_smoother(model, e_step, static_items, pattern=None):
         ss, spec = bind(model, params, **static, **dynamic)
         return posterior_with_mask(e_step, rng_key, ss, spec.y, spec.u, time_mask)
 
-    return jit_model(run)
+    return jit_model(run, e_step)
 
 
 @functools.lru_cache(maxsize=64)

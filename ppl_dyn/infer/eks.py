@@ -144,6 +144,11 @@ class ExtendedKalmanSmoother(NamedTuple):
 
     num_iterations: int = 1
 
+    def compiler_options(self, backend: str):
+        """XLA options for the programs built around this E-step: on the CPU, the loop
+        emitter (half the compile time; ``_linalg.SMALL_MATRIX_CPU_OPTIONS``)."""
+        return la.small_matrix_compiler_options(backend)
+
     def posterior(
         self,
         rng_key,

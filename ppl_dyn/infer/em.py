@@ -341,7 +341,7 @@ def _make_step(model, e_step, m_step, static_items, pattern=None):
         finite = {k: jnp.all(jnp.isfinite(v)) for k, v in new_params.items()}
         return new_params, ll, floors, finite
 
-    return jit_model(step)
+    return jit_model(step, e_step)
 
 
 @functools.lru_cache(maxsize=128)

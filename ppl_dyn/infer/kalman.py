@@ -484,6 +484,12 @@ class KalmanSmoother(NamedTuple):
         (20, 2)
     """
 
+    def compiler_options(self, backend: str):
+        """XLA options for the programs built around this E-step (EM steps, ``smooth``):
+        on the CPU, the loop emitter, which compiles these small-matrix programs in
+        about half the time (see ``_linalg.SMALL_MATRIX_CPU_OPTIONS``)."""
+        return la.small_matrix_compiler_options(backend)
+
     def posterior(
         self,
         rng_key,

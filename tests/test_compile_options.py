@@ -1,0 +1,77 @@
+"""XLA compiler options of the Kalman E-step programs (``KalmanSmoother.compiler_options``).
+
+The EM step and ``smooth`` compile with the E-step's options when they are called at top
+level, and without them inside a user's ``jit`` / ``grad`` (XLA takes options from the
+top-level program only). Oracle: the same program compiled with XLA's defaults.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import ppl_dyn
+from ppl_dyn.infer import EM, ExtendedKalmanSmoother, KalmanSmoother
+from ppl_dyn.infer._linalg import SMALL_MATRIX_CPU_OPTIONS
+from ppl_dyn.infer._run import compiler_options, jit_model
+from ppl_dyn.models import lds
+
+
+def _data():
+    sim = ppl_dyn.simulate(jax.random.key(3), lds, num_steps=60, state_dim=2, obs_dim=2)
+    y = np.array(sim["y"])
+    y[5, 0] = np.nan  # missing entry
+    return sim["params"], jnp.asarray(y)
+
+
+def test_kalman_options_apply_on_cpu_only():
+    assert KalmanSmoother().compiler_options("cpu") == SMALL_MATRIX_CPU_OPTIONS
+    assert KalmanSmoother().compiler_options("gpu") is None
+    assert ExtendedKalmanSmoother().compiler_options("cpu") == SMALL_MATRIX_CPU_OPTIONS
+    assert compiler_options(object()) is None  # E-steps without the method: XLA defaults
+
+
+def test_tuned_em_step_equals_default_compilation_and_runs_inside_jit():
+    params, y = _data()
+    em = EM(lds, KalmanSmoother())
+    state = em.init(jax.random.key(0), y=y, state_dim=2)
+    new, ll = em.update(state, y=y, state_dim=2)  # top level: the tuned program
+
+    # oracle: the same step function compiled with XLA's defaults
+    from ppl_dyn.infer._run import validate_data
+
+    step, dynamic = em._compiled(validate_data(dict(y=y, state_dim=2)))
+    plain = jax.jit(step.__wrapped__)
+    key = jax.random.split(state.rng_key)[1]
+    ref_params, ref_ll, _, _ = plain(state.params, dynamic, key)
+    np.testing.assert_allclose(ll, ref_ll, rtol=1e-12)
+    for k in ref_params:
+        np.testing.assert_allclose(new.params[k], ref_params[k], rtol=1e-9, atol=1e-12)
+
+    # inside a user's jit the step runs without options (no error), same numbers
+    @jax.jit
+    def inside(p):
+        s = state._replace(params=p)
+        return em.update(s, y=y, state_dim=2)[1]
+
+    np.testing.assert_allclose(inside(state.params), ll, rtol=1e-12)
+
+
+def test_smooth_under_grad_matches_top_level():
+    params, y = _data()
+    ks = KalmanSmoother()
+    top = ks.smooth(params, lds, y=y, state_dim=2).log_marginal
+
+    def f(scale):
+        p = {**params, "R": params["R"] * scale}
+        return ks.smooth(p, lds, y=y, state_dim=2).log_marginal
+
+    val, grad = jax.value_and_grad(f)(1.0)
+    np.testing.assert_allclose(val, top, rtol=1e-12)
+    eps = 1e-6
+    fd = (f(1.0 + eps) - f(1.0 - eps)) / (2 * eps)
+    np.testing.assert_allclose(grad, fd, rtol=1e-6)
+
+
+def test_jit_model_without_options_is_plain_jit():
+    f = jit_model(lambda x: x + 1.0)
+    assert hasattr(f, "lower") and float(f(jnp.float64(1.0))) == 2.0
