@@ -79,14 +79,14 @@ def test_infinite_input_raises_naming_u(system):
 
 def test_one_dimensional_y_raises(system):
     params, y, u = system
-    for label, call in both_entry_points(params, y=y[:, 0]):
+    for _label, call in both_entry_points(params, y=y[:, 0]):
         with pytest.raises(ValueError, match=r"\by\b.*shape.*\(12,\)"):
             call()
 
 
 def test_zero_time_steps_raises_T_at_least_one(system):
     params, y, u = system
-    for label, call in both_entry_points(params, y=y[:0]):
+    for _label, call in both_entry_points(params, y=y[:0]):
         with pytest.raises(ValueError, match=r"T >= 1"):
             call()
     with pytest.raises(ValueError, match=r"T >= 1"):
@@ -122,7 +122,7 @@ def test_wrong_parameter_shape_raises_naming_site(system, site, value):
         params["d"] = params["d"][: DY - 1]
         params["R"] = params["R"][: DY - 1, : DY - 1]
         params["D"] = params["D"][: DY - 1]
-    for label, call in both_entry_points(params, y=y, u=u):
+    for _label, call in both_entry_points(params, y=y, u=u):
         with pytest.raises(ValueError, match=rf"\b{site}\b.*shape"):
             call()
 
@@ -130,7 +130,7 @@ def test_wrong_parameter_shape_raises_naming_site(system, site, value):
 def test_input_length_differing_from_T_raises_naming_u(system):
     params, y, u = system
     u_long = np.concatenate([u, u[:1]])
-    for label, call in both_entry_points(params, y=y, u=u_long):
+    for _label, call in both_entry_points(params, y=y, u=u_long):
         with pytest.raises(ValueError, match=r"\bu must have shape"):
             call()
 
@@ -139,7 +139,7 @@ def test_input_batch_differing_from_y_batch_raises_naming_u(system):
     params, y, u = system
     yb = np.stack([y, y])  # 2 sequences
     ub = np.stack([u, u, u])  # 3 sequences
-    for label, call in both_entry_points(params, y=yb, u=ub):
+    for _label, call in both_entry_points(params, y=yb, u=ub):
         with pytest.raises(ValueError, match=r"\bu must have shape"):
             call()
 
@@ -177,7 +177,7 @@ def test_batched_input_with_unbatched_y_raises_naming_u(system):
 def test_invalid_parameter_value_raises_naming_site(system, site, value, pattern):
     params, y, u = system
     params = {**params, site: value}
-    for label, call in both_entry_points(params, y=y, u=u):
+    for _label, call in both_entry_points(params, y=y, u=u):
         with pytest.raises(ValueError, match=pattern):
             call()
 

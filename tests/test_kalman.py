@@ -12,8 +12,8 @@ import numpy as np
 import oracles as O
 import pytest
 
-from ppl_dyn.models import lds
 from ppl_dyn.infer import KalmanSmoother
+from ppl_dyn.models import lds
 
 TOL = 1e-9
 
@@ -138,7 +138,8 @@ def test_missing_data_matches_dense_oracle_on_observed_entries(pattern):
     empty = np.all(np.isnan(ym), axis=1)
     assert np.all(np.abs(np.asarray(post.predicted_log_probs)[empty]) <= 1e-12)
     ref = O.dense_posterior(params, ym, u)
-    steps = [O.dense_log_marginal(params, np.where(np.arange(MED["T"])[:, None] <= t, ym, np.nan), u)
+    upto = np.arange(MED["T"])[:, None]
+    steps = [O.dense_log_marginal(params, np.where(upto <= t, ym, np.nan), u)
              for t in range(MED["T"])]
     assert_close(post.predicted_log_probs, np.diff(np.concatenate([[0.0], steps])), TOL,
                  "per-step log p(y_t | y_{1:t-1})")
@@ -169,7 +170,7 @@ def test_masked_array_input_equals_nan_input():
     y_ma = np.ma.masked_array(np.where(mask, 1e6, y), mask=mask)
     p_nan = smooth(params, y_nan, u)
     p_ma = smooth(params, y_ma, u)
-    for a, b in zip(p_nan, p_ma):
+    for a, b in zip(p_nan, p_ma, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert_close(p_ma.log_marginal, O.dense_log_marginal(params, y_nan, u), TOL, "ll")
 
@@ -228,7 +229,7 @@ def test_user_jit_agrees_with_eager_call():
     y[2, 0] = np.nan
     ref = smooth(params, y, u)
     jitted = jax.jit(lambda p, yy, uu: smooth(p, yy, uu))(params, y, u)
-    for name, a, b in zip(ref._fields, ref, jitted):
+    for name, a, b in zip(ref._fields, ref, jitted, strict=True):
         assert_close(b, a, 1e-12, f"jit {name}")
     assert_close(ref.log_marginal, O.dense_log_marginal(params, y, u), TOL, "dense")
 
@@ -240,7 +241,7 @@ def test_disable_jit_agrees_with_jitted_call():
     ref = smooth(params, y, u)
     with jax.disable_jit():
         eager = smooth(params, y, u)
-    for name, a, b in zip(ref._fields, ref, eager):
+    for name, a, b in zip(ref._fields, ref, eager, strict=True):
         assert_close(b, a, 1e-12, f"no-jit {name}")
 
 
@@ -257,7 +258,7 @@ def test_vmap_over_sequences_equals_python_loop():
     assert batched.log_marginal.shape == (S,)
     for s in range(S):
         single = smooth(params, y[s], u[s])
-        for name, a, b in zip(single._fields, single, batched):
+        for name, a, b in zip(single._fields, single, batched, strict=True):
             assert_close(np.asarray(b)[s], a, 1e-12, f"seq {s} {name}")
         assert_close(single.log_marginal, O.dense_log_marginal(params, y[s], u[s]), TOL)
 
@@ -286,7 +287,7 @@ def test_float32_agrees_with_float64(how):
     else:
         with jax.enable_x64(False):
             post = smooth(params, y)
-    for name, arr in zip(post._fields, post):
+    for name, arr in zip(post._fields, post, strict=True):
         assert arr.dtype == jnp.float32, (name, arr.dtype)
     assert_close(post.means, ref.means, 1e-4, "means")
     assert_close(post.covs, ref.covs, 1e-4, "covs")
@@ -437,6 +438,6 @@ def test_batch_shared_covariance_path_matches_dense(same_pattern):
         ys[1, 12, 2] = np.nan
     post = smooth(params, ys, u)
     for s in range(3):
-        assert_matches_dense(jax.tree_util.tree_map(lambda a: a[s], post), params, ys[s], u)
+        assert_matches_dense(jax.tree_util.tree_map(lambda a, s=s: a[s], post), params, ys[s], u)
         ref = O.dense_posterior(params, ys[s], u)
         assert_close(post.cross_covs[s], ref["cross"], TOL, "cross")

@@ -66,7 +66,7 @@ def run_em(data, num_iters, init_params=None, model=lds, seed=0):
 
 def dense_moments(params, data):
     us = data["us"] if data["u"] is not None else [None] * len(data["ys"])
-    return [O.dense_posterior(params, y, u) for y, u in zip(data["ys"], us)]
+    return [O.dense_posterior(params, y, u) for y, u in zip(data["ys"], us, strict=True)]
 
 
 def q_value(params, moments, data):
@@ -131,7 +131,7 @@ def test_oracle_q_function_satisfies_fisher_identity(name):
     us = data["us"]
 
     def ll(q):
-        return sum(O.dense_log_marginal(q, y, u) for y, u in zip(data["ys"], us))
+        return sum(O.dense_log_marginal(q, y, u) for y, u in zip(data["ys"], us, strict=True))
 
     rng = np.random.default_rng(0)
     for k in p:
@@ -160,7 +160,8 @@ def test_em_log_marginal_is_non_decreasing(name):
         if seed == 0:
             res1 = run_em(data, 1, init_params=res.state.params, seed=seed)
             us = data["us"]
-            ll = sum(O.dense_log_marginal(res.params, y, u) for y, u in zip(data["ys"], us))
+            pairs = zip(data["ys"], us, strict=True)
+            ll = sum(O.dense_log_marginal(res.params, y, u) for y, u in pairs)
             assert abs(res1.log_marginals[0] - ll) <= 1e-9 * abs(ll)
             assert res1.log_marginals[0] >= res.log_marginals[-1] - 1e-9 * abs(ll)
 
