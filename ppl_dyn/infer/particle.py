@@ -26,6 +26,7 @@ import numpyro.distributions as dist
 from blackjax.smc import resampling as bj_resampling
 from jax.scipy.special import logsumexp
 
+from ppl_dyn._malloc import keep_freed_memory
 from ppl_dyn.infer import _linalg as la
 from ppl_dyn.infer.backward import DEFAULT_MAX_TRIALS, ffbsi_hybrid, ffbsi_mcmc, path_statistics
 from ppl_dyn.infer.stats import InitStats, LinearStats, RegressionStats, keep, sum_stats
@@ -574,6 +575,7 @@ class ParticleSmoother(NamedTuple):
         two linear-cost modes run through the padded steps (valid draws, a little more
         Monte Carlo noise)."""
         self._check()
+        keep_freed_memory()  # large blocks: keep them mapped between calls (see _malloc)
         feature = ss.structure.dynamics.features if ss.structure is not None else (lambda x: x)
         S = y.shape[0]
         keys = jax.random.split(rng_key, S)
