@@ -14,11 +14,12 @@ and compilation). The full run takes about 20-30 minutes on a 2-core CPU (most o
 ppl_dyn at N = 4000 and ``particles`` at N = 1000, ~90 s). Close other CPU-heavy
 processes first: timings are wall-clock and a concurrent job inflates them 1.5-2x.
 
-Note: XLA's CPU buffers come from glibc malloc. Buffers over its mmap threshold are
-returned to the OS and faulted in again on every scan step (high ``sys`` time); in a fresh
-process this alone doubled the N = 1000, dx = 5, float64 E-step (6.5 s vs 3.4 s with
-``MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=4000000000``). The benchmark
-does not set these: it reports what a user gets by default.
+Note: XLA's CPU buffers come from glibc malloc. With glibc's default trim threshold the
+large FFBSm blocks went back to the OS after each call and were faulted in again (high
+``sys`` time; some calls 1.5x slower, 6.5 s vs 3.4 s at N = 1000, dx = 5 in one fresh
+process). Since session 6 the ParticleSmoother raises glibc's ``M_TRIM_THRESHOLD``
+itself (``ppl_dyn/_malloc.py``), so the benchmark measures what a user gets by default
+with that in place.
 
 What is measured (CPU unless JAX picks another backend), all on the same simulated data:
 

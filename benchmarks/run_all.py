@@ -352,7 +352,47 @@ def describe_file(path: str) -> str:
             f"{when:%Y-%m-%d %H:%M} UTC)")
 
 
-def render(rows: list[Row], status: dict[str, str], quick: bool, from_json: bool = False) -> str:
+def merge_kept(table: str, old_text: str) -> str:
+    """``table`` (new rows) merged into the table of ``old_text`` (an earlier
+    results.md): old rows of a benchmark that ``table`` has rows for are replaced, in
+    place, by the new ones; rows of other benchmarks are kept verbatim; benchmarks new to
+    the old table go at the end. For rebuilding the table when only some scripts ran."""
+
+    def rows_of(text):
+        return [ln for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith(
+            ("| benchmark |", "|---"))]
+
+    def label(line):
+        return line.split("|")[1].strip()
+
+    new_rows = rows_of(table)
+    new_labels = list(dict.fromkeys(label(ln) for ln in new_rows))
+    out, placed = [], set()
+    for ln in rows_of(old_text):
+        lab = label(ln)
+        if lab not in new_labels:
+            out.append(ln)
+        elif lab not in placed:
+            out += [r for r in new_rows if label(r) == lab]
+            placed.add(lab)
+    out += [r for r in new_rows if label(r) not in placed]
+    header = table.splitlines()[:2]
+    return "\n".join(header + out)
+
+
+def kept_status(old_text: str) -> dict[str, str]:
+    """Each script's status from the 'Scripts:' line of an earlier results.md."""
+    line = next((ln for ln in old_text.splitlines() if ln.startswith("Scripts: ")), "")
+    status = {}
+    for part in line[len("Scripts: "):].rstrip(".").split(", `"):
+        name, _, state = part.lstrip("`").partition("` ")
+        if name in BENCHMARKS and state and state != "not run":
+            status[name] = state
+    return status
+
+
+def render(rows: list[Row], status: dict[str, str], quick: bool, from_json: bool = False,
+           keep_text: Optional[str] = None) -> str:
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     how = "--from-json ..." if from_json else ("--quick" if quick else "")
     lines = [
@@ -365,7 +405,7 @@ def render(rows: list[Row], status: dict[str, str], quick: bool, from_json: bool
         "NUTS rows compare seconds per effective draw (1 / minimum bulk ESS per second).",
         "Speed-up = anchor time / our time: above 1, ppl_dyn is faster.",
         "",
-        build_table(rows),
+        build_table(rows) if keep_text is None else merge_kept(build_table(rows), keep_text),
         "",
         "Scripts: "
         + ", ".join(f"`{n}` {status.get(n, 'not run')}" for n in BENCHMARKS)
@@ -387,6 +427,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json-dir", default=None, help="keep each script's JSON here")
     ap.add_argument("--from-json", action="append", default=[], metavar="NAME=PATH",
                     help="use a JSON file written earlier by a script's --out; no run")
+    ap.add_argument("--keep-rows", default=None, metavar="FILE",
+                    help="an earlier results.md: keep its rows (and script status) for the "
+                    "benchmarks not run or given now")
     args = ap.parse_args(argv)
 
     names = list(BENCHMARKS)
@@ -424,7 +467,13 @@ def main(argv=None) -> int:
                 rows += rows_from_file(name, path)
             else:
                 rows.append(make_row(name, "all cases", None, None, None, note=state))
-    text = render(rows, status, args.quick, from_json=bool(given))
+    keep_text = None
+    if args.keep_rows:
+        with open(args.keep_rows) as f:
+            keep_text = f.read()
+        status = {**{k: v for k, v in kept_status(keep_text).items() if k not in status},
+                  **status}
+    text = render(rows, status, args.quick, from_json=bool(given), keep_text=keep_text)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write(text)

@@ -117,6 +117,22 @@ def test_render_lists_each_script_status(run_all):
     assert "`lds_em` not run" in text
 
 
+def test_keep_rows_replaces_rebuilt_benchmarks_in_place_and_keeps_the_rest(run_all):
+    old = run_all.render(
+        [run_all.make_row("A", "a1", 1.0, "x", 2.0), run_all.make_row("B", "b1", 1.0, "y", 3.0),
+         run_all.make_row("B", "b2", 1.0, "y", 4.0), run_all.make_row("C", "c1", 1.0, "z", 5.0)],
+        {"lds_em": "from old.json", "nuts": "from nuts.json"}, quick=False)
+    new_rows = [run_all.make_row("B", "b-new", 2.0, "y", 8.0),
+                run_all.make_row("D", "d1", 1.0, "w", 1.0)]
+    text = run_all.render(new_rows, {"lds_em": "from new.json"}, quick=False, keep_text=old)
+    body = [ln.split("|")[2].strip() for ln in text.splitlines()
+            if ln.startswith("| ") and not ln.startswith("| benchmark")]
+    assert body == ["a1", "b-new", "c1", "d1"]  # B replaced where it was, D appended
+    assert "4×" in text  # the new B row's ratio, 8 / 2
+    status = run_all.kept_status(old)
+    assert status == {"lds_em": "from old.json", "nuts": "from nuts.json"}
+
+
 def test_run_script_ok_failed_and_timed_out(run_all, tmp_path):
     script = tmp_path / "fake_bench.py"
     script.write_text(
