@@ -207,6 +207,7 @@ class EM:
             if e_step_schedule is not None:
                 step, _ = self._compiled(kwargs, e_step_schedule(it), time_mask)
             new_params, ll, floors, finite = step(params, dynamic, sub, *extra)
+            ll, floors, finite = jax.device_get((ll, floors, finite))  # one transfer
             ll = float(ll)
             finite = {k: bool(v) for k, v in finite.items()}
             if not np.isfinite(ll):
