@@ -54,6 +54,7 @@ def test_tuned_em_step_equals_default_compilation_and_runs_inside_jit():
         return em.update(s, y=y, state_dim=2)[1]
 
     np.testing.assert_allclose(inside(state.params), ll, rtol=1e-12)
+    assert step._cache_size() == 2  # the tuned program and the plain one (inside jit)
 
 
 def test_smooth_under_grad_matches_top_level():

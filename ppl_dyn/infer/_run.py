@@ -58,6 +58,7 @@ def jit_model(fn, e_step=None, **jit_kwargs):
         return (plain if traced else tuned)(*args, **kwargs)
 
     call.lower = tuned.lower
+    call._cache_size = lambda: tuned._cache_size() + plain._cache_size()  # compilations
     return call
 
 
