@@ -47,7 +47,11 @@ What is measured (CPU unless JAX picks another backend), all on the same simulat
 * **bound** -- an arithmetic lower bound for the FFBSm backward pass from this machine's
   throughput measured in the same run and precision: exponentials/s of ``jnp.exp`` on
   cache-sized arrays (2^16, 2^18, 2^20 elements; many calls issued back to back -- a
-  2^24-element array measures memory bandwidth instead, 2-5x lower) and flop/s of a
+  2^24-element array measures memory bandwidth instead, 2-5x lower), and of ``exp``
+  fused into a row sum over a (64 | 256 | 1024, 1024) block repeated inside one jitted
+  ``scan`` (no output written, no dispatch per call: the array calls read up to 1.5x
+  lower on a busy machine, and a bound from them alone was once below our own time;
+  the best of both is used), and flop/s of a
   1024 / 2048 square ``jnp.matmul``; for each, the best over sizes and over one or two
   concurrently dispatching threads, so that all cores count.
   With P = (T - 1) N^2 particle pairs and k = dx dynamics features (``tanh(x)``,
@@ -290,6 +294,24 @@ def worker_throughput(a):
         exp_detail[f"2^{lg}"] = rate(
             exp_f, lambda k, n=n_exp: (jax.random.normal(k, (n,), dt),), n_exp,
             (1 << (22 if a.quick else 25)) >> lg)
+    # exp fused into a reduction inside one program (as in the E-step): no output array
+    # written, no dispatch per call; the array calls above can read 1.5x lower when the
+    # machine is busy, and a bound from them alone was once beaten by our own E-step
+    fused_detail = {}
+    for rows in (64, 256, 1024):
+        n_blk = rows * 1024
+        reps = max(1, (1 << (23 if a.quick else 27)) // n_blk)
+
+        def fused(x, reps=reps):
+            def body(c, i):
+                return c + jnp.sum(jnp.exp(x - i.astype(x.dtype) * 1e-3), axis=1), None
+
+            return jax.lax.scan(body, jnp.zeros(x.shape[0], x.dtype), jnp.arange(reps))[0]
+
+        fused_detail[f"{rows}x1024"] = rate(
+            jax.jit(fused),
+            lambda k, r=rows: (-5.0 * jnp.abs(jax.random.normal(k, (r, 1024), dt)),),
+            n_blk * reps, 1)
     mm_f = jax.jit(jnp.matmul)
     mm_detail = {}
     for n in ((512, 1024) if a.quick else (1024, 2048)):
@@ -299,9 +321,12 @@ def worker_throughput(a):
             2.0 * n**3, 2 if a.quick else 4)
     json.dump(
         {
-            "exp_per_s": max(max(v.values()) for v in exp_detail.values()),
+            "exp_per_s": max(
+                max(v.values()) for v in (*exp_detail.values(), *fused_detail.values())
+            ),
             "flop_per_s": max(max(v.values()) for v in mm_detail.values()),
             "exp_detail": exp_detail,
+            "exp_fused_detail": fused_detail,
             "matmul_detail": mm_detail,
         },
         sys.stdout,

@@ -48,10 +48,15 @@ def sym(P):
     return 0.5 * (P + jnp.swapaxes(P, -1, -2))
 
 
-def cholesky(S):
-    """Lower Cholesky factor (unrolled for small sizes). NaN if S is not PD."""
+def cholesky(S, in_loop: bool = True):
+    """Lower Cholesky factor (unrolled for small sizes). NaN if S is not PD.
+
+    ``in_loop=False``: a factorisation computed once, outside any time loop, of a single
+    (unbatched) matrix: the library call, whose program compiles much faster than the
+    unrolled one at the same run time (one call). Keep it off batched matrices (see the
+    note on batched LAPACK calls above)."""
     d = S.shape[-1]
-    if not _small_factor(d):
+    if not (in_loop and _small_factor(d)):
         return jnp.linalg.cholesky(S)
     cols = []
     for j in range(d):
@@ -71,12 +76,13 @@ def _broadcast(L, B, vec):
     return jnp.broadcast_to(L, batch + L.shape[-2:]), Bt
 
 
-def solve_lower(L, B):
+def solve_lower(L, B, in_loop: bool = True):
     """Solve ``L X = B`` for lower-triangular ``L``; ``B`` is ``(..., d)`` (when
-    ``B.ndim == L.ndim - 1``) or ``(..., d, k)``; batch dimensions broadcast."""
+    ``B.ndim == L.ndim - 1``) or ``(..., d, k)``; batch dimensions broadcast.
+    ``in_loop=False``: the library call, as in :func:`cholesky`."""
     d = L.shape[-1]
     vec = B.ndim == L.ndim - 1
-    if not _small_factor(d):
+    if not (in_loop and _small_factor(d)):
         return solve_triangular(*_broadcast(L, B, vec), lower=True)
     Bm = B[..., None] if vec else B
     rows = []

@@ -28,7 +28,7 @@ from ppl_dyn.infer._run import (
     validate_data,
 )
 from ppl_dyn.infer.mstep import LinearGaussianMStep
-from ppl_dyn.state_space import bind
+from ppl_dyn.state_space import bind, inspect_model
 
 
 class EMState(NamedTuple):
@@ -296,9 +296,13 @@ def initial_params(model, rng_key, init_params, kwargs, check=None):
     kwargs = validate_data(kwargs)
     init_key, run_key = jax.random.split(rng_key)
     given = dict(_params_of(init_params))
-    if given:
-        given = adapt_params(model, given, kwargs)
-    info = inspect_checked(model, given, False, rng_key=init_key, **kwargs)
+    info = _inspect_as_given(model, given, init_key, kwargs) if given else None
+    if info is not None:
+        given = {k: np.asarray(v) for k, v in given.items() if k in info.free}
+    else:
+        if given:
+            given = adapt_params(model, given, kwargs)
+        info = inspect_checked(model, given, False, rng_key=init_key, **kwargs)
     if not info.free:
         raise ValueError("the model has no free parameter sites: nothing to estimate")
     if check is not None:
@@ -310,6 +314,27 @@ def initial_params(model, rng_key, init_params, kwargs, check=None):
     }
     check_params(params, info.free)
     return params, run_key, kwargs
+
+
+def _inspect_as_given(model, given: dict, rng_key, kwargs):
+    """The model's inspection with ``given`` substituted, when the values fit it as they
+    are (every value of a free site has the shape of the site's distribution) and pass
+    :func:`check_params`; ``None`` otherwise, and the values then go through
+    :func:`adapt_params` (an abstract run of the model, 0.15 s in a fresh process, that
+    this common case skips)."""
+    try:
+        info = inspect_model(model, rng_key=rng_key, values=given, **kwargs)
+    except Exception:
+        return None  # the slow path reports what is wrong, by name
+    for name, value in given.items():
+        site = info.free.get(name)
+        if site is None:
+            continue  # not a free site of this model: dropped, as adapt_params does
+        fn = site["fn"]
+        if tuple(np.shape(value)) != tuple(fn.batch_shape) + tuple(fn.event_shape):
+            return None
+    check_params(given, info.free, require_all=False)
+    return info
 
 
 def _params_of(init):
