@@ -65,11 +65,11 @@ def time_step(e_step, params, kw, repeats):
     state = em.init(jax.random.key(1), init_params=params, **kw)
     step, dynamic = em._compiled(kw)
     key = jax.random.key(2)
-    jax.block_until_ready(step(state.params, dynamic, key))  # compile
+    jax.block_until_ready(step(state.params, dynamic, key, 0))  # compile
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(step(state.params, dynamic, key))
+        jax.block_until_ready(step(state.params, dynamic, key, 0))
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

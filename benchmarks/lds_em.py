@@ -191,9 +191,9 @@ def ours_step_time(y, init, dx, repeats):
     params = {k: jnp.asarray(v) for k, v in init.items()}
     key = jax.random.key(0)
     t0 = time.perf_counter()
-    _block(step(params, dynamic, key))  # compile
+    _block(step(params, dynamic, key, 0))  # compile
     compile_s = time.perf_counter() - t0
-    med, ts = median_time(lambda: step(params, dynamic, key), repeats)
+    med, ts = median_time(lambda: step(params, dynamic, key, 0), repeats)
     return dict(per_iter_s=med, per_iter_samples_s=ts, first_call_s=compile_s)
 
 

@@ -96,12 +96,12 @@ def time_em_step(S, T, ragged, repeats, dtype, mesh=None, seed=0):
         mask_arg = jax.device_put(mask_arg)
     key = jax.random.key(1)
     t0 = time.perf_counter()
-    out = jax.block_until_ready(step(params, dynamic, key, *mask_arg))
+    out = jax.block_until_ready(step(params, dynamic, key, 0, *mask_arg))
     compile_s = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(step(params, dynamic, key, *mask_arg))
+        jax.block_until_ready(step(params, dynamic, key, 0, *mask_arg))
         times.append(time.perf_counter() - t0)
     new = {k: np.asarray(v).tolist() for k, v in out[0].items()}
     return dict(

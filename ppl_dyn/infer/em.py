@@ -32,11 +32,21 @@ from ppl_dyn.state_space import bind, inspect_model
 
 
 class EMState(NamedTuple):
-    """What EM carries between iterations."""
+    """What EM carries between iterations.
+
+    ``rng_key`` is the run's key and stays fixed: iteration ``k`` draws its randomness
+    from ``fold_in(fold_in(rng_key, LOOP_SALT), k)`` inside the jitted step (no eager
+    key splitting, whose first call compiles a program: 0.1 s of a fresh process)."""
 
     params: dict  # values of the free parameter sites
     iteration: int
     rng_key: jax.Array
+
+
+# Separates the iterations' keys from numpyro's prior draws with the same key (its seed
+# handler uses split(rng_key), and fold_in(k, i) equals split(k)[i] for JAX's default
+# partitionable threefry)
+LOOP_SALT = 0x5EED_E3
 
 
 class EMResult(NamedTuple):
@@ -112,6 +122,7 @@ class EM:
             init_params,
             kwargs,
             check=lambda info: self.m_step.check(info.spec.structure, info.free),
+            split_key=False,
         )
         return EMState(params=params, iteration=0, rng_key=run_key)
 
@@ -122,9 +133,9 @@ class EM:
         traced argument, so new lengths (same padded shape) do not recompile."""
         kwargs, time_mask = ragged_data(kwargs, lengths)
         step, dynamic = self._compiled(kwargs, time_mask=time_mask)
-        key, sub = jax.random.split(state.rng_key)
-        new_params, ll, _, _ = step(state.params, dynamic, sub, *mask_arg(time_mask))
-        return EMState(new_params, state.iteration + 1, key), ll
+        it = np.int32(state.iteration)
+        new_params, ll, _, _ = step(state.params, dynamic, state.rng_key, it, *mask_arg(time_mask))
+        return EMState(new_params, state.iteration + 1, state.rng_key), ll
 
     def run(
         self,
@@ -203,10 +214,10 @@ class EM:
         bar = tqdm(range(num_iters), disable=not progress_bar, desc="EM", leave=False)
         key = state.rng_key
         for it in bar:
-            key, sub = jax.random.split(key)
             if e_step_schedule is not None:
                 step, _ = self._compiled(kwargs, e_step_schedule(it), time_mask)
-            new_params, ll, floors, finite = step(params, dynamic, sub, *extra)
+            k_it = np.int32(state.iteration + it)
+            new_params, ll, floors, finite = step(params, dynamic, key, k_it, *extra)
             ll, floors, finite = jax.device_get((ll, floors, finite))  # one transfer
             ll = float(ll)
             finite = {k: bool(v) for k, v in finite.items()}
@@ -287,14 +298,20 @@ def _converged(lls, rtol, window) -> bool:
     return abs(new - old) <= rtol * abs(old)
 
 
-def initial_params(model, rng_key, init_params, kwargs, check=None):
+def initial_params(model, rng_key, init_params, kwargs, check=None, split_key=True):
     """Validated starting values of the free sites (shared by :class:`EM` and ``SGD``):
     ``init_params`` where given (adapted across the model family), prior draws from
     ``rng_key`` for the rest. Returns ``(params, run_key, kwargs)`` with the data
-    validated; ``check(info)`` may veto the model (e.g. an M-step's requirements)."""
+    validated; ``check(info)`` may veto the model (e.g. an M-step's requirements).
+
+    ``split_key=False`` (EM): no eager split; the prior draws use ``rng_key`` and the
+    caller derives its loop keys so that they differ from those (``LOOP_SALT``)."""
     check_rng_key(rng_key)
     kwargs = validate_data(kwargs)
-    init_key, run_key = jax.random.split(rng_key)
+    if split_key:
+        init_key, run_key = jax.random.split(rng_key)
+    else:
+        init_key = run_key = rng_key
     given = dict(_params_of(init_params))
     info = _inspect_as_given(model, given, init_key, kwargs) if given else None
     if info is not None:
@@ -351,12 +368,14 @@ def _make_step(model, e_step, m_step, static_items, pattern=None):
     static = dict(static_items)
 
     @assume_pattern(pattern)  # traced knowing the data's NaN pattern (one path compiles)
-    def step(params, dynamic, rng_key, time_mask=None):
+    def step(params, dynamic, rng_key, iteration, time_mask=None):
         # time_mask (S, T), ragged lengths: a traced argument (new lengths, same shapes:
-        # no recompilation); None compiles the step without it
+        # no recompilation); None compiles the step without it. rng_key: the run's key,
+        # iteration: traced int32 (see EMState)
         kwargs = {**static, **dynamic}
         ss, spec = bind(model, params, **kwargs)
-        k_e, k_m = jax.random.split(rng_key)
+        sub = jax.random.fold_in(jax.random.fold_in(rng_key, LOOP_SALT), iteration)
+        k_e, k_m = jax.random.split(sub)
         post = posterior_with_mask(e_step, k_e, ss, spec.y, spec.u, time_mask)
         ll = jnp.sum(post.log_marginal)
         stats = statistics_with_mask(m_step, post, ss, spec.y, spec.u, time_mask)

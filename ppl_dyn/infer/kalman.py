@@ -519,8 +519,8 @@ class KalmanSmoother(NamedTuple):
         if time_mask is not None and hint not in (COMPLETE, SHARED):
             # (COMPLETE / SHARED with a mask: the hint says that the mask is all True)
             return jax.vmap(one)(y, u, time_mask)
-        if y.shape[0] == 1:
-            return jax.vmap(one)(y, u)
+        if y.shape[0] == 1:  # one sequence: no batching pass to trace
+            return jax.tree_util.tree_map(lambda a: a[None], one(y[0], u[0]))
         views = jax.vmap(lambda u_s: linear_gaussian_view(ss, u_s))(u)
         view0 = jax.tree_util.tree_map(lambda a: a[0], views)
 
