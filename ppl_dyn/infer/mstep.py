@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ppl_dyn.infer import _linalg as la
 from ppl_dyn.infer.stats import InitStats, LinearStats, RegressionStats
@@ -58,6 +59,21 @@ def _pinv_psd(S):
     return (V * inv[None, :]) @ V.T
 
 
+def _index(idx: np.ndarray):
+    """A static index array as a slice when it is a contiguous range."""
+    if idx.size and np.array_equal(idx, np.arange(idx[0], idx[0] + idx.size)):
+        return slice(int(idx[0]), int(idx[0]) + idx.size)
+    return idx
+
+
+def _sub(M, rows: np.ndarray, cols: np.ndarray):
+    """``M[rows][:, cols]`` for static index arrays (slices where contiguous)."""
+    r, c = _index(rows), _index(cols)
+    if isinstance(r, slice) and isinstance(c, slice):
+        return M[r, c]
+    return M[np.ix_(rows, cols)]
+
+
 def regression_blocks(reg: Regression, k: int, du: int):
     """Column slices of the regressor ``[phi (k); u (du); 1]`` and their site names."""
     blocks = [(reg.weight, slice(0, k))]
@@ -85,9 +101,9 @@ def solve_regression(
     under a zero-mean Gaussian prior on those weights (``docs/math.md`` section 1).
     """
     blocks = regression_blocks(reg, k, du)
-    cols = jnp.concatenate([jnp.arange(s.start, s.stop) for _, s in blocks])
-    S_zr = stats.S_zr[:, cols]
-    S_rr = stats.S_rr[jnp.ix_(cols, cols)]
+    cols = np.concatenate([np.arange(s.start, s.stop) for _, s in blocks])
+    S_zr = stats.S_zr[:, _index(cols)]
+    S_rr = _sub(stats.S_rr, cols, cols)
     dz = S_zr.shape[0]
 
     def as_matrix(name, value):
@@ -101,28 +117,29 @@ def solve_regression(
         width = s.stop - s.start
         pos.append((name, start, start + width))
         start += width
-    free_idx = [jnp.arange(a, b) for n, a, b in pos if n in free]
-    fixed_idx = [jnp.arange(a, b) for n, a, b in pos if n not in free]
+    # static index sets (NumPy; slices where contiguous: no gathers or scatters to
+    # trace and compile)
+    free_idx = [np.arange(a, b) for n, a, b in pos if n in free]
+    fixed_idx = [np.arange(a, b) for n, a, b in pos if n not in free]
     W = jnp.zeros((dz, start), S_zr.dtype)
     for n, a, b in pos:
         if n not in free:
             W = W.at[:, a:b].set(as_matrix(n, params[n]).astype(S_zr.dtype))
     out = {}
     if free_idx:
-        f = jnp.concatenate(free_idx)
-        rhs = S_zr[:, f]
+        f = np.concatenate(free_idx)
+        rhs = S_zr[:, _index(f)]
         if fixed_idx:
-            x = jnp.concatenate(fixed_idx)
-            rhs = rhs - W[:, x] @ S_rr[jnp.ix_(x, f)]
-        S_ff = S_rr[jnp.ix_(f, f)]
+            x = np.concatenate(fixed_idx)
+            rhs = rhs - W[:, _index(x)] @ _sub(S_rr, x, f)
+        S_ff = _sub(S_rr, f, f)
         if ridge and reg.feature != "linear" and reg.weight in free:
             n_ridge = k - (int(reg.feature_args[0].shape[-1]) if reg.feature == "rbf" else 0)
             a = dict((n, a) for n, a, _ in pos)[reg.weight]
-            cols = jnp.concatenate(free_idx)
-            on = (cols >= a) & (cols < a + n_ridge)
-            S_ff = S_ff + ridge * jnp.diag(on.astype(S_ff.dtype))
+            on = (f >= a) & (f < a + n_ridge)
+            S_ff = S_ff + ridge * jnp.diag(jnp.asarray(on, S_ff.dtype))
         W_f = rhs @ _pinv_psd(S_ff)
-        W = W.at[:, f].set(W_f)
+        W = W.at[:, _index(f)].set(W_f)
         for n, a, b in pos:
             if n in free:
                 blk = W[:, a:b]
