@@ -455,6 +455,6 @@ def test_view_from_declared_structure_equals_the_jacobians():
     ss, spec = bind(lds, params, y=y, u=u, state_dim=3)
     fast = linear_gaussian_view(ss, spec.u[0])
     slow = linear_gaussian_view(ss._replace(structure=None), spec.u[0])
-    for name, a, b in zip(fast._fields, fast, slow):
+    for name, a, b in zip(fast._fields, fast, slow, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-14, atol=1e-14, err_msg=name)
     np.testing.assert_array_equal(fast.F, params["A"])
