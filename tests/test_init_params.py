@@ -60,3 +60,49 @@ def test_invalid_fitting_values_raise_by_name():
     bad = dict(_values(rng), Q=np.array([[1.0, 2.0], [2.0, 1.0]]))  # not PD
     with pytest.raises(ValueError, match="Q"):
         EM(lds, KalmanSmoother()).init(jax.random.key(1), bad, y=y, state_dim=2)
+
+
+def test_compile_ahead_gives_the_same_fit_and_one_compilation(monkeypatch):
+    """EM.run with starting values compiles its step in a background thread while
+    EM.init validates them; the fit is the same as without, and the step the loop
+    calls is that compilation (no second one)."""
+    from ppl_dyn.infer._run import validate_data
+
+    rng = np.random.default_rng(3)
+    y = rng.standard_normal((50, 3))
+    init = dict(_values(rng), b=np.zeros(2), d=np.zeros(3))  # every free site given
+    em = EM(lds, KalmanSmoother(), em_mod.LinearGaussianMStep(covariance_floor=1e-7))
+    threads = []
+    real = em_mod.compile_ahead
+    monkeypatch.setattr(em_mod, "compile_ahead", lambda *a: threads.append(real(*a)) or threads[-1])
+    ahead = em.run(jax.random.key(4), 5, y=y, state_dim=2, init_params=init, progress_bar=False)
+    assert threads and threads[0] is not None and not threads[0].is_alive()
+    step, dynamic = em._compiled(validate_data(dict(y=y, state_dim=2)))
+    assert step._cache_size() == 1
+    # b and d missing (prior draws needed): nothing to trace ahead
+    assert real(step, _values(rng), dynamic, jax.random.key(4), ()) is None
+
+    monkeypatch.setattr(em_mod, "compile_ahead", lambda *a: None)
+    em_mod._cached_step.cache_clear()
+    plain = em.run(jax.random.key(4), 5, y=y, state_dim=2, init_params=init, progress_bar=False)
+    np.testing.assert_array_equal(ahead.log_marginals, plain.log_marginals)
+    for k in plain.params:
+        np.testing.assert_array_equal(np.asarray(ahead.params[k]), np.asarray(plain.params[k]))
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(C=np.ones((3, 3))), "'C'"),  # wrong shape: named by adapt_params
+        (dict(A=np.full((2, 2), np.nan)), "A"),  # NaN: named by check_params
+        (dict(Q=-np.eye(2)), "Q"),  # not a covariance
+    ],
+)
+def test_invalid_starting_values_raise_from_init_not_from_the_compile_ahead(bad, match):
+    rng = np.random.default_rng(5)
+    y = rng.standard_normal((30, 3))
+    init = dict(_values(rng), **bad)
+    with pytest.raises(ValueError, match=match):
+        EM(lds, KalmanSmoother()).run(
+            jax.random.key(0), 3, y=y, state_dim=2, init_params=init, progress_bar=False
+        )

