@@ -442,19 +442,3 @@ def test_batch_shared_covariance_path_matches_dense(same_pattern):
         ref = O.dense_posterior(params, ys[s], u)
         assert_close(post.cross_covs[s], ref["cross"], TOL, "cross")
 
-
-def test_view_from_declared_structure_equals_the_jacobians():
-    """linear_gaussian_view reads an LDS's maps by site name; a model declaring no
-    structure gets them from Jacobians of its means. Same numbers (inputs and biases)."""
-    from ppl_dyn.infer.kalman import linear_gaussian_view
-    from ppl_dyn.state_space import bind
-
-    rng = np.random.default_rng(7)
-    params, y, u = O.random_system(rng, 3, 2, 0.9, 30, du=2)
-    params = dict(params, b=rng.standard_normal(3), d=rng.standard_normal(2))
-    ss, spec = bind(lds, params, y=y, u=u, state_dim=3)
-    fast = linear_gaussian_view(ss, spec.u[0])
-    slow = linear_gaussian_view(ss._replace(structure=None), spec.u[0])
-    for name, a, b in zip(fast._fields, fast, slow, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-14, atol=1e-14, err_msg=name)
-    np.testing.assert_array_equal(fast.F, params["A"])
