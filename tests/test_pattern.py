@@ -41,8 +41,8 @@ def test_hinted_step_equals_unhinted(pattern, obs_dim):
     params = {k: v for k, v in sim["params"].items()}
     static = (("state_dim", 2),)
     args = (lds, KalmanSmoother(), LinearGaussianMStep(), static)
-    hinted = _make_step(*args, pattern)(params, {"y": y}, jax.random.key(1))
-    plain = _make_step(*args, None)(params, {"y": y}, jax.random.key(1))
+    hinted = _make_step(*args, pattern)(params, {"y": y}, jax.random.key(1), 0)
+    plain = _make_step(*args, None)(params, {"y": y}, jax.random.key(1), 0)
     np.testing.assert_allclose(hinted[1], plain[1], rtol=1e-12)
     for k in params:
         np.testing.assert_allclose(hinted[0][k], plain[0][k], rtol=1e-10, atol=1e-12)

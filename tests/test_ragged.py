@@ -150,8 +150,8 @@ def test_ragged_pattern_hint_equals_unhinted_step():
     assert data_pattern(kwargs_m["y"], mask_m) == MIXED
     jp = {k: jnp.asarray(v) for k, v in params.items()}
     args = (lds, KalmanSmoother(), LinearGaussianMStep(), (("state_dim", 2),))
-    hinted = _make_step(*args, RAGGED)(jp, kwargs, jax.random.key(1), mask)
-    plain = _make_step(*args, None)(jp, kwargs, jax.random.key(1), mask)
+    hinted = _make_step(*args, RAGGED)(jp, kwargs, jax.random.key(1), 0, mask)
+    plain = _make_step(*args, None)(jp, kwargs, jax.random.key(1), 0, mask)
     np.testing.assert_allclose(hinted[1], plain[1], rtol=1e-12)
     assert_params_close(hinted[0], plain[0], 1e-11)
 

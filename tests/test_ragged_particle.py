@@ -37,7 +37,7 @@ from ppl_dyn.infer import (
 from ppl_dyn.infer import psaem as psaem_mod
 from ppl_dyn.infer._run import ragged_data
 from ppl_dyn.infer.cpf import conditional_particle_filter, path_posterior
-from ppl_dyn.infer.em import _make_step
+from ppl_dyn.infer.em import _make_step, iteration_keys
 from ppl_dyn.infer.paris import paris_filter
 from ppl_dyn.infer.pgas import _path_stats
 from ppl_dyn.models import lds
@@ -139,8 +139,8 @@ def test_ragged_paris_em_step_equals_m_step_of_separate_runs():
     mstep = LinearGaussianMStep()
     step = _make_step(lds, PARISSmoother(N_PARIS), mstep, (("state_dim", 2),), None)
     key = jax.random.key(12)
-    new, ll, _, _ = step(jp, {"y": y_pad, "u": u_pad}, key, mask)
-    keys = jax.random.split(jax.random.split(key)[0], len(lengths))
+    new, ll, _, _ = step(jp, {"y": y_pad, "u": u_pad}, key, 0, mask)
+    keys = jax.random.split(iteration_keys(key, 0)[0], len(lengths))
     total, ll_sep = None, 0.0
     for s in range(len(LENGTHS)):
         out = _paris_cut_run(jp, keys[s], ys[s][None], us[s][None])

@@ -399,6 +399,15 @@ def _params_of(init):
     raise ValueError(f"init_params must be a dict or an EMResult; got {type(init).__name__}")
 
 
+def iteration_keys(rng_key, iteration):
+    """``(k_e, k_m)``, the E-step's and M-step's keys of EM iteration ``iteration`` in a
+    run with key ``rng_key`` (see :class:`EMState`)."""
+    if jnp.ndim(iteration) != 0:
+        raise TypeError(f"iteration must be a scalar integer; got shape {jnp.shape(iteration)}")
+    sub = jax.random.fold_in(jax.random.fold_in(rng_key, LOOP_SALT), iteration)
+    return jax.random.split(sub)
+
+
 def _make_step(model, e_step, m_step, static_items, pattern=None):
     static = dict(static_items)
 
@@ -409,8 +418,7 @@ def _make_step(model, e_step, m_step, static_items, pattern=None):
         # iteration: traced int32 (see EMState)
         kwargs = {**static, **dynamic}
         ss, spec = bind(model, params, **kwargs)
-        sub = jax.random.fold_in(jax.random.fold_in(rng_key, LOOP_SALT), iteration)
-        k_e, k_m = jax.random.split(sub)
+        k_e, k_m = iteration_keys(rng_key, iteration)
         post = posterior_with_mask(e_step, k_e, ss, spec.y, spec.u, time_mask)
         ll = jnp.sum(post.log_marginal)
         stats = statistics_with_mask(m_step, post, ss, spec.y, spec.u, time_mask)
