@@ -197,9 +197,10 @@ class EM:
         kwargs, time_mask = ragged_data(kwargs, lengths)
         kwargs = validate_data(kwargs)
         ahead = None
-        if init_params is not None and mesh is None and e_step_schedule is None:
+        if mesh is None:  # (with a mesh, the data are padded after init)
             step, dynamic = self._compiled(kwargs, time_mask=time_mask)
-            ahead = compile_ahead(step, init_params, dynamic, rng_key, mask_arg(time_mask))
+            if init_params is not None and e_step_schedule is None:
+                ahead = compile_ahead(step, init_params, dynamic, rng_key, mask_arg(time_mask))
         state = self.init(rng_key, init_params=init_params, **kwargs)
         if mesh is not None:
             if not isinstance(mesh, jax.sharding.Mesh):
@@ -207,7 +208,7 @@ class EM:
             kwargs, time_mask = pad_to_multiple(kwargs, time_mask, mesh.devices.size)
             if np.all(time_mask):
                 time_mask = None  # nothing padded and no lengths
-        step, dynamic = self._compiled(kwargs, time_mask=time_mask)
+            step, dynamic = self._compiled(kwargs, time_mask=time_mask)
         extra = mask_arg(time_mask)
         if ahead is not None:
             ahead.join()  # the first call below finds the compiled step in JAX's caches
