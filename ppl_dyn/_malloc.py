@@ -9,10 +9,10 @@ in again when the next call allocates them. Measured on the tanh-RNN particle E-
 * glibc default: 1.65-1.75 s in some calls, 2.14-2.58 s in others (median 2.25 s);
 * ``M_TRIM_THRESHOLD`` = 1 GiB: 1.65-1.69 s in every call (median 1.66 s).
 
-The particle E-steps call :func:`keep_freed_memory` when they are built. It sets the
-threshold once per process, only with glibc on Linux. The cost: up to 1 GiB of freed
-memory at the top of the heap stays mapped to the process instead of going back to the
-system (later allocations reuse it). Opt out with the environment variable
+``ParticleSmoother.posterior`` calls :func:`keep_freed_memory` (when it is traced). It
+sets the threshold once per process, only with glibc on Linux. The cost: up to 1 GiB of
+freed memory at the top of the heap stays mapped to the process instead of going back to
+the system (later allocations reuse it). Opt out with the environment variable
 ``PPL_DYN_KEEP_FREED_MEMORY=0`` (or set glibc's own ``MALLOC_TRIM_THRESHOLD_``, which
 this module then leaves alone).
 """
