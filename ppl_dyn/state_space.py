@@ -35,6 +35,7 @@ from numpyro.distributions.distribution import validation_enabled
 from numpyro.primitives import Messenger, apply_stack
 
 from ppl_dyn._prior_draw import generator_from_key, numpy_draw
+from ppl_dyn._validation import device_array
 
 __all__ = [
     "Regression",
@@ -271,7 +272,10 @@ def normalise_data(y, u, num_steps, num_sequences, obs_dim):
     if y is not None:
         if isinstance(y, np.ma.MaskedArray):
             y = np.ma.filled(y.astype(float), np.nan)
-        y = jnp.asarray(y)
+        # NumPy data are shaped on the host and copied once (device_array): eager jnp
+        # operations on them would each compile a small XLA program
+        xp = np if isinstance(y, np.ndarray) else jnp
+        y = xp.asarray(y)
         if not jnp.issubdtype(y.dtype, jnp.floating):
             y = y.astype(jnp.result_type(float))  # integer counts etc. become floats
         if y.ndim not in (2, 3):
@@ -307,18 +311,22 @@ def normalise_data(y, u, num_steps, num_sequences, obs_dim):
         S = int(num_sequences) if batched else 1
         if S < 1:
             raise ValueError(f"num_sequences must be >= 1; got {num_sequences}")
+    if y is not None:
+        y = device_array(y)
     dtype = y.dtype if y is not None else jnp.result_type(float)
+    host = u is None or isinstance(u, np.ndarray)
+    xp = np if host else jnp
     if u is None:
-        u = jnp.zeros((S, T, 0), dtype=dtype)
+        u = np.zeros((S, T, 0), dtype=dtype)
     else:
-        u = jnp.asarray(u, dtype=dtype)
+        u = xp.asarray(u, dtype=dtype)
         if u.ndim == 2:
             if u.shape[0] != T:
                 raise ValueError(
                     f"u must have shape ({T}, input_dim) or ({S}, {T}, input_dim) to match "
                     f"y; got shape {tuple(u.shape)}"
                 )
-            u = jnp.broadcast_to(u[None], (S,) + u.shape)
+            u = xp.broadcast_to(u[None], (S,) + u.shape)
         elif u.ndim == 3:
             if y is not None and not batched:
                 raise ValueError(
@@ -337,7 +345,7 @@ def normalise_data(y, u, num_steps, num_sequences, obs_dim):
                 f"u must have shape (num_steps, input_dim) or (num_sequences, num_steps, "
                 f"input_dim); got shape {tuple(u.shape)}"
             )
-    return y, u, T, S, batched, dy
+    return y, device_array(u) if host else u, T, S, batched, dy
 
 
 class _MaskedObservation(dist.Distribution):
@@ -636,7 +644,7 @@ def inspect_model(
         # exact prior draws in NumPy where the family allows (no XLA compilation of
         # samplers); anything else is drawn by NumPyro
         value = numpy_draw(msg["fn"], rng, tuple(msg["kwargs"].get("sample_shape", ())))
-        return None if value is None else jnp.asarray(value)
+        return None if value is None else device_array(value)
 
     spec, tr = _run_captured(model, args, kwargs, substitute_fn=value_of, rng_key=rng_key)
     free, frozen = {}, {}

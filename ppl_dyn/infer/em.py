@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from ppl_dyn._validation import check_params, check_rng_key
+from ppl_dyn._validation import check_params, check_rng_key, device_array
 from ppl_dyn.infer._pattern import assume_pattern, data_pattern
 from ppl_dyn.infer._run import (
     adapt_params,
@@ -334,7 +334,7 @@ def initial_params(model, rng_key, init_params, kwargs, check=None, split_key=Tr
         check(info)
     # strongly typed, in the dtype of the site, so a jitted step compiles once
     params = {
-        k: jnp.asarray(given.get(k, s["value"]), dtype=jnp.result_type(s["value"]))
+        k: device_array(given.get(k, s["value"]), dtype=jnp.result_type(s["value"]))
         for k, s in info.free.items()
     }
     check_params(params, info.free)
@@ -374,7 +374,7 @@ def compile_ahead(step, init_params, dynamic, rng_key, extra):
     Splitting the step into two programs compiled on two threads gained nothing more
     (XLA's CPU compiler already uses both cores)."""
     try:
-        params = {k: jnp.asarray(v) for k, v in _params_of(init_params).items()}
+        params = {k: device_array(v) for k, v in _params_of(init_params).items()}
         lowered = step.lower(params, dynamic, rng_key, np.int32(0), *extra)
     except Exception:
         return None
