@@ -136,57 +136,76 @@ def gaussian_linear_statistics(post, ss: StateSpace, y, u, time_mask=None) -> Li
         )
 
     def one(means, covs, cross, y_s, u_s, valid, impute):
-        w = valid.astype(means.dtype)  # 1 inside the sequence, 0 past its end
-        wd = w[1:]  # transitions into t = 2..T
-        means, covs = keep(valid, means), keep(valid, covs)
-        cross = keep(valid[1:], cross)
+        # valid None: no time mask, every step inside the sequence (nothing to select
+        # or weight: less to trace, compile and run)
+        T = means.shape[0]
+        if valid is None:
+            w = wd = None  # weights 1
+            kept = lambda v, a: a  # noqa: E731
+            v_all, v_next = None, None
+        else:
+            w = valid.astype(means.dtype)  # 1 inside the sequence, 0 past its end
+            wd = w[1:]  # transitions into t = 2..T
+            kept = keep
+            v_all, v_next = valid, valid[1:]
+        weigh = lambda a, wt: a if wt is None else a * wt[:, None]  # noqa: E731
+        count = lambda wt, n: jnp.asarray(n, means.dtype) if wt is None else jnp.sum(wt)  # noqa: E731
+        means, covs = kept(v_all, means), kept(v_all, covs)
+        cross = kept(v_next, cross)
         # dynamics: z = x_t, r = [phi(x_{t-1}); u_t; 1], t = 2..T
         f_mean, f_cov, f_jac = feature_statistics(st.dynamics, means[:-1], covs[:-1])
         k = f_mean.shape[-1]
-        r_bar = _regressor_means(f_mean, u_s[1:]) * wd[:, None]
+        r_bar = weigh(_regressor_means(f_mean, u_s[1:]), wd)
         p = r_bar.shape[-1]
-        S_rr = r_bar.T @ r_bar + _pad_top_left(jnp.sum(keep(valid[1:], f_cov), 0), p)
+        S_rr = r_bar.T @ r_bar + _pad_top_left(jnp.sum(kept(v_next, f_cov), 0), p)
         if st.dynamics.feature == "linear":
             cz = jnp.sum(cross, 0)  # sum Cov[x_t, x_{t-1}]
         else:
             cz = jnp.einsum("tij,tkj->ik", cross, f_jac)  # sum Cov[x_t, x_{t-1}] E[J]^T
         S_zr = (means[1:].T @ r_bar).at[:, :k].add(cz)
-        S_zz = means[1:].T @ (means[1:] * wd[:, None]) + jnp.sum(keep(valid[1:], covs[1:]), 0)
-        dyn = RegressionStats(S_zr, S_rr, S_zz, jnp.sum(wd))
+        S_zz = means[1:].T @ weigh(means[1:], wd) + jnp.sum(kept(v_next, covs[1:]), 0)
+        dyn = RegressionStats(S_zr, S_rr, S_zz, count(wd, T - 1))
         # emission: z = y_t (missing entries imputed), r = [psi(x_t); u_t; 1], t = 1..T
         g_mean, g_cov, _ = feature_statistics(st.emission, means, covs)
-        psi = _regressor_means(g_mean, u_s) * w[:, None]
+        psi = weigh(_regressor_means(g_mean, u_s), w)
         q = psi.shape[-1]
         kq = g_mean.shape[-1]
-        E_rr = psi.T @ psi + _pad_top_left(jnp.sum(keep(valid, g_cov), 0), q)
+        E_rr = psi.T @ psi + _pad_top_left(jnp.sum(kept(v_all, g_cov), 0), q)
         if impute:
             linear = st.emission.feature == "linear"
             H, e = _linear_emission(ss, u_s) if linear else _emission_design(ss, u_s)
             R = ss.emission_cov(u_s[0])
             Ey, Cyf, Cyy = imputed_observations(H, e, R, y_s, g_mean, g_cov)
-            Ey, Cyf, Cyy = keep(valid, Ey), keep(valid, Cyf), keep(valid, Cyy)
+            Ey, Cyf, Cyy = kept(v_all, Ey), kept(v_all, Cyf), kept(v_all, Cyy)
             E_zr = (Ey.T @ psi).at[:, :kq].add(jnp.sum(Cyf, 0))
             E_zz = Ey.T @ Ey + jnp.sum(Cyy, 0)
         else:  # fully observed (within the sequences): no imputation terms
-            y0 = keep(valid, y_s)
+            y0 = kept(v_all, y_s)
             E_zr = y0.T @ psi
             E_zz = y0.T @ y0
-        emi = RegressionStats(E_zr, E_rr, E_zz, jnp.sum(w))
-        init = InitStats(means[0], covs[0] + jnp.outer(means[0], means[0]), w[0])
+        emi = RegressionStats(E_zr, E_rr, E_zz, count(w, T))
+        w0 = jnp.ones((), means.dtype) if w is None else w[0]
+        init = InitStats(means[0], covs[0] + jnp.outer(means[0], means[0]), w0)
         return LinearStats(dyn, emi, init)
 
-    mask = jnp.ones(y.shape[:2], bool) if time_mask is None else time_mask
-
     def run(impute):
-        per_seq = jax.vmap(lambda *a: one(*a, impute))(
-            post.means, post.covs, post.cross_covs, y, u, mask
-        )
+        if time_mask is None and y.shape[0] == 1:  # one sequence: no batching to trace
+            return one(post.means[0], post.covs[0], post.cross_covs[0], y[0], u[0], None, impute)
+        if time_mask is None:
+            per_seq = jax.vmap(lambda *a: one(*a, None, impute))(
+                post.means, post.covs, post.cross_covs, y, u
+            )
+        else:
+            per_seq = jax.vmap(lambda *a: one(*a, impute))(
+                post.means, post.covs, post.cross_covs, y, u, time_mask
+            )
         return sum_stats(per_seq)
 
     # imputation costs a dy x dy factorisation per step: skip it when nothing is missing
     hint = pattern_hint()
     if hint is not None:  # known at trace time (EM): compile one path only
         return run(hint not in (COMPLETE, RAGGED))
+    mask = jnp.ones(y.shape[:2], bool) if time_mask is None else time_mask
     missing = jnp.any(jnp.isnan(y) & mask[..., None])
     return jax.lax.cond(missing, lambda: run(True), lambda: run(False))
 
