@@ -90,12 +90,19 @@ def masked_emission(H, R, mask):
 def covariance_update(m_pred, P_pred, H, e_t, R, y_t, mask_t):
     """Joseph-form measurement update of ``N(m_pred, P_pred)`` with ``y_t = H x + e_t + v``,
     ``v ~ N(0, R)``; entries where ``mask_t`` is False are missing (``y_t`` zero-filled).
+    ``mask_t`` None: every entry observed (known at trace time; no masking to trace).
 
     Returns the filtered mean and covariance and ``log N(y_t; H m_pred + e_t, S_t)`` over
     the observed entries.
     """
-    Ht, Rt = masked_emission(H, R, mask_t)
-    r = jnp.where(mask_t, y_t - la.mv(Ht, m_pred) - e_t, 0.0)
+    if mask_t is None:
+        Ht, Rt = H, R
+        r = y_t - la.mv(H, m_pred) - e_t
+        n_obs = y_t.shape[-1]
+    else:
+        Ht, Rt = masked_emission(H, R, mask_t)
+        r = jnp.where(mask_t, y_t - la.mv(Ht, m_pred) - e_t, 0.0)
+        n_obs = jnp.sum(mask_t)
     PHt = la.mm(P_pred, Ht.T)
     L = la.cholesky(la.sym(la.mm(Ht, PHt) + Rt))
     K = la.cho_solve(L, PHt.T).T
@@ -103,7 +110,6 @@ def covariance_update(m_pred, P_pred, H, e_t, R, y_t, mask_t):
     IKH = jnp.eye(m_pred.shape[-1], dtype=P_pred.dtype) - la.mm(K, Ht)
     P_f = la.sym(la.mm(la.mm(IKH, P_pred), IKH.T) + la.mm(la.mm(K, Rt), K.T))
     z = la.solve_lower(L, r)
-    n_obs = jnp.sum(mask_t)
     ll = -0.5 * (jnp.sum(z * z) + la.log_det_from_cholesky(L) + n_obs * _LOG2PI)
     return m_f, P_f, ll
 
@@ -121,20 +127,24 @@ def kalman_filter(view: LinearGaussianView, y: jax.Array):
 
 
 def _filter_covariance(view: LinearGaussianView, y: jax.Array):
-    mask = ~jnp.isnan(y)
-    yf = jnp.where(mask, y, 0.0)
     F, FT, Q = view.F, view.F.T, view.Q
     c_next = jnp.concatenate([view.c[1:], jnp.zeros_like(view.c[:1])], 0)
+    if pattern_hint() == COMPLETE:  # no missing entry (known at trace time): no masks
+        inputs = (y, view.e, c_next)
+    else:
+        mask = ~jnp.isnan(y)
+        inputs = (jnp.where(mask, y, 0.0), view.e, c_next, mask)
 
     def step(carry, inp):
         m_pred, P_pred = carry
-        y_t, mask_t, e_t, c_n = inp
+        y_t, e_t, c_n, *mask_t = inp
+        mask_t = mask_t[0] if mask_t else None
         m_f, P_f, ll = covariance_update(m_pred, P_pred, view.H, e_t, view.R, y_t, mask_t)
         m_next = la.mv(F, m_f) + c_n
         P_next = la.sym(la.mm(la.mm(F, P_f), FT) + Q)
         return (m_next, P_next), (m_pred, P_pred, m_f, P_f, ll)
 
-    _, (m_p, P_p, m_f, P_f, ll) = jax.lax.scan(step, (view.m0, view.P0), (yf, mask, view.e, c_next))
+    _, (m_p, P_p, m_f, P_f, ll) = jax.lax.scan(step, (view.m0, view.P0), inputs)
     return m_p, P_p, m_f, P_f, ll
 
 
