@@ -139,7 +139,7 @@ def solve_regression(
             on = (f >= a) & (f < a + n_ridge)
             S_ff = S_ff + ridge * jnp.diag(jnp.asarray(on, S_ff.dtype))
         W_f = rhs @ _pinv_psd(S_ff)
-        W = W.at[:, _index(f)].set(W_f)
+        W = W_f if not fixed_idx else W.at[:, _index(f)].set(W_f)  # f: every column
         for n, a, b in pos:
             if n in free:
                 blk = W[:, a:b]

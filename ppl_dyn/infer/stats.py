@@ -47,9 +47,14 @@ def _regressor_means(feat_means, u):
 
 
 def _pad_top_left(block, p):
+    """``block`` ``(..., k, k)`` in the top-left corner of a ``(..., p, p)`` zero matrix."""
     k = block.shape[-1]
-    out = jnp.zeros(block.shape[:-2] + (p, p), block.dtype)
-    return out.at[..., :k, :k].set(block)
+    return jnp.pad(block, [(0, 0)] * (block.ndim - 2) + [(0, p - k), (0, p - k)])
+
+
+def _add_left(M, block):
+    """``M`` with ``block`` added to its first columns (a pad, not a scatter)."""
+    return M + jnp.pad(block, [(0, 0), (0, M.shape[-1] - block.shape[-1])])
 
 
 def imputed_observations(H, e, R, y, means, covs):
@@ -154,7 +159,6 @@ def gaussian_linear_statistics(post, ss: StateSpace, y, u, time_mask=None) -> Li
         cross = kept(v_next, cross)
         # dynamics: z = x_t, r = [phi(x_{t-1}); u_t; 1], t = 2..T
         f_mean, f_cov, f_jac = feature_statistics(st.dynamics, means[:-1], covs[:-1])
-        k = f_mean.shape[-1]
         r_bar = weigh(_regressor_means(f_mean, u_s[1:]), wd)
         p = r_bar.shape[-1]
         S_rr = r_bar.T @ r_bar + _pad_top_left(jnp.sum(kept(v_next, f_cov), 0), p)
@@ -162,14 +166,13 @@ def gaussian_linear_statistics(post, ss: StateSpace, y, u, time_mask=None) -> Li
             cz = jnp.sum(cross, 0)  # sum Cov[x_t, x_{t-1}]
         else:
             cz = jnp.einsum("tij,tkj->ik", cross, f_jac)  # sum Cov[x_t, x_{t-1}] E[J]^T
-        S_zr = (means[1:].T @ r_bar).at[:, :k].add(cz)
+        S_zr = _add_left(means[1:].T @ r_bar, cz)
         S_zz = means[1:].T @ weigh(means[1:], wd) + jnp.sum(kept(v_next, covs[1:]), 0)
         dyn = RegressionStats(S_zr, S_rr, S_zz, count(wd, T - 1))
         # emission: z = y_t (missing entries imputed), r = [psi(x_t); u_t; 1], t = 1..T
         g_mean, g_cov, _ = feature_statistics(st.emission, means, covs)
         psi = weigh(_regressor_means(g_mean, u_s), w)
         q = psi.shape[-1]
-        kq = g_mean.shape[-1]
         E_rr = psi.T @ psi + _pad_top_left(jnp.sum(kept(v_all, g_cov), 0), q)
         if impute:
             linear = st.emission.feature == "linear"
@@ -177,7 +180,7 @@ def gaussian_linear_statistics(post, ss: StateSpace, y, u, time_mask=None) -> Li
             R = ss.emission_cov(u_s[0])
             Ey, Cyf, Cyy = imputed_observations(H, e, R, y_s, g_mean, g_cov)
             Ey, Cyf, Cyy = kept(v_all, Ey), kept(v_all, Cyf), kept(v_all, Cyy)
-            E_zr = (Ey.T @ psi).at[:, :kq].add(jnp.sum(Cyf, 0))
+            E_zr = _add_left(Ey.T @ psi, jnp.sum(Cyf, 0))
             E_zz = Ey.T @ Ey + jnp.sum(Cyy, 0)
         else:  # fully observed (within the sequences): no imputation terms
             y0 = kept(v_all, y_s)
