@@ -116,7 +116,10 @@ def _emission_design(ss: StateSpace, u):
 
 def keep(valid, a):
     """``a`` ``(T, ...)`` with the rows where ``valid`` ``(T,)`` is False set to 0 (a
-    select, not a product: padded steps may hold inf or NaN)."""
+    select, not a product: padded steps may hold inf or NaN). ``valid`` None: every row
+    kept (no select traced)."""
+    if valid is None:
+        return a
     return jnp.where(valid.reshape(valid.shape + (1,) * (a.ndim - 1)), a, jnp.zeros((), a.dtype))
 
 
@@ -145,45 +148,41 @@ def gaussian_linear_statistics(post, ss: StateSpace, y, u, time_mask=None) -> Li
         # or weight: less to trace, compile and run)
         T = means.shape[0]
         if valid is None:
-            w = wd = None  # weights 1
-            kept = lambda v, a: a  # noqa: E731
-            v_all, v_next = None, None
+            w = wd = v_next = None  # weights 1, nothing to select
         else:
             w = valid.astype(means.dtype)  # 1 inside the sequence, 0 past its end
-            wd = w[1:]  # transitions into t = 2..T
-            kept = keep
-            v_all, v_next = valid, valid[1:]
+            wd, v_next = w[1:], valid[1:]  # transitions into t = 2..T
         weigh = lambda a, wt: a if wt is None else a * wt[:, None]  # noqa: E731
         count = lambda wt, n: jnp.asarray(n, means.dtype) if wt is None else jnp.sum(wt)  # noqa: E731
-        means, covs = kept(v_all, means), kept(v_all, covs)
-        cross = kept(v_next, cross)
+        means, covs = keep(valid, means), keep(valid, covs)
+        cross = keep(v_next, cross)
         # dynamics: z = x_t, r = [phi(x_{t-1}); u_t; 1], t = 2..T
         f_mean, f_cov, f_jac = feature_statistics(st.dynamics, means[:-1], covs[:-1])
         r_bar = weigh(_regressor_means(f_mean, u_s[1:]), wd)
         p = r_bar.shape[-1]
-        S_rr = r_bar.T @ r_bar + _pad_top_left(jnp.sum(kept(v_next, f_cov), 0), p)
+        S_rr = r_bar.T @ r_bar + _pad_top_left(jnp.sum(keep(v_next, f_cov), 0), p)
         if st.dynamics.feature == "linear":
             cz = jnp.sum(cross, 0)  # sum Cov[x_t, x_{t-1}]
         else:
             cz = jnp.einsum("tij,tkj->ik", cross, f_jac)  # sum Cov[x_t, x_{t-1}] E[J]^T
         S_zr = _add_left(means[1:].T @ r_bar, cz)
-        S_zz = means[1:].T @ weigh(means[1:], wd) + jnp.sum(kept(v_next, covs[1:]), 0)
+        S_zz = means[1:].T @ weigh(means[1:], wd) + jnp.sum(keep(v_next, covs[1:]), 0)
         dyn = RegressionStats(S_zr, S_rr, S_zz, count(wd, T - 1))
         # emission: z = y_t (missing entries imputed), r = [psi(x_t); u_t; 1], t = 1..T
         g_mean, g_cov, _ = feature_statistics(st.emission, means, covs)
         psi = weigh(_regressor_means(g_mean, u_s), w)
         q = psi.shape[-1]
-        E_rr = psi.T @ psi + _pad_top_left(jnp.sum(kept(v_all, g_cov), 0), q)
+        E_rr = psi.T @ psi + _pad_top_left(jnp.sum(keep(valid, g_cov), 0), q)
         if impute:
             linear = st.emission.feature == "linear"
             H, e = _linear_emission(ss, u_s) if linear else _emission_design(ss, u_s)
             R = ss.emission_cov(u_s[0])
             Ey, Cyf, Cyy = imputed_observations(H, e, R, y_s, g_mean, g_cov)
-            Ey, Cyf, Cyy = kept(v_all, Ey), kept(v_all, Cyf), kept(v_all, Cyy)
+            Ey, Cyf, Cyy = keep(valid, Ey), keep(valid, Cyf), keep(valid, Cyy)
             E_zr = _add_left(Ey.T @ psi, jnp.sum(Cyf, 0))
             E_zz = Ey.T @ Ey + jnp.sum(Cyy, 0)
         else:  # fully observed (within the sequences): no imputation terms
-            y0 = kept(v_all, y_s)
+            y0 = keep(valid, y_s)
             E_zr = y0.T @ psi
             E_zz = y0.T @ y0
         emi = RegressionStats(E_zr, E_rr, E_zz, count(w, T))
