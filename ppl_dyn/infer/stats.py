@@ -193,14 +193,10 @@ def gaussian_linear_statistics(post, ss: StateSpace, y, u, time_mask=None) -> Li
     def run(impute):
         if time_mask is None and y.shape[0] == 1:  # one sequence: no batching to trace
             return one(post.means[0], post.covs[0], post.cross_covs[0], y[0], u[0], None, impute)
-        if time_mask is None:
-            per_seq = jax.vmap(lambda *a: one(*a, None, impute))(
-                post.means, post.covs, post.cross_covs, y, u
-            )
-        else:
-            per_seq = jax.vmap(lambda *a: one(*a, impute))(
-                post.means, post.covs, post.cross_covs, y, u, time_mask
-            )
+        # (a None time mask has no leaves: vmap passes it through as None)
+        per_seq = jax.vmap(lambda *a: one(*a, impute))(
+            post.means, post.covs, post.cross_covs, y, u, time_mask
+        )
         return sum_stats(per_seq)
 
     # imputation costs a dy x dy factorisation per step: skip it when nothing is missing
