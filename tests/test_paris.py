@@ -457,7 +457,9 @@ def test_k1_and_one_step_runs():
     post = PARISSmoother(16, num_backward=1).smooth(params, lds, **kw)
     s = flat(post.stats)
     assert np.all(np.isfinite(s))
-    assert float(post.stats.dynamics.n) == 0.0 and float(post.stats.emission.n) == 1.0
+    assert float(post.stats.dynamics.n) == 0.0
+    # a sum of normalised weights: 1 up to rounding (1 + 2.2e-16 under JAX 0.10.2)
+    np.testing.assert_allclose(float(post.stats.emission.n), 1.0, rtol=1e-13)
     assert np.all(np.asarray(post.stats.dynamics.S_rr) == 0.0)  # T = 1: no transition
 
 
