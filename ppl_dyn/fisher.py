@@ -30,10 +30,12 @@ import jax.numpy as jnp
 from ppl_dyn.infer import _linalg as la
 from ppl_dyn.infer.kalman import (
     GaussianPosterior,
+    KalmanSmoother,
     LinearGaussianView,
     kalman_smooth_view,
     linear_gaussian_view,
 )
+from ppl_dyn.requirements import linear_gaussian_form
 from ppl_dyn.state_space import StateSpace, mask_covariance
 
 __all__ = ["FisherKalmanSmoother", "expected_log_joint"]
@@ -108,14 +110,17 @@ class FisherKalmanSmoother(NamedTuple):
 
     Same values as :class:`~ppl_dyn.infer.KalmanSmoother` (the same filter and
     smoother); only ``log_marginal`` carries a gradient, the other fields are under
-    ``stop_gradient``. Exact for linear-Gaussian models (affine means, constant
-    covariances), like the Kalman smoother itself.
+    ``stop_gradient``. Exact for linear-Gaussian models, like the Kalman smoother
+    itself (which it is, differentiated through the filter, when the matrices change
+    with the inputs).
     """
 
     def posterior(self, rng_key, ss: StateSpace, y: jax.Array, u: jax.Array):
         """Pure E-step on normalised data ``y`` ``(S, T, dy)``, ``u`` ``(S, T, du)``."""
-        del rng_key  # exact: no randomness
-        views = jax.vmap(lambda u_s: linear_gaussian_view(ss, u_s))(u)
+        form = linear_gaussian_form(ss, "KalmanSmoother", dtype=y.dtype)  # or raises
+        if form.time_varying:  # Q below is written for constant matrices: differentiate
+            return KalmanSmoother().posterior(rng_key, ss, y, u)  # through the filter
+        views = jax.vmap(lambda u_s: linear_gaussian_view(ss, u_s, form))(u)
         post = jax.vmap(smooth_with_fisher_gradient)(views, y)
         frozen = {
             f: jax.lax.stop_gradient(getattr(post, f)) for f in post._fields if f != "log_marginal"

@@ -22,6 +22,7 @@ When the model runs outside :func:`bind` (under NUTS, ``Predictive`` or
 
 from __future__ import annotations
 
+import copy
 from typing import Callable, NamedTuple, Optional
 
 import jax
@@ -31,11 +32,18 @@ import numpyro
 import numpyro.distributions as dist
 from numpyro import handlers
 from numpyro.contrib.control_flow import scan as numpyro_scan
+from numpyro.distributions.batch_util import promote_batch_shape
 from numpyro.distributions.distribution import validation_enabled
 from numpyro.primitives import Messenger, apply_stack
 
 from ppl_dyn._prior_draw import generator_from_key, numpy_draw
-from ppl_dyn._validation import device_array
+from ppl_dyn._validation import device_array, is_concrete
+from ppl_dyn.requirements import (
+    abstract_distribution,
+    gaussian_form,
+    gaussian_moments,
+    is_gaussian,
+)
 
 __all__ = [
     "Regression",
@@ -155,26 +163,6 @@ class StateSpace(NamedTuple):
         return gaussian_moments(self.emission(x0, u), "emission")[1]
 
 
-def gaussian_moments(d: dist.Distribution, what: str) -> tuple[jax.Array, jax.Array]:
-    """Mean and covariance of a Gaussian distribution (MVN or independent Normals)."""
-    base = d
-    reinterpreted = 0
-    while isinstance(base, dist.Independent):
-        reinterpreted += base.reinterpreted_batch_ndims
-        base = base.base_dist
-    if isinstance(base, dist.MultivariateNormal):
-        return base.loc, base.covariance_matrix
-    if isinstance(base, dist.Normal) and reinterpreted == 1:
-        var = jnp.broadcast_to(base.scale**2, base.batch_shape)
-        return jnp.broadcast_to(base.loc, base.batch_shape), var[..., :, None] * jnp.eye(
-            var.shape[-1], dtype=var.dtype
-        )
-    raise TypeError(
-        f"the {what} must be Gaussian (MultivariateNormal or Normal(...).to_event(1)) "
-        f"for a Kalman-type smoother; got {type(d).__name__}. Use a particle smoother."
-    )
-
-
 # --------------------------------------------------------------------------------------
 # The primitive a model calls
 # --------------------------------------------------------------------------------------
@@ -224,7 +212,7 @@ def markov(
         added as a factor); otherwise a dict with the sampled ``x`` and ``y`` of shape
         ``(S, T, dim)`` (or ``(T, dim)`` for one unbatched sequence).
     """
-    state_dim = int(init.event_shape[-1]) if init.event_shape else 1
+    state_dim = _state_dim(init)
     y, u, T, S, batched, dy = normalise_data(y, u, num_steps, num_sequences, obs_dim)
     spec = MarkovSpec(
         init=init,
@@ -241,6 +229,8 @@ def markov(
         state_name=state_name,
         obs_name=obs_name,
     )
+    check_contract(spec)
+    check_missing_pattern(spec)
     msg = {
         "type": _MSG_TYPE,
         "fn": lambda: None,
@@ -264,6 +254,70 @@ def markov(
     # against their supports at their own sites.
     with validation_enabled(False):
         return _sample_latent(spec, noncentered=bool(noncentered))
+
+
+def _state_dim(init: dist.Distribution) -> int:
+    if not isinstance(init, dist.Distribution):
+        raise ValueError(
+            f"the initial state distribution (markov's first argument) must be a NumPyro "
+            f"distribution; got {type(init).__name__}"
+        )
+    if len(init.event_shape) != 1 or tuple(init.batch_shape) != ():
+        raise ValueError(
+            "the initial state distribution must have event shape (state_dim,) and no "
+            f"batch shape (the state is a vector); got {type(init).__name__} with batch "
+            f"shape {tuple(init.batch_shape)} and event shape {tuple(init.event_shape)}. "
+            "Write e.g. dist.Normal(m, s).expand([state_dim]).to_event(1) or "
+            "dist.MultivariateNormal(m, P)"
+        )
+    return int(init.event_shape[-1])
+
+
+def _abstract_xu(spec: "MarkovSpec"):
+    dtype = spec.y.dtype if spec.y is not None else spec.u.dtype
+    x = jax.ShapeDtypeStruct((spec.state_dim,), dtype)
+    u = jax.ShapeDtypeStruct((spec.u.shape[-1],), dtype)
+    return x, u
+
+
+def check_contract(spec: "MarkovSpec") -> None:
+    """The shapes of the model contract, checked when :func:`markov` is called (from
+    abstract values: nothing is computed). ``transition(x, u)`` and ``emission(x, u)``
+    must return distributions with event shapes ``(state_dim,)`` and ``(obs_dim,)`` and
+    no batch shape for one state ``x`` ``(state_dim,)`` and one input ``u``
+    ``(input_dim,)``; ``ValueError`` naming the function otherwise."""
+    x, u = _abstract_xu(spec)
+    du = spec.u.shape[-1]
+    for what, fn, dim in (
+        ("transition", spec.transition, spec.state_dim),
+        ("emission", spec.emission, spec.obs_dim),
+    ):
+        if not callable(fn):
+            raise ValueError(
+                f"the {what} must be a function (x, u) -> distribution; got {type(fn).__name__}"
+            )
+        try:
+            d = abstract_distribution(fn, x, u)
+        except Exception as err:  # the user's function: say where it failed
+            raise ValueError(
+                f"the model's {what}(x, u) failed for a state of shape ({spec.state_dim},) "
+                f"and an input of shape ({du},): {type(err).__name__}: {err}"
+            ) from err
+        if not isinstance(d, dist.Distribution):
+            raise ValueError(
+                f"the model's {what}(x, u) must return a NumPyro distribution; got "
+                f"{type(d).__name__}"
+            )
+        if tuple(d.event_shape) != (dim,) or tuple(d.batch_shape) != ():
+            hint = ""
+            if tuple(d.event_shape) == () and tuple(d.batch_shape) == (dim,):
+                hint = " (add .to_event(1))"
+            raise ValueError(
+                f"the model's {what}(x, u) must return a distribution with event shape "
+                f"({dim},) and no batch shape for one state of shape ({spec.state_dim},); "
+                f"got {type(d).__name__} with batch shape {tuple(d.batch_shape)} and event "
+                f"shape {tuple(d.event_shape)}{hint}"
+            )
 
 
 def normalise_data(y, u, num_steps, num_sequences, obs_dim):
@@ -349,7 +403,8 @@ def normalise_data(y, u, num_steps, num_sequences, obs_dim):
 
 
 class _MaskedObservation(dist.Distribution):
-    """Emission distribution whose log-density ignores missing (NaN) entries."""
+    """Emission distribution whose log-density ignores missing (NaN) entries
+    (:func:`masked_log_prob`): any emission NumPyro can score."""
 
     # a pytree (numpyro's scan flattens site distributions across its loop boundary)
     pytree_data_fields = ("base", "mask")
@@ -359,14 +414,100 @@ class _MaskedObservation(dist.Distribution):
         self.mask = mask
         super().__init__(base.batch_shape, base.event_shape, validate_args=False)
 
-    support = dist.constraints.real_vector
+    @property
+    def support(self):
+        return self.base.support
 
     def sample(self, key, sample_shape=()):
         return self.base.sample(key, sample_shape)
 
     def log_prob(self, value):
-        mean, cov = gaussian_moments(self.base, "emission")
-        return masked_gaussian_logpdf(value, mean, cov, self.mask)
+        return masked_log_prob(self.base, value, self.mask)
+
+
+@promote_batch_shape.register
+def _promote_masked_observation(d: _MaskedObservation):
+    # numpyro's scan stacks the site's fields over time and then asks for the batch
+    # shape to be promoted to the stacked arrays' (the shapes come from the arrays)
+    new = copy.copy(d)
+    new.base = promote_batch_shape(d.base)
+    new._batch_shape = new.base.batch_shape
+    return new
+
+
+def _factorised(d: dist.Distribution):
+    """The univariate base of an emission whose entries are independent given the
+    state (``Independent``/``expand`` over a scalar family), else None."""
+    base = d
+    while isinstance(base, (dist.Independent, dist.ExpandedDistribution)):
+        base = base.base_dist
+    if base.event_shape == () and len(d.event_shape) == 1:
+        return base
+    return None
+
+
+def emission_factorisation(d: dist.Distribution) -> str:
+    """How missing entries of an observation vector drop out of ``d``'s log-density:
+    ``"gaussian"`` (marginalised exactly), ``"independent"`` (entries independent given
+    the state: missing terms dropped) or ``"joint"`` (a joint family: only whole rows
+    can be missing)."""
+    if is_gaussian(d):
+        return "gaussian"
+    if _factorised(d) is not None:
+        return "independent"
+    return "joint"
+
+
+def masked_log_prob(d: dist.Distribution, value: jax.Array, mask: jax.Array) -> jax.Array:
+    """``log p(y_obs)``: the log-density of the observed entries (``mask`` True) of
+    ``value`` under the emission ``d`` (event shape ``(obs_dim,)``), missing entries
+    marginalised out.
+
+    Gaussian emissions (any spelling): the marginal over the observed block. Emissions
+    whose entries are independent given the state (``Poisson(rate).to_event(1)``,
+    ``Bernoulli``, ``StudentT``, ...): the observed terms. Joint non-Gaussian families
+    (``MultivariateStudentT``, ``Multinomial``, ...): a fully observed row is scored, a
+    fully missing row adds 0, and a partly observed row is NaN (such data are refused
+    by name before they reach here, see :func:`check_missing_pattern`). Missing entries
+    are replaced by a point of the support before scoring, so gradients stay finite.
+    """
+    kind = emission_factorisation(d)
+    if kind == "gaussian":
+        mean, cov = gaussian_moments(d, "emission")
+        return masked_gaussian_logpdf(value, mean, cov, mask)
+    if kind == "independent":
+        base = _factorised(d)
+        fill = base.support.feasible_like(value)
+        lp = base.log_prob(jnp.where(mask, value, fill))
+        lp = jnp.broadcast_to(lp, jnp.broadcast_shapes(lp.shape, mask.shape))
+        return jnp.sum(jnp.where(mask, lp, 0.0), -1)
+    fill = d.support.feasible_like(value)
+    lp = d.log_prob(jnp.where(mask, value, fill))
+    full, none = jnp.all(mask, -1), ~jnp.any(mask, -1)
+    return jnp.where(full, lp, jnp.where(none, 0.0, jnp.nan))
+
+
+def check_missing_pattern(spec: "MarkovSpec") -> None:
+    """``ValueError`` when a joint non-Gaussian emission meets partly missing rows (NaN
+    in some entries of an observation vector only): its log-density has no marginal to
+    take. Runs when ``y`` is concrete (eagerly, or closed over by NumPyro's MCMC)."""
+    if spec.y is None or not is_concrete(spec.y):
+        return
+    y = np.asarray(spec.y)
+    missing = np.isnan(y)
+    partial = missing.any(-1) & ~missing.all(-1)
+    if not partial.any():
+        return
+    x, u = _abstract_xu(spec)
+    d = abstract_distribution(spec.emission, x, u)
+    if emission_factorisation(d) == "joint":
+        s, t = np.argwhere(partial)[0]
+        raise ValueError(
+            f"y[{s}, {t}] is partly missing (NaN in some entries only), but the emission "
+            f"({type(d).__name__}) is a joint distribution over the observation vector "
+            "with no marginal for a subset of entries; mark whole rows missing, or write "
+            "the emission with independent entries (e.g. dist.X(...).to_event(1))"
+        )
 
 
 def mask_covariance(R, mask):
@@ -471,25 +612,13 @@ def log_marginal_name(spec: MarkovSpec) -> str:
 
 
 def _loc_and_scale(d: dist.Distribution, what: str):
-    """``(loc, scale_tril, diagonal)`` of a Gaussian (MVN or ``Normal.to_event(1)``).
-
-    For ``diagonal=True`` the second value is the vector of standard deviations.
-    """
-    base, reinterpreted = d, 0
-    while isinstance(base, (dist.Independent, dist.ExpandedDistribution)):
-        if isinstance(base, dist.Independent):
-            reinterpreted += base.reinterpreted_batch_ndims
-        base = base.base_dist
-    shape = tuple(d.batch_shape) + tuple(d.event_shape)
-    if isinstance(base, dist.MultivariateNormal):
-        return jnp.broadcast_to(base.loc, shape), base.scale_tril, False
-    if isinstance(base, dist.Normal) and reinterpreted == 1 and len(d.event_shape) == 1:
-        scale = jnp.broadcast_to(base.scale, shape)
-        return jnp.broadcast_to(base.loc, shape), scale, True
-    raise TypeError(
-        f"noncentered=True needs a Gaussian {what} (MultivariateNormal or "
-        f"Normal(...).to_event(1)); got {type(d).__name__}"
-    )
+    """``(loc, scale_tril, diagonal)`` of a Gaussian (any spelling
+    :func:`~ppl_dyn.requirements.is_gaussian` accepts); for ``diagonal=True`` the second
+    value is the vector of standard deviations."""
+    try:
+        return gaussian_form(d, what)
+    except ValueError as err:
+        raise TypeError(f"noncentered=True needs a Gaussian {what}: {err}") from None
 
 
 def _affine_noise(loc, scale, diagonal, z):

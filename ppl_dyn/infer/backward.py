@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from ppl_dyn.infer import _linalg as la
+from ppl_dyn.requirements import additive_gaussian
 
 if TYPE_CHECKING:  # no import cycle: particle.py imports this module
     from ppl_dyn.infer.particle import FilterOutput
@@ -116,7 +117,7 @@ def categorical_inverse_cdf(rng_key, log_weights, shape=()) -> jax.Array:
 
 def _transition_factor(ss: StateSpace, u_next):
     """Cholesky factor of the (state-independent) transition covariance, or None."""
-    if ss.structure is None:
+    if not additive_gaussian(ss, "transition"):
         return None
     return la.cholesky(ss.transition_cov(u_next))
 
@@ -124,10 +125,10 @@ def _transition_factor(ss: StateSpace, u_next):
 def transition_log_prob_rows(ss: StateSpace, x_next, x_prev, u_next, L=None) -> jax.Array:
     """``log p(x_next^m | x_prev^m)`` row by row, ``(M,)`` for ``(M, dx)`` inputs.
 
-    Models with a :class:`~ppl_dyn.LinearStructure` use one Cholesky factor ``L`` of
+    Gaussian transitions with a state-independent ``Q`` use one Cholesky factor ``L`` of
     ``Q`` (computed here when not given); other models their transition ``log_prob``.
     """
-    if ss.structure is None:
+    if not additive_gaussian(ss, "transition"):
         return ss.transition(x_prev, u_next).log_prob(x_next)
     if L is None:
         L = _transition_factor(ss, u_next)
@@ -173,7 +174,7 @@ def backward_indices_mcmc(
     Args:
         rng_key: a JAX PRNG key.
         ss: the state space (its transition density and, when it declares a
-            ``LinearStructure``, its transition covariance).
+            Gaussian transition with a state-independent covariance, its factor).
         particles: filter particles at ``t`` ``(N, dx)``.
         log_weights: their (normalised or not) filter log-weights ``(N,)``.
         x_next: the ``M`` points at ``t + 1`` ``(M, dx)``.
@@ -239,7 +240,7 @@ def backward_indices_hybrid(
     ``O(N)`` draw, so the draws are exact and the cost is at most
     ``O(N + M max_trials + N num_fallback)``.
 
-    ``eps_bar``: for models with a ``LinearStructure`` (Gaussian transitions with a
+    ``eps_bar``: for Gaussian transitions with a state-independent covariance (a
     state-independent ``Q``) ``log eps_bar = -0.5 log|2 pi Q|`` (the density at its
     mode); otherwise pass ``log_bound`` (a valid bound on ``log p(x' | x)`` over ``x``
     for the given points, scalar or ``(M,)``), or use :func:`backward_indices_mcmc`.
@@ -262,7 +263,7 @@ def backward_indices_hybrid(
         u_next: the input entering the transition into ``t + 1`` ``(du,)``.
         max_trials: rejection rounds before the exact fallback (static, >= 0; 0 means
             exact draws for every row).
-        log_bound: ``log eps_bar`` for models without a ``LinearStructure``.
+        log_bound: ``log eps_bar`` for other transitions.
 
     Returns:
         ``(indices, num_trials, accepted)``: int32 indices ``(M,)``, the number of
@@ -274,11 +275,11 @@ def backward_indices_hybrid(
     lw = jnp.asarray(log_weights)
     x_next = jnp.asarray(x_next)
     M = x_next.shape[0]
-    gaussian = ss.structure is not None
+    gaussian = additive_gaussian(ss, "transition")
     if not gaussian and log_bound is None:
         raise ValueError(
             "backward_indices_hybrid needs an upper bound on the transition density: the "
-            "model declares no LinearStructure (Gaussian transitions with a fixed Q), so "
+            "model's transition is not Gaussian with a state-independent covariance, so "
             "pass log_bound, or use backward_indices_mcmc (mode='ffbsi-mcmc')"
         )
     k_rounds, k_fall = jax.random.split(rng_key)
@@ -413,23 +414,23 @@ def ffbsi_hybrid(
 
     Args:
         rng_key: a JAX PRNG key.
-        ss: the state space (Gaussian transitions via its ``LinearStructure``; else
+        ss: the state space (Gaussian transitions with a state-independent covariance; else
             pass ``log_bound``).
         filt: the particle filter output of one sequence.
         u: inputs ``(T, du)``.
         num_trajectories: ``M`` paths.
         max_trials: rejection rounds per backward step before the exact fallback.
-        log_bound: ``log sup p(x' | x)`` for models without a ``LinearStructure``.
+        log_bound: ``log sup p(x' | x)`` for other transitions.
 
     Returns:
         :class:`BackwardSample`; ``info.acceptance_rate`` is the rejection acceptance
         rate and ``info.num_fallback`` the rows that needed the exact draw.
     """
     trials = _check_num("max_trials", max_trials, 0)
-    if ss.structure is None and log_bound is None:
+    if not additive_gaussian(ss, "transition") and log_bound is None:
         raise ValueError(
-            "ffbsi_hybrid needs an upper bound on the transition density: the model "
-            "declares no LinearStructure (Gaussian transitions with a fixed Q), so pass "
+            "ffbsi_hybrid needs an upper bound on the transition density: the model's "
+            "transition is not Gaussian with a state-independent covariance, so pass "
             "log_bound, or use ffbsi_mcmc (mode='ffbsi-mcmc')"
         )
 

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 
 from ppl_dyn.infer import _linalg as la
 from ppl_dyn.infer.kalman import GaussianPosterior, covariance_update, masked_rts_step, rts_step
-from ppl_dyn.state_space import StateSpace, gaussian_moments
+from ppl_dyn.requirements import check_gaussian, gaussian_moments
+from ppl_dyn.state_space import StateSpace
 
 
 def _linearise(fn, x):
@@ -160,6 +161,7 @@ class ExtendedKalmanSmoother(NamedTuple):
         """Pure E-step on normalised data ``y`` ``(S, T, dy)``, ``u`` ``(S, T, du)``;
         ``time_mask`` ``(S, T)`` is False past each sequence's end (ragged lengths)."""
         del rng_key  # deterministic
+        check_gaussian(ss, "ExtendedKalmanSmoother")  # trace time: names what fits if not
         n = int(self.num_iterations)
         if n < 1:
             raise ValueError(f"num_iterations must be >= 1; got {self.num_iterations}")

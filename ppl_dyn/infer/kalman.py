@@ -1,9 +1,12 @@
 """Exact Kalman filter and Rauch-Tung-Striebel smoother (the LDS E-step).
 
 Conventions (``docs/math.md``): ``x_1 ~ N(m0, P0)``; ``x_t = F x_{t-1} + c_t + w_t``
-for ``t >= 2``; ``y_t = H x_t + e_t + v_t``. The affine maps are read off the model's
-transition and emission means through the bridge (``jax.jacfwd`` at 0: exact for models
-whose means are affine in the state, such as :func:`ppl_dyn.models.lds`).
+for ``t >= 2``; ``y_t = H x_t + e_t + v_t``. Before anything runs,
+:func:`~ppl_dyn.requirements.linear_gaussian_form` proves from the traced program that
+the model's means are affine in the state and its covariances independent of it (or
+raises, naming the smoother that fits); the matrices are then read off the means by
+``jax.jacfwd`` (exact for affine maps), once, or at every step where they change with
+the inputs (``H_t = u_t^T``, ``F_t = F(u_t)``).
 
 Numerics: Joseph-form filter update, a Joseph-form backward conditional covariance in
 the smoother (a sum of positive semi-definite terms), explicit symmetrisation, Cholesky
@@ -21,22 +24,26 @@ import jax.numpy as jnp
 
 from ppl_dyn.infer import _linalg as la
 from ppl_dyn.infer._pattern import COMPLETE, MIXED, RAGGED, SHARED, pattern_hint
+from ppl_dyn.requirements import LinearGaussianForm, gaussian_moments, linear_gaussian_form
 from ppl_dyn.state_space import StateSpace, mask_covariance
 
 _LOG2PI = 1.8378770664093453
 
 
 class LinearGaussianView(NamedTuple):
-    """The time-varying affine-Gaussian form of one sequence's model."""
+    """The affine-Gaussian form of one sequence's model.
+
+    ``F``, ``Q``, ``H``, ``R`` carry a leading time axis ``T`` when they change with the
+    inputs (``F[t]``, ``Q[t]`` enter ``x_t``; ``F[0]``, ``Q[0]`` are unused)."""
 
     m0: jax.Array  # (dx,)
     P0: jax.Array  # (dx, dx)
-    F: jax.Array  # (dx, dx)
+    F: jax.Array  # (dx, dx) or (T, dx, dx)
     c: jax.Array  # (T, dx) transition offsets; c[t] enters x_t (c[0] unused)
-    Q: jax.Array  # (dx, dx)
-    H: jax.Array  # (dy, dx)
+    Q: jax.Array  # (dx, dx) or (T, dx, dx)
+    H: jax.Array  # (dy, dx) or (T, dy, dx)
     e: jax.Array  # (T, dy) emission offsets
-    R: jax.Array  # (dy, dy)
+    R: jax.Array  # (dy, dy) or (T, dy, dy)
 
 
 class GaussianPosterior(NamedTuple):
@@ -62,24 +69,50 @@ class GaussianPosterior(NamedTuple):
     log_marginal: jax.Array
 
 
-def linear_gaussian_view(ss: StateSpace, u: jax.Array) -> LinearGaussianView:
+def linear_gaussian_view(
+    ss: StateSpace, u: jax.Array, form: Optional[LinearGaussianForm] = None
+) -> LinearGaussianView:
     """Affine-Gaussian form of a state space for one input sequence ``u`` ``(T, du)``.
 
-    Read off the model's mean functions (Jacobians at 0, exact for affine means), not
-    from a declared :class:`~ppl_dyn.LinearStructure` by site name: a mean with terms
-    the declaration does not name (tests/test_bad_input.py's ``fragile_lds``) must
-    still be filtered exactly."""
+    ``form`` (from :func:`~ppl_dyn.requirements.linear_gaussian_form`, which proves that
+    the means are affine in the state and the covariances independent of it; computed
+    here when not given) says which matrices change with the inputs: those are read at
+    every step (``(T, ., .)``: ``F[t]`` maps ``x_{t-1}`` to ``x_t``), the others once.
+    Offsets ``c``, ``e`` are always per step. Read off the model's distributions, not a
+    declared :class:`~ppl_dyn.LinearStructure`: a mean with terms the declaration does
+    not name (tests/test_bad_input.py's ``fragile_lds``) is still filtered exactly."""
     dtype = u.dtype
+    if form is None:
+        form = linear_gaussian_form(ss, dtype=dtype)
     x0 = jnp.zeros((ss.state_dim,), dtype)
-    m0, P0 = ss.init_moments()
-    F = jax.jacfwd(lambda x: ss.transition_mean(x, u[0]))(x0)
-    H = jax.jacfwd(lambda x: ss.emission_mean(x, u[0]))(x0)
+    m0, P0 = gaussian_moments(ss.init, "initial state distribution")
+
+    def at(fn, varies):
+        return jax.vmap(fn)(u) if varies else fn(u[0])
+
+    F = at(lambda ut: jax.jacfwd(lambda x: ss.transition_mean(x, ut))(x0), form.F_varies)
+    H = at(lambda ut: jax.jacfwd(lambda x: ss.emission_mean(x, ut))(x0), form.H_varies)
     c = jax.vmap(lambda ut: ss.transition_mean(x0, ut))(u)
     e = jax.vmap(lambda ut: ss.emission_mean(x0, ut))(u)
-    Q = ss.transition_cov(u[0])
-    R = ss.emission_cov(u[0])
+    Q = at(lambda ut: gaussian_moments(ss.transition(x0, ut), "transition")[1], form.Q_varies)
+    R = at(lambda ut: gaussian_moments(ss.emission(x0, ut), "emission")[1], form.R_varies)
     cast = lambda a: jnp.asarray(a, dtype)  # noqa: E731
     return LinearGaussianView(*map(cast, (m0, P0, F, c, Q, H, e, R)))
+
+
+def is_time_varying(view: LinearGaussianView) -> bool:
+    """Whether a view carries per-step matrices (known at trace time)."""
+    return view.F.ndim == 3 or view.Q.ndim == 3 or view.H.ndim == 3 or view.R.ndim == 3
+
+
+def per_step(view: LinearGaussianView) -> LinearGaussianView:
+    """``view`` with ``F``, ``Q``, ``H`` and ``R`` broadcast to one per step."""
+    T = view.c.shape[0]
+
+    def full(a):
+        return a if a.ndim == 3 else jnp.broadcast_to(a, (T,) + a.shape)
+
+    return view._replace(F=full(view.F), Q=full(view.Q), H=full(view.H), R=full(view.R))
 
 
 def masked_emission(H, R, mask):
@@ -121,9 +154,30 @@ def kalman_filter(view: LinearGaussianView, y: jax.Array):
     form otherwise, so that the work inside the time loop never scales with ``obs_dim``
     beyond ``state_dim``.
     """
+    if is_time_varying(view):
+        return _filter_time_varying(per_step(view), y)
     if view.H.shape[0] > view.F.shape[0]:
         return _filter_information(view, y)
     return _filter_covariance(view, y)
+
+
+def _filter_time_varying(view: LinearGaussianView, y: jax.Array):
+    """Covariance-form filter with per-step ``F``, ``Q``, ``H``, ``R`` (``(T, ., .)``)."""
+    mask = ~jnp.isnan(y)
+    nxt = lambda a: jnp.concatenate([a[1:], jnp.zeros_like(a[:1])], 0)  # noqa: E731
+    inputs = (jnp.where(mask, y, 0.0), mask, view.e, view.H, view.R)
+    inputs = inputs + (nxt(view.c), nxt(view.F), nxt(view.Q))
+
+    def step(carry, inp):
+        m_pred, P_pred = carry
+        y_t, mask_t, e_t, H_t, R_t, c_n, F_n, Q_n = inp
+        m_f, P_f, ll = covariance_update(m_pred, P_pred, H_t, e_t, R_t, y_t, mask_t)
+        m_next = la.mv(F_n, m_f) + c_n
+        P_next = la.sym(la.mm(la.mm(F_n, P_f), F_n.T) + Q_n)
+        return (m_next, P_next), (m_pred, P_pred, m_f, P_f, ll)
+
+    _, (m_p, P_p, m_f, P_f, ll) = jax.lax.scan(step, (view.m0, view.P0), inputs)
+    return m_p, P_p, m_f, P_f, ll
 
 
 def _filter_covariance(view: LinearGaussianView, y: jax.Array):
@@ -260,19 +314,29 @@ def rts_smoother(view: LinearGaussianView, m_p, P_p, m_f, P_f, time_mask=None):
     """Backward pass with lag-one cross-covariances ``Cov[x_{t+1}, x_t | y]``.
 
     ``time_mask`` ``(T,)``: False past the sequence's end (ragged lengths); the pass then
-    starts at the last step inside (see :func:`masked_rts_step`)."""
+    starts at the last step inside (see :func:`masked_rts_step`). Per-step ``F``/``Q``
+    (a time-varying view) enter step ``t`` as ``F[t+1]``, ``Q[t+1]``."""
     inputs = (m_f[:-1], P_f[:-1], m_p[1:], P_p[1:])
-    if time_mask is None:
-
-        def step(carry, inp):
-            return rts_step(view.F, view.Q, carry, inp)
-
+    varying = view.F.ndim == 3 or view.Q.ndim == 3
+    if varying:
+        T = m_f.shape[0]
+        full = lambda a: a if a.ndim == 3 else jnp.broadcast_to(a, (T,) + a.shape)  # noqa: E731
+        inputs = inputs + (full(view.F)[1:], full(view.Q)[1:])
     else:
-        inputs = inputs + (time_mask[1:],)
+        inputs = inputs + (None, None)
+    valid = None if time_mask is None else time_mask[1:]
 
-        def step(carry, inp):
-            return masked_rts_step(view.F, view.Q, carry, inp[:-1], inp[-1])
+    def step(carry, inp):
+        m_f_t, P_f_t, m_p_n, P_p_n, F_n, Q_n, *v = inp
+        F_n = view.F if F_n is None else F_n
+        Q_n = view.Q if Q_n is None else Q_n
+        moments = (m_f_t, P_f_t, m_p_n, P_p_n)
+        if not v:
+            return rts_step(F_n, Q_n, carry, moments)
+        return masked_rts_step(F_n, Q_n, carry, moments, v[0])
 
+    if valid is not None:
+        inputs = inputs + (valid,)
     last = (m_f[-1], P_f[-1])
     _, (m_s, P_s, cross) = jax.lax.scan(step, last, inputs, reverse=True)
     means = jnp.concatenate([m_s, m_f[-1:]], 0)
@@ -521,14 +585,20 @@ class KalmanSmoother(NamedTuple):
         span and the log-marginal unchanged; the mask makes that hold however the padded
         steps behave numerically (see :func:`kalman_smooth_view`)."""
         del rng_key  # exact: no randomness
+        # proves the model linear-Gaussian (or raises, naming what fits): trace time only
+        form = linear_gaussian_form(ss, "KalmanSmoother", dtype=y.dtype)
 
         def one(y_s, u_s, mask_s=None):
-            return kalman_smooth_view(linear_gaussian_view(ss, u_s), y_s, mask_s)
+            return kalman_smooth_view(linear_gaussian_view(ss, u_s, form), y_s, mask_s)
 
+        if form.time_varying:  # matrices change with each sequence's inputs
+            if time_mask is None:
+                return jax.vmap(one)(y, u)
+            return jax.vmap(one)(y, u, time_mask)
         hint = pattern_hint()
         if time_mask is not None and hint == RAGGED and _ragged_pays(y, ss.state_dim):
             # complete up to each end: covariances depend on the length only
-            views = jax.vmap(lambda u_s: linear_gaussian_view(ss, u_s))(u)
+            views = jax.vmap(lambda u_s: linear_gaussian_view(ss, u_s, form))(u)
             view0 = jax.tree_util.tree_map(lambda a: a[0], views)
             return kalman_smooth_ragged(view0, views.c, views.e, y, time_mask)
         if time_mask is not None and hint not in (COMPLETE, SHARED):
@@ -536,7 +606,7 @@ class KalmanSmoother(NamedTuple):
             return jax.vmap(one)(y, u, time_mask)
         if y.shape[0] == 1:  # one sequence: no batching pass to trace
             return jax.tree_util.tree_map(lambda a: a[None], one(y[0], u[0]))
-        views = jax.vmap(lambda u_s: linear_gaussian_view(ss, u_s))(u)
+        views = jax.vmap(lambda u_s: linear_gaussian_view(ss, u_s, form))(u)
         view0 = jax.tree_util.tree_map(lambda a: a[0], views)
 
         def shared():

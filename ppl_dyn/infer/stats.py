@@ -8,7 +8,7 @@ Statistics are additive over time steps and sequences.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -209,7 +209,47 @@ def gaussian_linear_statistics(post, ss: StateSpace, y, u, time_mask=None) -> Li
 
 
 def _linear_emission(ss: StateSpace, u):
-    from ppl_dyn.infer.kalman import linear_gaussian_view
+    """``(H, e)`` with ``E[y_t | x_t] = H x_t + e_t``: a linear-feature emission
+    regression (its matrix does not change with the inputs), read off the mean."""
+    x0 = jnp.zeros((ss.state_dim,), u.dtype)
+    H = jax.jacfwd(lambda x: ss.emission_mean(x, u[0]))(x0)
+    e = jax.vmap(lambda ut: ss.emission_mean(x0, ut))(u)
+    return H.astype(u.dtype), e.astype(u.dtype)
 
-    view = linear_gaussian_view(ss, u)
-    return view.H, view.e
+
+def sample_smoothed_paths(rng_key, posterior, num_paths: Optional[int] = None) -> jax.Array:
+    """Joint draws of ``x_{1:T}`` from a Gaussian smoothed posterior.
+
+    The smoothed posterior of a linear-Gaussian model is a Gauss-Markov chain:
+    ``x_1 ~ N(m_1, P_1)`` and ``x_{t+1} | x_t ~ N(m_{t+1} + G_t (x_t - m_t),
+    P_{t+1} - G_t X_t^T)`` with ``X_t = Cov[x_{t+1}, x_t | y]`` and ``G_t = X_t P_t^{-1}``.
+    ``posterior.means`` may carry any leading batch axes ``(..., T, dx)``; with
+    ``num_paths`` a new leading axis of that many paths is added.
+    """
+    m, P, X = posterior.means, posterior.covs, posterior.cross_covs
+    if num_paths is not None:
+        m, P, X = (jnp.broadcast_to(a, (num_paths,) + a.shape) for a in (m, P, X))
+    lead, (T, dx) = m.shape[:-2], m.shape[-2:]
+    m = jnp.reshape(m, (-1, T, dx))
+    P = jnp.reshape(P, (-1, T, dx, dx))
+    z = jax.random.normal(rng_key, m.shape, m.dtype)
+    jitter = 1e-12 * jnp.eye(dx, dtype=m.dtype)
+    x1 = m[:, 0] + la.mv(la.cholesky(la.sym(P[:, 0]) + jitter), z[:, 0])
+    if T == 1:
+        return jnp.reshape(x1, lead + (1, dx))
+    X = jnp.reshape(X, (-1, T - 1, dx, dx))
+    # conditional moments for all t at once, then one scan for the mean recursion
+    Lp = la.cholesky(la.sym(P[:, :-1]) + jitter)
+    G = jnp.swapaxes(la.cho_solve(Lp, jnp.swapaxes(X, -1, -2)), -1, -2)  # X P^{-1}
+    cond = la.sym(P[:, 1:] - la.mm(G, jnp.swapaxes(X, -1, -2))) + jitter
+    noise = la.mv(la.cholesky(cond), z[:, 1:])  # (B, T-1, dx)
+
+    def step(x_prev, inp):
+        m_prev, m_next, G_t, e_t = inp
+        x = m_next + la.mv(G_t, x_prev - m_prev) + e_t
+        return x, x
+
+    tm = lambda a: jnp.swapaxes(a, 0, 1)  # noqa: E731  (B, T-1, ...) -> (T-1, B, ...)
+    _, xs = jax.lax.scan(step, x1, (tm(m[:, :-1]), tm(m[:, 1:]), tm(G), tm(noise)))
+    out = jnp.concatenate([x1[:, None], tm(xs)], 1)
+    return jnp.reshape(out, lead + (T, dx))
