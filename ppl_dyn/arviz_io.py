@@ -11,10 +11,14 @@ Groups written:
   ``step_size``, ``n_steps``, ``tree_depth``, ``acceptance_rate`` for samplers; for EM
   the log-marginal trace ``log_marginal`` over ``em_iteration``;
 * ``observed_data``: ``y`` (NaN = missing);
-* ``log_likelihood``: ``y`` as one-step-ahead predictive log-densities
-  ``log p(y_t | y_{1:t-1}, theta)`` per time step; they sum to the marginal
-  log-likelihood of each draw. Use leave-future-out rather than LOO for time series:
-  the pointwise terms are not conditionally independent given ``theta``;
+* ``log_likelihood``: ``y`` per time step. For draws of the parameters only
+  (marginalised NUTS, EM, BlackJAX on a marginalised model) the one-step-ahead
+  predictive log-densities ``log p(y_t | y_{1:t-1}, theta)``, which sum to the marginal
+  log-likelihood of each draw (from the E-step: exact for the Kalman smoother, the
+  particle filter's factors otherwise); for latent-state draws ``log p(y_t | x_t,
+  theta)`` at the sampled states, from the model's own emission (any family). Use
+  leave-future-out rather than LOO for time series: the pointwise terms are not
+  conditionally independent given ``theta``;
 * on request, ``posterior_predictive`` (replicated ``y``) and ``predictions``
   (forecasts over ``forecast_time``), see :mod:`ppl_dyn.predictive`.
 """
@@ -111,6 +115,12 @@ def to_inference_data(
         dims[spec.obs_name] = list(seq) + ["time", "obs_dim"]
     loglik = None
     if log_likelihood and y is not None:
+        if step_lp is None and f"{spec.state_name}_1" in draws.samples and e_step is None:
+            # latent-state draws: log p(y_t | x_t, theta) at the sampled states (any
+            # emission; what NumPyro's log_likelihood gives for the observation sites)
+            from ppl_dyn.mcmc import emission_log_probs
+
+            step_lp = np.asarray(emission_log_probs(draws_as_dict(draws), **_mk(draws)))
         if step_lp is None:
             from ppl_dyn.mcmc import one_step_log_probs
 

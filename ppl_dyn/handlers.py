@@ -69,6 +69,13 @@ class marginalize(Messenger):
                 "e_step must have a posterior(rng_key, state_space, y, u) method "
                 f"(e.g. KalmanSmoother()); got {type(e_step).__name__}"
             )
+        if not getattr(e_step, "deterministic", True):
+            raise ValueError(
+                f"marginalize needs a deterministic, differentiable log-marginal for NUTS; "
+                f"{type(e_step).__name__} gives a random estimate. Use KalmanSmoother() "
+                "(linear-Gaussian models) or ExtendedKalmanSmoother() (Gaussian noise), or "
+                "sample the states with NUTS instead (MCMC(NUTS(model)), any emission)"
+            )
         self.e_step = e_step
         self._factor_e_step = e_step
         if fisher_gradient and type(e_step) is KalmanSmoother:

@@ -36,7 +36,13 @@ from numpyro.infer.util import constrain_fn, potential_energy, unconstrain_fn
 from ppl_dyn._validation import check_rng_key
 from ppl_dyn.handlers import marginalized_e_step
 from ppl_dyn.infer._run import validate_data
-from ppl_dyn.state_space import bind, innovations_from_states, is_markov_site
+from ppl_dyn.infer.stats import sample_smoothed_paths
+from ppl_dyn.state_space import (
+    bind,
+    innovations_from_states,
+    is_markov_site,
+    masked_log_prob,
+)
 
 __all__ = [
     "EXTRA_FIELDS",
@@ -543,8 +549,11 @@ def _per_draw(fn, draws: Draws, *extra, batch_size: int = 256):
 
 
 def _e_step_of(model, e_step, spec=None):
-    """The E-step to use: the given one, the marginalising one, the Kalman smoother for
-    linear(-in-state) models, the extended Kalman smoother for built-in nonlinear ones."""
+    """The E-step to use: the given one, the marginalising one, or
+    :class:`~ppl_dyn.infer.auto.AutoSmoother` (Kalman for linear-Gaussian models, the
+    extended Kalman smoother for Gaussian noise with nonlinear means, particles
+    otherwise; chosen from the model when it is bound)."""
+    del spec  # the choice is made from the bound model
     if e_step is not None:
         if not callable(getattr(e_step, "posterior", None)):
             raise ValueError(
@@ -555,16 +564,9 @@ def _e_step_of(model, e_step, spec=None):
     found = marginalized_e_step(model)
     if found is not None:
         return found
-    st = None if spec is None else spec.structure
-    if st is not None and (st.dynamics.feature, st.emission.feature) != ("linear", "linear"):
-        try:
-            from ppl_dyn.infer.eks import ExtendedKalmanSmoother
-        except ImportError as err:  # pragma: no cover - EKS ships with the package
-            raise ValueError("a nonlinear model needs e_step=... (a Gaussian smoother)") from err
-        return ExtendedKalmanSmoother()
-    from ppl_dyn.infer.kalman import KalmanSmoother
+    from ppl_dyn.infer.auto import AutoSmoother
 
-    return KalmanSmoother()
+    return AutoSmoother()
 
 
 def _spec_of(draws: Draws):
@@ -610,44 +612,36 @@ def one_step_log_probs(source, e_step=None, *, model=None, **model_kwargs) -> ja
     return _per_draw(fn, draws)
 
 
-def sample_smoothed_paths(rng_key, posterior, num_paths: Optional[int] = None) -> jax.Array:
-    """Joint draws of ``x_{1:T}`` from a Gaussian smoothed posterior.
+def sampled_states(samples: dict, spec) -> Optional[jax.Array]:
+    """The states of one draw as ``(S, T, dx)`` from the sites :func:`ppl_dyn.markov`
+    samples (``x_1`` and ``x``), or None when the draw has none (marginalised, EM)."""
+    name1, name = f"{spec.state_name}_1", spec.state_name
+    if name1 not in samples:
+        return None
+    x1 = samples[name1]  # (S, dx)
+    if spec.num_steps == 1:
+        return x1[:, None]
+    return jnp.concatenate([x1[None], samples[name]], 0).swapaxes(0, 1)  # (S, T, dx)
 
-    The smoothed posterior of a linear-Gaussian model is a Gauss-Markov chain:
-    ``x_1 ~ N(m_1, P_1)`` and ``x_{t+1} | x_t ~ N(m_{t+1} + G_t (x_t - m_t),
-    P_{t+1} - G_t X_t^T)`` with ``X_t = Cov[x_{t+1}, x_t | y]`` and ``G_t = X_t P_t^{-1}``.
-    ``posterior.means`` may carry any leading batch axes ``(..., T, dx)``; with
-    ``num_paths`` a new leading axis of that many paths is added.
-    """
-    from ppl_dyn.infer import _linalg as la
 
-    m, P, X = posterior.means, posterior.covs, posterior.cross_covs
-    if num_paths is not None:
-        m, P, X = (jnp.broadcast_to(a, (num_paths,) + a.shape) for a in (m, P, X))
-    lead, (T, dx) = m.shape[:-2], m.shape[-2:]
-    m = jnp.reshape(m, (-1, T, dx))
-    P = jnp.reshape(P, (-1, T, dx, dx))
-    z = jax.random.normal(rng_key, m.shape, m.dtype)
-    jitter = 1e-12 * jnp.eye(dx, dtype=m.dtype)
-    x1 = m[:, 0] + la.mv(la.cholesky(la.sym(P[:, 0]) + jitter), z[:, 0])
-    if T == 1:
-        return jnp.reshape(x1, lead + (1, dx))
-    X = jnp.reshape(X, (-1, T - 1, dx, dx))
-    # conditional moments for all t at once, then one scan for the mean recursion
-    Lp = la.cholesky(la.sym(P[:, :-1]) + jitter)
-    G = jnp.swapaxes(la.cho_solve(Lp, jnp.swapaxes(X, -1, -2)), -1, -2)  # X P^{-1}
-    cond = la.sym(P[:, 1:] - la.mm(G, jnp.swapaxes(X, -1, -2))) + jitter
-    noise = la.mv(la.cholesky(cond), z[:, 1:])  # (B, T-1, dx)
+def emission_log_probs(source, *, model=None, **model_kwargs) -> jax.Array:
+    """``log p(y_t | x_t, theta)`` per draw and step, ``(chain, draw, [S,] T)``, for
+    draws that carry the states (latent-state NUTS/HMC): the model's own emission
+    distribution at the sampled states, missing entries dropped (the values NumPyro's
+    ``log_likelihood`` gives for the observation sites, joined over time)."""
+    draws = draws_of(source, model, model_kwargs)
+    kw = draws.model_kwargs
 
-    def step(x_prev, inp):
-        m_prev, m_next, G_t, e_t = inp
-        x = m_next + la.mv(G_t, x_prev - m_prev) + e_t
-        return x, x
+    def fn(params):
+        ss, spec = bind(draws.model, params, **kw)
+        xs = sampled_states(params, spec)
+        if xs is None:
+            raise ValueError("the draws carry no states (x_1, x); use one_step_log_probs")
+        mask = ~jnp.isnan(spec.y)
+        lp = masked_log_prob(ss.emission(xs, spec.u), jnp.where(mask, spec.y, 0.0), mask)
+        return lp if spec.batched else lp[0]
 
-    tm = lambda a: jnp.swapaxes(a, 0, 1)  # noqa: E731  (B, T-1, ...) -> (T-1, B, ...)
-    _, xs = jax.lax.scan(step, x1, (tm(m[:, :-1]), tm(m[:, 1:]), tm(G), tm(noise)))
-    out = jnp.concatenate([x1[:, None], tm(xs)], 1)
-    return jnp.reshape(out, lead + (T, dx))
+    return _per_draw(fn, draws)
 
 
 # --------------------------------------------------------------------------------------

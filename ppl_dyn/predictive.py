@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppl_dyn._validation import check_rng_key
+from ppl_dyn.infer import _linalg as la
+from ppl_dyn.infer.stats import sample_smoothed_paths
 from ppl_dyn.state_space import bind
 
 __all__ = ["PredictiveBands", "posterior_predictive", "forecast", "plot_bands"]
@@ -45,17 +47,6 @@ class PredictiveBands(NamedTuple):
     upper: np.ndarray
     level: float
     samples: np.ndarray
-
-
-def _states_of(samples: dict, spec) -> Optional[jax.Array]:
-    """Sampled states of one draw as ``(S, T, dx)``, or None (marginalised / EM)."""
-    name1, name = f"{spec.state_name}_1", spec.state_name
-    if name1 not in samples:
-        return None
-    x1 = samples[name1]  # (S, dx)
-    if spec.num_steps == 1:
-        return x1[:, None]
-    return jnp.concatenate([x1[None], samples[name]], 0).swapaxes(0, 1)  # (S, T, dx)
 
 
 def _prepare(source, model, e_step, model_kwargs):
@@ -113,7 +104,7 @@ def posterior_predictive(
         num_paths: simulated paths per draw (default: enough for ~500 in total).
         level: central probability of the bands.
     """
-    from ppl_dyn.mcmc import _per_draw, sample_smoothed_paths
+    from ppl_dyn.mcmc import _per_draw, sampled_states
 
     check_rng_key(rng_key)
     draws, e, spec0 = _prepare(source, model, e_step, model_kwargs)
@@ -125,10 +116,10 @@ def posterior_predictive(
     def fn(params, key):
         ss, spec = bind(draws.model, params, **kw)
         k_x, k_y = jax.random.split(key)
-        xs = _states_of(params, spec)
+        xs = sampled_states(params, spec)
         if xs is None:
             post = e.posterior(k_x, ss, spec.y, spec.u)
-            xs = sample_smoothed_paths(k_x, post, paths)  # (paths, S, T, dx)
+            xs = state_paths(k_x, post, paths)  # (paths, S, T, dx)
         else:
             xs = jnp.broadcast_to(xs, (paths,) + xs.shape)
         return ss.emission(xs, spec.u).sample(k_y)  # (paths, S, T, dy)
@@ -157,8 +148,7 @@ def forecast(
     (or with a sequence axis) is needed when the model has inputs. Other arguments as
     in :func:`posterior_predictive`.
     """
-    from ppl_dyn.infer import _linalg as la
-    from ppl_dyn.mcmc import _per_draw
+    from ppl_dyn.mcmc import _per_draw, sampled_states
 
     check_rng_key(rng_key)
     if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
@@ -174,13 +164,10 @@ def forecast(
     def fn(params, key):
         ss, spec = bind(draws.model, params, **kw)
         k_x, k_run = jax.random.split(key)
-        xs = _states_of(params, spec)
+        xs = sampled_states(params, spec)
         if xs is None:
             post = e.posterior(k_x, ss, spec.y, spec.u)
-            m, P = post.filtered_means[:, -1], post.filtered_covs[:, -1]  # (S, dx...)
-            L = la.cholesky(la.sym(P))
-            z = jax.random.normal(k_x, (paths,) + m.shape, m.dtype)
-            xT = m + la.mv(L, z)
+            xT = final_states(k_x, post, paths)  # (paths, S, dx)
         else:
             xT = jnp.broadcast_to(xs[:, -1], (paths,) + xs[:, -1].shape)
 
@@ -197,6 +184,44 @@ def forecast(
     sims = _per_draw(fn, draws, jnp.reshape(keys, lead + keys.shape[1:]))
     T = spec0.num_steps
     return _bands(sims, np.arange(T, T + num_steps), level, spec0.batched)
+
+
+def state_paths(rng_key, post, num_paths: int) -> jax.Array:
+    """``num_paths`` draws of ``x_{1:T}`` per sequence from an E-step's posterior,
+    ``(num_paths, S, T, dx)``: joint draws from a Gaussian smoothed posterior (the
+    Gauss-Markov chain of its means and cross-covariances), or backward-simulated
+    particle trajectories (drawn with replacement from the ``M`` the E-step made)."""
+    traj = getattr(post, "trajectories", None)
+    if traj is not None:  # (S, M, T, dx)
+        S, M = traj.shape[:2]
+        idx = jax.random.randint(rng_key, (num_paths, S), 0, M)
+        return traj[jnp.arange(S)[None, :], idx]
+    if all(hasattr(post, f) for f in ("means", "covs", "cross_covs")):
+        return sample_smoothed_paths(rng_key, post, num_paths)
+    raise ValueError(
+        f"a {type(post).__name__} carries no paths of the states; use a Gaussian smoother "
+        "or ParticleSmoother(mode='ffbsi', num_trajectories=M) as e_step"
+    )
+
+
+def final_states(rng_key, post, num_paths: int) -> jax.Array:
+    """``num_paths`` draws of ``x_T`` from the filter's ``p(x_T | y_{1:T})`` per
+    sequence, ``(num_paths, S, dx)``: Gaussian filtered moments, or the weighted
+    particles of the last step."""
+    if hasattr(post, "filtered_means"):
+        m, P = post.filtered_means[:, -1], post.filtered_covs[:, -1]  # (S, dx), (S, dx, dx)
+        L = la.cholesky(la.sym(P))
+        z = jax.random.normal(rng_key, (num_paths,) + m.shape, m.dtype)
+        return m + la.mv(L, z)
+    if hasattr(post, "filter_log_weights"):
+        lw = post.filter_log_weights[:, -1]  # (S, N)
+        idx = jax.random.categorical(rng_key, lw, shape=(num_paths, lw.shape[0]))
+        x = post.particles[:, -1]  # (S, N, dx)
+        return x[jnp.arange(lw.shape[0])[None, :], idx]
+    raise ValueError(
+        f"a {type(post).__name__} carries no filtering distribution of the last state; use "
+        "a Gaussian smoother or a ParticleSmoother as e_step"
+    )
 
 
 def _future_inputs(u_future, k, S, du, dtype):

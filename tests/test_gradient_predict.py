@@ -49,7 +49,7 @@ def test_gradient_mstep_reaches_closed_form_maximiser_of_trajectory_q():
 
 def test_gradient_mstep_requires_trajectories():
     y = np.zeros((10, 1))
-    with pytest.raises(TypeError, match="ffbsi"):
+    with pytest.raises(ValueError, match="ffbsi"):
         EM(local_level, ParticleSmoother(num_particles=8), GradientMStep()).run(
             jax.random.key(0), 2, y=y, progress_bar=False)
 

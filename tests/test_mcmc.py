@@ -20,6 +20,7 @@ from jax.flatten_util import ravel_pytree
 from numpyro import handlers
 from numpyro.infer import MCMC, NUTS
 from numpyro.infer.util import potential_energy, unconstrain_fn
+from scipy import stats as sps
 
 import ppl_dyn
 from ppl_dyn.handlers import marginalize, noncentered
@@ -434,10 +435,21 @@ def test_latent_state_draws_of_several_sequences_are_joined_over_time(small_data
     np.testing.assert_array_equal(x.values[:, :, :, 1:], np.moveaxis(xr, 2, 3))
     ll = idata.log_likelihood["y"]
     assert ll.dims == ("chain", "draw", "sequence", "time")
+    # latent-state draws: log p(y_t | x_t, theta) at the sampled states (NumPyro's own
+    # log_likelihood of the observation sites)
+    x_s = np.concatenate([x1[1, 2][None], xr[1, 2]], 0)  # (T, S, dx)
+    Cm, R, d = (np.asarray(params[k]) for k in ("C", "R", "d"))
     for s in range(S):
-        np.testing.assert_allclose(ll.values[1, 2, s].sum(), O.dense_log_marginal(params, yb[s]),
-                                   rtol=1e-10)
+        cond = [sps.multivariate_normal.logpdf(yb[s, t], Cm @ x_s[t, s] + d, R)
+                for t in range(T_SMALL)]
+        np.testing.assert_allclose(ll.values[1, 2, s], cond, rtol=1e-10)
     assert idata.observed_data["y"].dims == ("sequence", "time", "obs_dim")
+    # an explicit E-step gives the one-step-ahead predictive densities instead
+    idata = ppl_dyn.to_inference_data({**draws, "x_1": x1, "x": xr}, model=lds, y=yb,
+                                      state_dim=DX, e_step=KalmanSmoother())
+    for s in range(S):
+        np.testing.assert_allclose(idata.log_likelihood["y"].values[1, 2, s].sum(),
+                                   O.dense_log_marginal(params, yb[s]), rtol=1e-10)
 
 
 def test_point_forecast_and_predictive_match_dense_gaussian(small_data):

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppl_dyn.infer import _linalg as la
-from ppl_dyn.infer.stats import InitStats, LinearStats, RegressionStats
+from ppl_dyn.infer.stats import InitStats, LinearStats, RegressionStats, sample_smoothed_paths
 from ppl_dyn.state_space import LinearStructure, Regression
 
 
@@ -201,18 +201,27 @@ class LinearGaussianMStep(NamedTuple):
     covariance_floor: float = 1e-6
     ridge: float = 0.0
 
-    def check(self, structure, free_names) -> None:
-        """Raise if the model has free sites this M-step cannot estimate."""
+    def check(self, structure, free_names, method: str = "EM") -> None:
+        """Raise if the model has free sites this M-step cannot estimate. ``method``
+        names the caller, whose alternatives the message lists."""
+        other = (
+            "EM(model, e_step, GradientMStep()) with a KalmanSmoother, "
+            "ExtendedKalmanSmoother or ParticleSmoother(mode='ffbsi') E-step"
+        )
+        if method != "EM":
+            other = f"{method} needs it; for this model use {other}"
+        else:
+            other = f"use {other}"
         if structure is None:
             raise ValueError(
-                "the model declares no LinearStructure, so no closed-form M-step applies; "
-                "use GradientMStep"
+                "LinearGaussianMStep needs a model declaring a LinearStructure (which "
+                f"site is which weight, bias and noise); this model declares none: {other}"
             )
         unknown = set(free_names) - structure_sites(structure)
         if unknown:
             raise ValueError(
                 f"the closed-form M-step cannot estimate the sites {sorted(unknown)}; "
-                "condition them (numpyro.handlers.condition) or use GradientMStep"
+                f"condition them (numpyro.handlers.condition), or {other.removeprefix('use ')}"
             )
 
     def statistics(self, posterior, ss, y, u, time_mask=None) -> LinearStats:
@@ -269,37 +278,59 @@ def _input_dim(st: LinearStructure, params) -> int:
     return 0
 
 
+class GaussianPaths(NamedTuple):
+    """A Gaussian smoothed posterior (a Gauss-Markov chain: means, covariances and
+    lag-one cross-covariances, leading ``S``) that :class:`GradientMStep` draws its
+    paths from inside the M-step, with the M-step's key."""
+
+    means: jax.Array
+    covs: jax.Array
+    cross_covs: jax.Array
+
+
 class GradientMStep(NamedTuple):
     """A few Adam steps on the Monte Carlo Q-function, for models with no closed form.
 
-    ``Q(theta) = mean_m log p(x^m, y | theta)`` over backward-simulated trajectories
-    ``x^m`` (``ParticleSmoother(mode="ffbsi")``), evaluated through the bridge (the
-    model's own NumPyro distributions) in the unconstrained space NumPyro defines for each
-    site (``biject_to(site.support)``). Conditioned sites stay fixed. Priors are not used
+    ``Q(theta) = mean_m log p(x^m, y | theta)`` over paths ``x^m`` drawn from the
+    E-step's posterior, evaluated through the bridge (the model's own NumPyro
+    distributions) in the unconstrained space NumPyro defines for each site
+    (``biject_to(site.support)``). Conditioned sites stay fixed. Priors are not used
     (maximum likelihood, like the closed-form M-step).
+
+    The paths come from any E-step that can draw them: backward-simulated trajectories
+    (``ParticleSmoother(mode="ffbsi")`` and the linear-cost modes), or ``num_paths``
+    joint draws from a Gaussian smoothed posterior (``KalmanSmoother``: exact FFBS;
+    ``ExtendedKalmanSmoother``: its Gauss-Markov approximation).
 
     Args:
         num_steps: Adam steps per EM iteration.
         learning_rate: Adam step size (the objective is scaled per time step).
+        num_paths: paths drawn per sequence from a Gaussian posterior.
     """
 
     num_steps: int = 25
     learning_rate: float = 0.02
+    num_paths: int = 16
 
-    def check(self, structure, free_names) -> None:
-        del structure, free_names  # any model written by the convention
+    def check(self, structure, free_names, method: str = "EM") -> None:
+        del structure, free_names, method  # any model written by the convention
 
     def statistics(self, posterior, ss, y, u, time_mask=None):
-        from ppl_dyn.infer.particle import ParticlePosterior
-
-        if not isinstance(posterior, ParticlePosterior) or posterior.trajectories is None:
-            raise TypeError(
-                "GradientMStep needs sampled trajectories: use "
-                "ParticleSmoother(mode='ffbsi', num_trajectories=M)"
+        del ss
+        trajectories = getattr(posterior, "trajectories", None)
+        if trajectories is not None:
+            source = trajectories  # (S, M, T, dx)
+        elif all(hasattr(posterior, f) for f in ("means", "covs", "cross_covs")):
+            source = GaussianPaths(posterior.means, posterior.covs, posterior.cross_covs)
+        else:
+            raise ValueError(
+                f"GradientMStep needs paths of the states, which a {type(posterior).__name__} "
+                "cannot give: use ParticleSmoother(mode='ffbsi', num_trajectories=M) (or "
+                "'ffbsi-mcmc'), KalmanSmoother() or ExtendedKalmanSmoother()"
             )
-        if time_mask is None:  # (S, M, T, dx), (S, T, dy), (S, T, du)
-            return (posterior.trajectories, y, u)
-        return (posterior.trajectories, y, u, time_mask)  # ragged lengths: (S, T) mask
+        if time_mask is None:  # (S, T, dy), (S, T, du)
+            return (source, y, u)
+        return (source, y, u, time_mask)  # ragged lengths: (S, T) mask
 
     def update(self, stats, ss, free, *, rng_key=None, model=None, model_kwargs=None):
         import optax
@@ -309,8 +340,15 @@ class GradientMStep(NamedTuple):
 
         if model is None:
             raise ValueError("GradientMStep needs the model (EM passes it)")
-        traj, y, u, *mask = stats
+        source, y, u, *mask = stats
         time_mask = mask[0] if mask else None
+        if isinstance(source, GaussianPaths):
+            if rng_key is None:
+                raise ValueError("GradientMStep needs an rng_key to draw paths (EM passes one)")
+            draws = sample_smoothed_paths(rng_key, source, int(self.num_paths))
+            traj = jnp.swapaxes(draws, 0, 1)  # (S, M, T, dx)
+        else:
+            traj = source
         info = inspect_model(model, **model_kwargs)
         bijections = {k: biject_to(info.free[k]["fn"].support) for k in free}
         params = ss.params

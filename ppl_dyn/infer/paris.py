@@ -422,6 +422,9 @@ class PARISSmoother(NamedTuple):
         3
     """
 
+    # a random likelihood estimate: handlers.marginalize (NUTS) refuses this E-step
+    deterministic = False
+
     num_particles: int = 100
     num_backward: int = 2
     kernel: str = "mcmc"

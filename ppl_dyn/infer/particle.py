@@ -22,7 +22,6 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpyro.distributions as dist
 from blackjax.smc import resampling as bj_resampling
 from jax.scipy.special import logsumexp
 
@@ -30,10 +29,12 @@ from ppl_dyn._malloc import keep_freed_memory
 from ppl_dyn.infer import _linalg as la
 from ppl_dyn.infer.backward import DEFAULT_MAX_TRIALS, ffbsi_hybrid, ffbsi_mcmc, path_statistics
 from ppl_dyn.infer.stats import InitStats, LinearStats, RegressionStats, keep, sum_stats
+from ppl_dyn.requirements import additive_gaussian
 from ppl_dyn.state_space import (
     StateSpace,
     mask_covariance,
     masked_gaussian_logpdf,
+    masked_log_prob,
 )
 
 _RESAMPLERS = {
@@ -50,6 +51,9 @@ class FilterOutput(NamedTuple):
     log_marginal: jax.Array  # () log of the unbiased estimate of p(y_{1:T})
     ess: jax.Array  # (T,) effective sample size before resampling decisions
     resampled: jax.Array  # (T,) whether step t resampled
+    # (T,) log p_hat(y_t | y_{1:t-1}): the factors of the estimate (they sum to
+    # log_marginal; each is a ratio estimate, only their product is unbiased)
+    predicted_log_probs: Optional[jax.Array] = None
 
 
 class ParticlePosterior(NamedTuple):
@@ -65,6 +69,8 @@ class ParticlePosterior(NamedTuple):
         trajectories: backward-simulated paths ``(M, T, dx)`` (mode ``"ffbsi"``), else None.
         log_marginal: log of the unbiased likelihood estimate.
         ess: filter effective sample sizes ``(T,)``.
+        predicted_log_probs: ``log p_hat(y_t | y_{1:t-1})`` ``(T,)``, the filter's
+            per-step factors (they sum to ``log_marginal``).
     """
 
     particles: jax.Array
@@ -74,6 +80,7 @@ class ParticlePosterior(NamedTuple):
     trajectories: Optional[jax.Array]
     log_marginal: jax.Array
     ess: jax.Array
+    predicted_log_probs: Optional[jax.Array] = None
 
     @property
     def means(self):
@@ -98,37 +105,28 @@ class ParticlePosterior(NamedTuple):
 def emission_log_lik(ss: StateSpace, x, u_t, y_t, mask_t):
     """``log p(y_t | x)`` for particles ``x`` ``(N, dx)``, observed entries only.
 
-    Models declaring a :class:`~ppl_dyn.LinearStructure` have additive Gaussian noise
-    with a state-independent covariance: one factorisation per step serves all
-    particles. Other models use their own distributions (which may depend on ``x``).
+    A Gaussian emission whose covariance does not depend on the state (proved from the
+    traced model, :func:`~ppl_dyn.requirements.additive_gaussian`): one factorisation
+    per step serves all particles, and missing entries are marginalised exactly. Other
+    models use their own distributions (which may depend on ``x``).
     """
     d = ss.emission(x, u_t)
     yf = jnp.where(mask_t, y_t, 0.0)
-    if ss.structure is not None:
+    if additive_gaussian(ss, "emission"):
         cov = ss.emission_cov(u_t)
         ll = masked_gaussian_logpdf(yf, d.mean, cov, mask_t)
         return jnp.broadcast_to(ll, x.shape[:1])
-    if isinstance(d, dist.Independent) and d.reinterpreted_batch_ndims == 1:
-        lp = d.base_dist.log_prob(yf)
-        return jnp.sum(jnp.where(mask_t, lp, 0.0), -1)
-    if isinstance(d, dist.MultivariateNormal):
-        return jax.lax.cond(
-            jnp.all(mask_t),
-            lambda: d.log_prob(yf),
-            lambda: masked_gaussian_logpdf(yf, d.loc, d.covariance_matrix, mask_t),
-        )
-    # another multivariate emission: a step with any missing entry is dropped
-    return jnp.where(jnp.all(mask_t), d.log_prob(yf), 0.0)
+    return masked_log_prob(d, yf, mask_t)  # any family; missing entries drop out
 
 
 def pairwise_transition_log_prob(ss: StateSpace, x_next, x_prev, u_next):
     """``log p(x_next^j | x_prev^i)`` as a ``(len(x_next), len(x_prev))`` matrix.
 
-    Models declaring a :class:`~ppl_dyn.LinearStructure` (additive Gaussian noise with a
-    state-independent ``Q``): whiten once with the Cholesky factor of ``Q`` and take
-    pairwise squared distances. Other models: their own ``log_prob``, broadcast.
+    Gaussian transitions with a state-independent ``Q`` (proved from the traced model):
+    whiten once with the Cholesky factor of ``Q`` and take pairwise squared distances.
+    Other models: their own ``log_prob``, broadcast.
     """
-    if ss.structure is not None:
+    if additive_gaussian(ss, "transition"):
         mu = ss.transition_mean(x_prev, u_next)
         Q = ss.transition_cov(u_next)
         L = la.cholesky(Q)
@@ -250,10 +248,12 @@ def particle_filter(
             ss, resampling, ess_threshold, k_res, k_mov, x_prev, lw_prev, degenerate, u_t, y_t, m_t
         )
         x, lw_new, idx = (shard_particles(a, mesh) for a in (x, lw_new, idx))
-        return (x, lw_new, logZ + step_lz), (x, lw_new, idx, ess, do_res)
+        return (x, lw_new, logZ + step_lz), (x, lw_new, idx, ess, do_res, step_lz)
 
     xs = (step_keys[:, 0], step_keys[:, 1], u[1:], y[1:], mask[1:])
-    (_, _, logZ), (x_rest, lw_rest, anc, ess, res) = jax.lax.scan(step, (x1, lw1n, logZ1), xs)
+    (_, _, logZ), (x_rest, lw_rest, anc, ess, res, lz) = jax.lax.scan(
+        step, (x1, lw1n, logZ1), xs
+    )
     return FilterOutput(
         particles=jnp.concatenate([x1[None], x_rest], 0),
         log_weights=jnp.concatenate([lw1n[None], lw_rest], 0),
@@ -261,6 +261,7 @@ def particle_filter(
         log_marginal=logZ,
         ess=jnp.concatenate([ess1[None], ess], 0),
         resampled=jnp.concatenate([jnp.zeros((1,), bool), res], 0),
+        predicted_log_probs=jnp.concatenate([logZ1[None], lz], 0),
     )
 
 
@@ -297,7 +298,7 @@ def ffbsm(
     size, num = _chunks(N, chunk_size)
     pad = size * num - N
 
-    gaussian = ss.structure is not None  # additive Gaussian noise, state-independent Q
+    gaussian = additive_gaussian(ss, "transition")  # state-independent Q (proved)
     fused_logits = la._small(dx)  # the size rule of _linalg's fused products
 
     def back(log_v_next, inp):
@@ -541,6 +542,9 @@ class ParticleSmoother(NamedTuple):
         ...                           particle_mesh=mesh)
     """
 
+    # a random likelihood estimate: handlers.marginalize (NUTS) refuses this E-step
+    deterministic = False
+
     num_particles: int = 100
     resampling: str = "systematic"
     ess_threshold: float = 0.5
@@ -607,7 +611,14 @@ class ParticleSmoother(NamedTuple):
                 traj = back.trajectories
                 log_v, pair = path_statistics(filt.particles, back.indices, feature)
             return ParticlePosterior(
-                filt.particles, filt.log_weights, log_v, pair, traj, filt.log_marginal, filt.ess
+                filt.particles,
+                filt.log_weights,
+                log_v,
+                pair,
+                traj,
+                filt.log_marginal,
+                filt.ess,
+                filt.predicted_log_probs,
             )
 
         if time_mask is None:

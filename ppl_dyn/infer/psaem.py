@@ -245,7 +245,7 @@ class PSAEM:
             rng_key,
             init_params,
             kwargs,
-            check=lambda info: self.m_step.check(info.spec.structure, info.free),
+            check=lambda info: self.m_step.check(info.spec.structure, info.free, "PSAEM"),
         )
         step, shapes, dynamic = self._compiled(kwargs, time_mask)
         stats_shape, ref_shape = shapes(params, dynamic)
