@@ -1,0 +1,33 @@
+"""The Python examples of the pages listed here run as pasted.
+
+Every fenced ``python`` block of a page is executed, in order, in one namespace per page
+(later blocks may use what earlier ones defined). A block whose first line is
+``# fragment`` is an excerpt, not a program, and is skipped.
+"""
+
+import pathlib
+import re
+
+import matplotlib
+import pytest
+
+matplotlib.use("Agg")
+
+ROOT = pathlib.Path(__file__).parent.parent
+PAGES = ["README.md", "docs/models.md", "docs/choosing.md"]
+_BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+
+
+def python_blocks(page: str) -> list[str]:
+    text = (ROOT / page).read_text()
+    return [b for b in _BLOCK.findall(text) if not b.startswith("# fragment")]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_examples_run_as_pasted(page):
+    blocks = python_blocks(page)
+    assert blocks, f"{page} has no runnable python block"
+    namespace: dict = {"__name__": f"doc_{pathlib.Path(page).stem}"}
+    for i, block in enumerate(blocks):
+        code = compile(block, f"{page} [python block {i + 1}]", "exec")
+        exec(code, namespace)  # noqa: S102 - the documentation's own examples

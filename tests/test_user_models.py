@@ -1,0 +1,413 @@
+"""The user-model matrix: every plug-in on models written the way a user writes them.
+
+Each cell either checks the answer against an oracle that does not use the library
+(the dense joint Gaussian for the linear-Gaussian models, quadrature on a fine grid
+for the scalar-state ones, the model's equations written out with SciPy, a long
+particle run where nothing exact exists) or checks that the plug-in refuses the model
+at once, by name, saying which plug-in fits. The models are in ``user_models.py``;
+``docs/choosing.md`` publishes the matrix. Cells that run samplers or long fits are
+in the slow tier (``-m slow``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import pytest
+import user_models as um
+from numpyro.infer.util import log_density
+
+import ppl_dyn
+from ppl_dyn.handlers import marginalize, noncentered
+from ppl_dyn.infer import (
+    EM,
+    PGAS,
+    PSAEM,
+    ExtendedKalmanSmoother,
+    KalmanSmoother,
+    LinearGaussianMStep,
+    PARISSmoother,
+    ParticleSmoother,
+    fit_sgd,
+)
+from ppl_dyn.requirements import UnsupportedModelError, model_kind
+
+T = 30
+NAMES = list(um.MODELS)
+LG = [n for n in NAMES if um.KIND[n] == "linear-gaussian"]
+NOT_LG = [n for n in NAMES if um.KIND[n] != "linear-gaussian"]
+GENERAL = [n for n in NAMES if um.KIND[n] == "general"]
+
+
+@functools.lru_cache(maxsize=None)
+def data(name: str):
+    """Simulated data with missing entries (a whole step; one entry of a vector)."""
+    d = um.simulate_data(name, num_steps=T, seed=1)
+    y = d["y"].copy()
+    y[4] = np.nan
+    if y.shape[1] > 1:
+        y[9, 0] = np.nan  # partly observed step
+    return y, d["u"], d["x"]
+
+
+def kw(name: str) -> dict:
+    y, u, _ = data(name)
+    return {"y": y} if u is None else {"y": y, "u": u}
+
+
+def params(name: str) -> dict:
+    return {k: jnp.asarray(v) for k, v in um.TRUE_PARAMS[name].items()}
+
+
+@functools.lru_cache(maxsize=None)
+def oracle_log_marginal(name: str) -> float:
+    y, u, _ = data(name)
+    if name in LG:
+        return um.dense_log_marginal(name, um.TRUE_PARAMS[name], y, u)
+    if name in um.SCALAR_STATE:
+        return grid(name)["log_marginal"]
+    # pendulum: no exact answer; long particle filters (4 x N = 50,000: sd 0.01 here)
+    from ppl_dyn.infer.particle import particle_filter
+
+    ss, spec = ppl_dyn.bind(um.MODELS[name], params(name), **kw(name))
+    run = jax.jit(lambda k: particle_filter(k, ss, spec.y[0], spec.u[0], 50_000).log_marginal)
+    return float(np.mean([run(jax.random.key(100 + i)) for i in range(4)]))
+
+
+@functools.lru_cache(maxsize=None)
+def grid(name: str, forecast_steps: int = 0) -> dict:
+    y, _, _ = data(name)
+    return um.grid_smoother(name, um.TRUE_PARAMS[name], y, forecast_steps)
+
+
+def test_models_are_classified_by_what_they_are():
+    """The proofs of ppl_dyn.requirements sort the models as their equations say."""
+    for name in NAMES:
+        ss, _ = ppl_dyn.bind(um.MODELS[name], params(name), **kw(name))
+        assert model_kind(ss) == um.KIND[name], name
+
+
+# --------------------------------------------------------------------------------------
+# Kalman and extended Kalman smoothers
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_kalman_matches_dense_joint_gaussian_or_refuses(name):
+    model = um.MODELS[name]
+    if name in NOT_LG:
+        fits = "ExtendedKalmanSmoother" if um.KIND[name] == "gaussian" else "ParticleSmoother"
+        with pytest.raises(UnsupportedModelError, match=f"KalmanSmoother needs.*{fits}"):
+            KalmanSmoother().smooth(params(name), model, **kw(name))
+        return
+    y, u, _ = data(name)
+    post = KalmanSmoother().smooth(params(name), model, **kw(name))
+    means, covs = um.dense_posterior(name, um.TRUE_PARAMS[name], y, u)
+    np.testing.assert_allclose(float(post.log_marginal), oracle_log_marginal(name), atol=1e-8)
+    np.testing.assert_allclose(np.asarray(post.means), means, atol=1e-8)
+    np.testing.assert_allclose(np.asarray(post.covs), covs, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_eks_exact_on_linear_models_close_on_gaussian_ones_refuses_others(name):
+    model = um.MODELS[name]
+    if um.KIND[name] == "general":
+        with pytest.raises(UnsupportedModelError, match="ExtendedKalmanSmoother.*ParticleSmoother"):
+            ExtendedKalmanSmoother().smooth(params(name), model, **kw(name))
+        return
+    post = ExtendedKalmanSmoother().smooth(params(name), model, **kw(name))
+    if name in LG:  # the EKS of an affine model is the Kalman smoother
+        np.testing.assert_allclose(float(post.log_marginal), oracle_log_marginal(name), atol=1e-8)
+    else:  # a linearisation: within half a nat of the exact / long-run value here
+        assert abs(float(post.log_marginal) - oracle_log_marginal(name)) < 0.5
+
+
+# --------------------------------------------------------------------------------------
+# particle smoothers (any model)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_particle_log_marginal_within_monte_carlo_error(name):
+    """log Z_hat over 8 independent filters: within 4 standard errors (plus the
+    Jensen bias, var/2) of the exact value (dense / grid) or a long particle run."""
+    model = um.MODELS[name]
+    e_step = ParticleSmoother(num_particles=400)
+    keys = jax.random.split(jax.random.key(7), 8)
+    runs = np.array(
+        [
+            float(e_step.smooth(params(name), model, rng_key=k, **kw(name)).log_marginal)
+            for k in keys
+        ]
+    )
+    sd = runs.std(ddof=1)
+    assert abs(runs.mean() - oracle_log_marginal(name)) < 4 * sd / np.sqrt(8) + sd**2 / 2 + 0.02
+
+
+@pytest.mark.parametrize("name", LG + list(um.SCALAR_STATE))
+def test_particle_paths_match_exact_smoothed_means(name):
+    """FFBSi-MCMC paths (any model): their mean over paths is the smoothed mean, within
+    Monte Carlo error, of the dense Gaussian or the grid smoother."""
+    y, u, _ = data(name)
+    e_step = ParticleSmoother(num_particles=500, mode="ffbsi-mcmc", num_trajectories=300)
+    post = e_step.smooth(params(name), um.MODELS[name], rng_key=jax.random.key(3), **kw(name))
+    paths = np.asarray(post.trajectories)  # (M, T, dx)
+    if name in LG:
+        exact, covs = um.dense_posterior(name, um.TRUE_PARAMS[name], y, u)
+        sd = np.sqrt(np.einsum("tii->ti", covs))
+    else:
+        exact = grid(name)["means"][:, None]
+        sd = paths.std(0)
+    # paths share ancestors: allow a 5x inflation of the iid standard error
+    z = (paths.mean(0) - exact) / (sd / np.sqrt(paths.shape[0]))
+    assert np.max(np.abs(z)) < 5 * 4, np.max(np.abs(z))
+
+
+# --------------------------------------------------------------------------------------
+# the plug-ins that need a declared LinearStructure refuse the others by name
+# --------------------------------------------------------------------------------------
+
+UNSTRUCTURED = [n for n in NAMES if n != "structured_lds"]
+
+
+@pytest.mark.parametrize("name", UNSTRUCTURED)
+def test_structure_plugins_refuse_models_without_linear_structure(name):
+    model, k = um.MODELS[name], kw(name)
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="LinearStructure.*GradientMStep"):
+        EM(model, ParticleSmoother(num_particles=10)).run(
+            key, 1, init_params=params(name), progress_bar=False, **k
+        )
+    with pytest.raises(ValueError, match="PSAEM needs it.*GradientMStep"):
+        PSAEM(model, num_particles=10).run(key, 1, init_params=params(name), **k)
+    with pytest.raises(ValueError, match="LinearStructure"):
+        PARISSmoother(num_particles=10).smooth(params(name), model, rng_key=key, **k)
+    with pytest.raises(ValueError, match="LinearStructure"):
+        PGAS(model, num_particles=10).run(key, 1, init_params=params(name), **k)
+
+
+def test_structured_lds_closed_form_em_climbs_the_dense_likelihood():
+    """The user's declared LinearStructure gets the exact M-step: every EM iterate's
+    log-likelihood equals the dense oracle's, and it never decreases."""
+    name = "structured_lds"
+    y, u, _ = data(name)
+    start = dict(params(name), A=jnp.array([[0.5, 0.0], [0.0, 0.5]]), q=jnp.array([0.3, 0.3]))
+    res = EM(um.MODELS[name], KalmanSmoother(), LinearGaussianMStep()).run(
+        jax.random.key(0), 6, init_params=start, progress_bar=False, **kw(name)
+    )
+    lls = np.asarray(res.log_marginals)
+    assert np.all(np.diff(lls) > -1e-9)
+    final = {k: np.asarray(v) for k, v in res.params.items()}
+    em_next = EM(um.MODELS[name], KalmanSmoother()).run(
+        jax.random.key(0), 1, init_params=final, progress_bar=False, **kw(name)
+    )
+    dense = um.dense_log_marginal(name, final, y, u)
+    np.testing.assert_allclose(float(em_next.log_marginals[0]), dense, atol=1e-8)
+
+
+# --------------------------------------------------------------------------------------
+# SGD and NUTS on the marginal (differentiable E-steps)
+# --------------------------------------------------------------------------------------
+
+
+def _log_prior(model, values: dict, k: dict) -> float:
+    """Sum of the parameter sites' prior log-densities (NumPyro's own)."""
+    tr = numpyro.handlers.trace(
+        numpyro.handlers.substitute(numpyro.handlers.seed(model, 0), data=values)
+    ).get_trace(**k)
+    return float(
+        sum(
+            jnp.sum(s["fn"].log_prob(s["value"]))
+            for n, s in tr.items()
+            if s["type"] == "sample" and n in values
+        )
+    )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_marginalize_factor_is_the_exact_log_marginal_or_refuses(name):
+    """log_density of marginalize(model) = log prior + dense log p(y | theta) for the
+    linear-Gaussian models; the others refuse by name (the EKS is an explicit choice)."""
+    model, k = um.MODELS[name], kw(name)
+    values = params(name)
+    if name in NOT_LG:
+        with pytest.raises(UnsupportedModelError, match="KalmanSmoother needs"):
+            log_density(marginalize(model), (), k, values)
+        return
+    lp, _ = log_density(marginalize(model), (), k, values)
+    expected = _log_prior(model, values, k) + oracle_log_marginal(name)
+    np.testing.assert_allclose(float(lp), expected, atol=1e-7)
+
+
+def test_marginalize_refuses_a_particle_e_step():
+    with pytest.raises(ValueError, match="deterministic.*ParticleSmoother.*NUTS"):
+        marginalize(um.MODELS["poisson_counts"], ParticleSmoother())
+
+
+SGD_CASES = ["dynamic_regression", "time_varying_B", "pendulum", "poisson_counts"]
+
+
+@pytest.mark.parametrize("name", SGD_CASES)
+def test_fit_sgd_objective_is_the_exact_log_marginal_or_refuses(name):
+    model, k = um.MODELS[name], kw(name)
+    if name in NOT_LG:
+        with pytest.raises(UnsupportedModelError, match="KalmanSmoother needs"):
+            fit_sgd(model, jax.random.key(0), 1, init_params=params(name), progress_bar=False, **k)
+        return
+    import optax
+
+    res = fit_sgd(
+        model, jax.random.key(0), 1, init_params=params(name), optimizer=optax.sgd(0.0),
+        progress_bar=False, **k,
+    )  # fmt: skip
+    np.testing.assert_allclose(float(res.log_marginals[0]), oracle_log_marginal(name), atol=1e-8)
+
+
+# --------------------------------------------------------------------------------------
+# latent-state NUTS: the density NUTS and BlackJAX sample, for any emission
+# --------------------------------------------------------------------------------------
+
+
+def _state_sites(x):
+    """The sites markov() samples for one unbatched sequence: x_1 (1, dx), x (T-1, 1, dx)."""
+    x = jnp.asarray(x)
+    return {"x_1": x[:1], "x": x[1:, None, :]}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_latent_state_density_equals_the_written_out_joint(name):
+    """NumPyro's log_density of the model with given states (what NUTS and BlackJAX
+    sample) = log prior + log p(x_1) + sum log p(x_t | x_{t-1}) + sum log p(y_t | x_t)
+    with missing entries dropped, written out with SciPy."""
+    model, k = um.MODELS[name], kw(name)
+    y, u, x = data(name)
+    values = params(name)
+    lp, _ = log_density(model, (), k, {**values, **_state_sites(x)})
+    init, trans, emis = um.log_joint_terms(name, um.TRUE_PARAMS[name], x, y, u)
+    expected = _log_prior(model, values, k) + init + trans.sum() + emis.sum()
+    np.testing.assert_allclose(float(lp), expected, rtol=1e-10, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["local_level_input", "pendulum", "stochastic_volatility"])
+def test_noncentered_density_is_standard_normal_innovations_times_emission(name):
+    """noncentered(model) at the innovations of given states: the states come back
+    exactly, and the density is N(z; 0, I) times the written-out emission terms."""
+    from ppl_dyn.state_space import innovations_from_states
+
+    model, k = um.MODELS[name], kw(name)
+    y, u, x = data(name)
+    values = params(name)
+    ss, spec = ppl_dyn.bind(model, values, **k)
+    z = innovations_from_states(spec, jnp.asarray(x))
+    lp, tr = log_density(noncentered(model), (), k, {**values, "x_innovations": z})
+    np.testing.assert_allclose(np.asarray(tr["x_1"]["value"])[0], x[0], atol=1e-10)
+    np.testing.assert_allclose(np.asarray(tr["x"]["value"])[:, 0], x[1:], atol=1e-10)
+    _, _, emis = um.log_joint_terms(name, um.TRUE_PARAMS[name], x, y, u)
+    std_normal = -0.5 * np.sum(np.asarray(z) ** 2) - 0.5 * z.size * np.log(2 * np.pi)
+    expected = _log_prior(model, values, k) + std_normal + emis.sum()
+    np.testing.assert_allclose(float(lp), expected, rtol=1e-10, atol=1e-8)
+
+
+def test_joint_emission_with_partly_missing_rows_is_refused_by_name():
+    """A joint non-Gaussian emission has no marginal over a subset of entries."""
+    import numpyro.distributions as dist
+
+    def model(y=None, *, num_steps=None):
+        s = numpyro.sample("s", dist.HalfNormal(1.0))
+        return ppl_dyn.markov(
+            dist.Normal(0.0, 1.0).expand([2]).to_event(1),
+            lambda x, u: dist.Normal(x, s).to_event(1),
+            lambda x, u: dist.MultivariateStudentT(4.0, x, jnp.eye(2)),
+            y=y, num_steps=num_steps, obs_dim=2,
+        )  # fmt: skip
+
+    y = np.zeros((5, 2))
+    y[2, 1] = np.nan
+    with pytest.raises(ValueError, match=r"y\[0, 2\] is partly missing.*MultivariateStudentT"):
+        log_density(model, (), {"y": y}, {"s": 1.0, "x_1": jnp.zeros((1, 2)),
+                                          "x": jnp.zeros((4, 1, 2))})
+
+
+# --------------------------------------------------------------------------------------
+# results: ArviZ export, posterior predictive, forecasts
+# --------------------------------------------------------------------------------------
+
+
+def _draws(name: str, num_draws: int = 2, with_states: bool = False) -> dict:
+    """A dict of draws (1 chain) at the true parameters (and the simulated states)."""
+    out = {k: jnp.broadcast_to(v, (1, num_draws) + v.shape) for k, v in params(name).items()}
+    if with_states:
+        _, _, x = data(name)
+        for k, v in _state_sites(x).items():
+            out[k] = jnp.broadcast_to(v, (1, num_draws) + v.shape)
+    return out
+
+
+@pytest.mark.parametrize("name", ["dynamic_regression", "expand_broadcast", "poisson_counts"])
+def test_inference_data_log_likelihood_for_parameter_draws(name):
+    """Per-step one-step-ahead log-densities that sum to the exact log p(y | theta)
+    (linear-Gaussian), or to the particle filter's estimate (within Monte Carlo error
+    of the grid value) where no Gaussian smoother applies."""
+    idata = ppl_dyn.to_inference_data(_draws(name), model=um.MODELS[name], **kw(name))
+    ll = idata.log_likelihood["y"].values  # (chain, draw, time)
+    assert ll.shape == (1, 2, T)
+    total = ll.sum(-1)[0, 0]
+    if name in LG:
+        np.testing.assert_allclose(total, oracle_log_marginal(name), atol=1e-8)
+    else:
+        assert abs(total - oracle_log_marginal(name)) < 0.5
+
+
+@pytest.mark.parametrize("name", ["bernoulli_series", "expand_broadcast"])
+def test_inference_data_log_likelihood_for_state_draws(name):
+    """Latent-state draws: log p(y_t | x_t, theta) at the sampled states, from the
+    model's own emission (SciPy's written-out terms)."""
+    y, u, x = data(name)
+    idata = ppl_dyn.to_inference_data(
+        _draws(name, with_states=True), model=um.MODELS[name], **kw(name)
+    )
+    _, _, emis = um.log_joint_terms(name, um.TRUE_PARAMS[name], x, y, u)
+    np.testing.assert_allclose(idata.log_likelihood["y"].values[0, 0], emis, atol=1e-10)
+    assert idata.posterior["x"].dims == ("chain", "draw", "time", "state")
+
+
+@pytest.mark.parametrize("name", ["time_varying_B", "poisson_counts"])
+def test_forecast_mean_matches_exact_forecast(name):
+    """Forecasts from the model's own distributions: the mean of 4,000 paths is the
+    exact E[y_{T+k} | y] (dense Gaussian / grid) within 4 standard errors."""
+    y, u, _ = data(name)
+    k = 3
+    u_future = None if u is None else np.linspace(-0.5, 0.5, k)[:, None]
+    bands = ppl_dyn.forecast(
+        jax.random.key(5), _draws(name, 1), k, model=um.MODELS[name], u_future=u_future,
+        num_paths=4000, **kw(name),
+    )  # fmt: skip
+    sims = bands.samples[0]  # (paths, k, dy)
+    if name in LG:
+        exact = um.dense_forecast_mean(name, um.TRUE_PARAMS[name], y, u, k, u_future)
+    else:
+        exact = grid(name, k)["forecast_means"][:, None]
+    se = sims.std(0) / np.sqrt(sims.shape[0])
+    assert np.max(np.abs((sims.mean(0) - exact) / se)) < 4
+
+
+@pytest.mark.parametrize("name", ["dynamic_regression", "bernoulli_series"])
+def test_posterior_predictive_mean_matches_exact_smoothed_mean(name):
+    y, u, _ = data(name)
+    bands = ppl_dyn.posterior_predictive(
+        jax.random.key(6), _draws(name, 1), model=um.MODELS[name], num_paths=3000, **kw(name)
+    )
+    sims = bands.samples[0]  # (paths, T, dy)
+    if name in LG:
+        means, _ = um.dense_posterior(name, um.TRUE_PARAMS[name], y, u)
+        m0, P0, F, c, Q, H, e, R = um.lgssm_matrices(name, um.TRUE_PARAMS[name], u, T)
+        exact = np.einsum("tij,tj->ti", H, means) + e
+        se = sims.std(0) / np.sqrt(sims.shape[0])
+        assert np.max(np.abs((sims.mean(0) - exact) / se)) < 4.5
+    else:  # paths from a particle smoother: its own Monte Carlo error on top
+        exact = grid(name)["y_means"][:, None]
+        assert np.max(np.abs(sims.mean(0) - exact)) < 0.12
