@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
 from jax.extend.core import Literal
+from numpyro.distributions.distribution import validation_enabled
 
 __all__ = [
     "UnsupportedModelError",
@@ -84,7 +85,8 @@ def is_gaussian(d: dist.Distribution) -> bool:
     return isinstance(base, dist.Normal)
 
 
-def _family(d: dist.Distribution) -> str:
+def family_name(d: dist.Distribution) -> str:
+    """The class name of ``d`` under its ``Independent``/``expand`` wrappers."""
     base = _unwrap(d)
     return type(base).__name__
 
@@ -104,7 +106,7 @@ def gaussian_moments(d: dist.Distribution, what: str) -> tuple[jax.Array, jax.Ar
             )
         raise UnsupportedModelError(
             f"the {what} must be Gaussian (MultivariateNormal, LowRankMultivariateNormal "
-            f"or Normal(...).to_event(1)); got {_family(d)}"
+            f"or Normal(...).to_event(1)); got {family_name(d)}"
         )
     shape = tuple(d.batch_shape) + tuple(d.event_shape)
     n = shape[-1]
@@ -289,7 +291,8 @@ def affine_analysis(fn: Callable, x, u) -> list:
     ``NONLINEAR`` in ``x``), ``u`` (depends on ``u``), ``cu`` (the coefficient of ``x``
     depends on ``u``) and ``why`` (the operation that made it nonlinear).
     """
-    closed = jax.make_jaxpr(fn)(x, u)
+    with validation_enabled(False):  # argument checks would run eagerly, op by op
+        closed = jax.make_jaxpr(fn)(x, u)
     jaxpr = closed.jaxpr
     leaves_x = len(jax.tree_util.tree_leaves(x))
     leaves_u = len(jax.tree_util.tree_leaves(u))
@@ -348,7 +351,7 @@ def _check_family(ss, plugin: str, dtype) -> None:
             if len(d.event_shape) != 1:
                 detail = f"has event shape {tuple(d.event_shape)} (need one vector axis)"
             else:
-                detail = f"is {_family(d)}"
+                detail = f"is {family_name(d)}"
             raise UnsupportedModelError(
                 f"{plugin} needs Gaussian initial, transition and emission distributions "
                 f"(MultivariateNormal, LowRankMultivariateNormal or Normal(...).to_event(1)); "
@@ -365,7 +368,8 @@ def abstract_distribution(fn, x, u) -> dist.Distribution:
         out["d"] = fn(xv, uv)
         return 0.0
 
-    jax.make_jaxpr(run)(x, u)
+    with validation_enabled(False):  # argument checks would run eagerly, op by op
+        jax.make_jaxpr(run)(x, u)
     return out["d"]
 
 

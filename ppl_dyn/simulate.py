@@ -27,7 +27,8 @@ def simulate(
         model: a model function that declares its dynamics with :func:`ppl_dyn.markov`.
         params: values of parameter sites; sites not given are drawn from their priors.
         num_steps: number of time steps ``T``.
-        num_sequences: number of independent sequences ``S`` (adds a leading axis).
+        num_sequences: number of independent sequences ``S`` (adds a leading axis);
+            passed to the model only when given.
         **model_kwargs: the model's other arguments (``state_dim``, ``obs_dim``, ``u``, ...).
 
     Returns:
@@ -47,7 +48,9 @@ def simulate(
         raise ValueError("simulate draws y; do not pass y")
     fn = handlers.seed(handlers.substitute(model, data=params or {}), rng_seed=rng_key)
     tr = handlers.trace(fn)
-    result = tr(num_steps=num_steps, num_sequences=num_sequences, **model_kwargs)
+    if num_sequences is not None:  # a model for one sequence need not take the keyword
+        model_kwargs["num_sequences"] = num_sequences
+    result = tr(num_steps=num_steps, **model_kwargs)
     if not isinstance(result, dict):
         raise ValueError("the model must return the value of ppl_dyn.markov(...)")
     values = {

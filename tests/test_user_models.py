@@ -411,3 +411,86 @@ def test_posterior_predictive_mean_matches_exact_smoothed_mean(name):
     else:  # paths from a particle smoother: its own Monte Carlo error on top
         exact = grid(name)["y_means"][:, None]
         assert np.max(np.abs(sims.mean(0) - exact)) < 0.12
+
+
+# --------------------------------------------------------------------------------------
+# a declared LinearStructure is checked against the distributions, not trusted
+# --------------------------------------------------------------------------------------
+
+
+def _structured_variant(emission_scale=None, poisson=False):
+    """structured_lds with a user error: the emission's noise written as a standard
+    deviation where the declaration says variance, or a Poisson emission."""
+    import numpyro.distributions as dist
+
+    from ppl_dyn import LinearStructure, Regression
+
+    def model(y=None, *, u=None, num_steps=None, num_sequences=None):
+        A = numpyro.sample("A", dist.Normal(0.0, 0.3).expand([2, 2]).to_event(2))
+        C = numpyro.sample("C", dist.Normal(0.0, 1.0).expand([1, 2]).to_event(2))
+        q = numpyro.sample("q", dist.InverseGamma(2.0, 0.1).expand([2]).to_event(1))
+        r = numpyro.sample("r", dist.InverseGamma(2.0, 0.1).expand([1]).to_event(1))
+        m0 = numpyro.sample("m0", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        p0 = numpyro.sample("p0", dist.InverseGamma(2.0, 1.0).expand([2]).to_event(1))
+        st = LinearStructure(
+            dynamics=Regression(weight="A", noise="q", diagonal_noise=True),
+            emission=Regression(weight="C", noise="r", diagonal_noise=True),
+            init_mean="m0", init_cov="p0", diagonal_init=True,
+        )  # fmt: skip
+
+        def emission(x, u_t):
+            if poisson:
+                return dist.Poisson(jnp.exp(x @ C.T)).to_event(1)
+            return dist.Normal(x @ C.T, r if emission_scale == "sd" else jnp.sqrt(r)).to_event(1)
+
+        return ppl_dyn.markov(
+            dist.Normal(m0, jnp.sqrt(p0)).to_event(1),
+            lambda x, u_t: dist.Normal(x @ A.T, jnp.sqrt(q)).to_event(1),
+            emission, y=y, u=u, num_steps=num_steps, num_sequences=num_sequences,
+            obs_dim=1, structure=st,
+        )  # fmt: skip
+
+    return model
+
+
+@pytest.mark.parametrize("error", ["sd", "poisson"])
+def test_declared_structure_that_does_not_match_the_model_is_refused(error):
+    model = _structured_variant("sd" if error == "sd" else None, poisson=error == "poisson")
+    y = np.abs(np.random.default_rng(0).normal(size=(20, 1))).round()
+    start = {
+        "A": 0.5 * np.eye(2), "C": np.ones((1, 2)), "q": np.full(2, 0.1), "r": np.full(1, 0.3),
+        "m0": np.zeros(2), "p0": np.ones(2),
+    }  # fmt: skip
+    match = "emission covariance differs" if error == "sd" else "emission \\(Poisson\\) is not"
+    with pytest.raises(ValueError, match=match):
+        EM(model, ParticleSmoother(num_particles=10)).run(
+            jax.random.key(0), 1, y=y, init_params=start, progress_bar=False
+        )
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(model="lds", state_dim=2),
+        dict(model="lds", state_dim=2, dynamics_noise="diag", emission_noise="diag",
+             init_noise="diag", bias=False),
+        dict(model="lds", state_dim=2, inputs=True),
+        dict(model="tanh_rnn", state_dim=2, inputs=True),
+        dict(model="rbf", state_dim=1, centres=np.linspace(-2, 2, 4)[:, None],
+             widths=np.full(4, 1.0)),
+    ],
+)  # fmt: skip
+def test_builtin_declarations_match_their_distributions(kwargs):
+    """The built-in models skip the run-time check (is_builtin_model): their
+    declarations are verified here, for every option."""
+    from ppl_dyn import models
+    from ppl_dyn.infer.mstep import verify_structure
+    from ppl_dyn.state_space import inspect_model
+
+    kwargs = dict(kwargs)
+    model = getattr(models, kwargs.pop("model"))
+    rng = np.random.default_rng(0)
+    if kwargs.pop("inputs", False):
+        kwargs["u"] = rng.normal(size=(15, 2))
+    info = inspect_model(model, rng_key=jax.random.key(3), y=rng.normal(size=(15, 2)), **kwargs)
+    verify_structure(info)

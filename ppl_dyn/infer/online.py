@@ -36,7 +36,7 @@ import numpy as np
 from ppl_dyn._validation import check_rng_key
 from ppl_dyn.infer._pattern import assume_pattern, data_pattern
 from ppl_dyn.infer._run import hashable_items, jit_model, split_static
-from ppl_dyn.infer.em import EMResult, initial_params
+from ppl_dyn.infer.em import EMResult, check_m_step, initial_params
 from ppl_dyn.infer.mstep import LinearGaussianMStep
 from ppl_dyn.infer.paris import (
     BackwardKernel,
@@ -222,7 +222,7 @@ class OnlineEM:
             rng_key,
             init_params,
             kwargs,
-            check=lambda info: self.m_step.check(info.spec.structure, info.free),
+            check=lambda info: check_m_step(self.m_step, info, "OnlineEM", self.model),
         )
         ss, spec = bind(self.model, params, **kwargs)
         if spec.y is None:

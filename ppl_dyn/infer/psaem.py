@@ -38,7 +38,7 @@ from ppl_dyn.infer._run import (
     statistics_with_mask,
 )
 from ppl_dyn.infer.cpf import conditional_particle_filter, path_posterior
-from ppl_dyn.infer.em import EMResult, initial_params, warn_floors
+from ppl_dyn.infer.em import EMResult, check_m_step, initial_params, warn_floors
 from ppl_dyn.infer.mstep import GradientMStep, LinearGaussianMStep
 from ppl_dyn.state_space import bind
 
@@ -245,7 +245,7 @@ class PSAEM:
             rng_key,
             init_params,
             kwargs,
-            check=lambda info: self.m_step.check(info.spec.structure, info.free, "PSAEM"),
+            check=lambda info: check_m_step(self.m_step, info, "PSAEM", self.model),
         )
         step, shapes, dynamic = self._compiled(kwargs, time_mask)
         stats_shape, ref_shape = shapes(params, dynamic)

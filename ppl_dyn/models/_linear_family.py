@@ -67,6 +67,7 @@ def linear_in_params_model(
     emission_noise: str,
     init_noise: str,
     feature_args: tuple = (),
+    identified: bool = False,
 ):
     if not isinstance(state_dim, int) or state_dim < 1:
         raise ValueError(f"state_dim must be a positive int; got {state_dim!r}")
@@ -78,16 +79,26 @@ def linear_in_params_model(
     A = numpyro.sample(
         "A", dist.Normal(0.0, 0.5 / np.sqrt(num_phi)).expand([dx, num_phi]).to_event(2)
     )
-    C = numpyro.sample("C", dist.Normal(0.0, 1.0).expand([dy, num_psi]).to_event(2))
+    if identified:
+        C = _identified_emission(dx, dy, num_psi, dynamics_feature, emission_feature)
+    else:
+        C = numpyro.sample("C", dist.Normal(0.0, 1.0).expand([dy, num_psi]).to_event(2))
     B = D = None
     if du > 0:
         B = numpyro.sample("B", dist.Normal(0.0, 1.0).expand([dx, du]).to_event(2))
         D = numpyro.sample("D", dist.Normal(0.0, 1.0).expand([dy, du]).to_event(2))
     b = d = None
     if bias:
-        b = numpyro.sample("b", dist.Normal(0.0, 1.0).expand([dx]).to_event(1))
+        # identified: the state's origin is fixed by b = 0 (a shift of the state moves
+        # the offset between b and d; d keeps the data's level)
+        if not identified:
+            b = numpyro.sample("b", dist.Normal(0.0, 1.0).expand([dx]).to_event(1))
         d = numpyro.sample("d", dist.Normal(0.0, 1.0).expand([dy]).to_event(1))
-    Q = _cov_site("Q", dx, dynamics_noise, 0.1)
+    if identified:  # the state's scale and rotation are fixed by Q = I (see lds)
+        dynamics_noise = "full"
+        Q = numpyro.deterministic("Q", jnp.eye(dx))
+    else:
+        Q = _cov_site("Q", dx, dynamics_noise, 0.1)
     R = _cov_site("R", dy, emission_noise, 0.1)
     m0 = numpyro.sample("m0", dist.Normal(0.0, 1.0).expand([dx]).to_event(1))
     P0 = _cov_site("P0", dx, init_noise, 1.0)
@@ -138,8 +149,26 @@ def linear_in_params_model(
         num_steps=num_steps,
         num_sequences=num_sequences,
         obs_dim=obs_dim,
-        structure=structure,
+        structure=None if identified else structure,
     )
+
+
+def _identified_emission(dx, dy, num_psi, dynamics_feature, emission_feature):
+    """``C`` lower-trapezoidal with a positive (log-normal) diagonal, as a deterministic
+    site built from ``C_diag`` and ``C_lower`` (the identified LDS)."""
+    if (dynamics_feature, emission_feature) != ("linear", "linear"):
+        raise ValueError("identified=True is the canonical form of the linear model (lds)")
+    if dy < dx:
+        raise ValueError(
+            f"identified=True needs obs_dim >= state_dim (C lower-trapezoidal with a "
+            f"positive diagonal); got obs_dim={dy}, state_dim={dx}"
+        )
+    rows, cols = np.nonzero(np.tril(np.ones((dy, dx)), -1))
+    diag = numpyro.sample("C_diag", dist.LogNormal(0.0, 1.0).expand([dx]).to_event(1))
+    lower = numpyro.sample("C_lower", dist.Normal(0.0, 1.0).expand([rows.size]).to_event(1))
+    C = jnp.zeros((dy, num_psi), diag.dtype)
+    C = C.at[np.arange(dx), np.arange(dx)].set(diag).at[rows, cols].set(lower)
+    return numpyro.deterministic("C", C)
 
 
 def check_optional_dim(name: str, value: Optional[int]):
