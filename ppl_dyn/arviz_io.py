@@ -39,11 +39,13 @@ def to_inference_data(
     *,
     model=None,
     e_step=None,
-    log_likelihood: bool = True,
+    log_likelihood: Optional[bool] = None,
     posterior_predictive: bool = False,
     forecast_steps: int = 0,
     u_future=None,
     rng_key=None,
+    coords: Optional[dict] = None,
+    dims: Optional[dict] = None,
     **model_kwargs,
 ):
     """Convert a numpyro ``MCMC``, a :class:`~ppl_dyn.mcmc.BlackJAXRun`, a
@@ -57,11 +59,24 @@ def to_inference_data(
         e_step: E-step for the one-step-ahead log-densities (default: the marginalising
             E-step, the Kalman smoother, or the extended Kalman smoother for nonlinear
             built-in models).
-        log_likelihood: write the ``log_likelihood`` group.
-        posterior_predictive: write the ``posterior_predictive`` group.
+        log_likelihood: write the ``log_likelihood`` group. Default (None): yes for
+            posterior draws; for a one-draw point estimate (EM, SGD, online EM) the
+            per-step log-densities go to ``sample_stats`` (``y_one_step_log_prob``)
+            instead, so that ``az.loo``/``az.compare``, which need posterior draws,
+            refuse it ("log likelihood not found") rather than fail inside PSIS; pass
+            True to write the group anyway.
+        posterior_predictive: write the ``posterior_predictive`` group (one simulated
+            path per posterior draw; 200 paths for a point estimate).
         forecast_steps: when > 0, write forecasts of that many steps to ``predictions``
-            (``u_future`` for models with inputs).
+            and, as ``y_forecast``, to ``posterior_predictive``, where
+            ``az.plot_ts(idata, y="y", y_hat="y", y_forecasts="y_forecast",
+            plot_dim="time", holdout_dim="forecast_time")`` finds them (``u_future``
+            for models with inputs).
         rng_key: PRNG key for the posterior predictive and forecasts.
+        coords, dims: ArviZ coordinates and dimension names, merged over the defaults
+            (e.g. ``coords={"time": dates}``; the defaults are ``time``, ``state``,
+            ``obs_dim``, ``input_dim``, ``sequence``, ``forecast_time`` and ``*_col`` for
+            the columns of square matrices, the same in every group).
 
     Example:
         >>> idata = ppl_dyn.to_inference_data(mcmc)        # doctest: +SKIP
@@ -71,6 +86,8 @@ def to_inference_data(
     import jax
 
     from ppl_dyn.infer.pgas import PGASResult
+
+    coords_arg, dims_arg = coords, dims
     from ppl_dyn.mcmc import _e_step_of, _spec_of, _tree_depth_from_steps, draws_of
 
     states = None
@@ -114,7 +131,16 @@ def to_inference_data(
         observed = {spec.obs_name: y}
         dims[spec.obs_name] = list(seq) + ["time", "obs_dim"]
     loglik = None
-    if log_likelihood and y is not None:
+    point = draws.kind == "em"  # one draw: a point estimate
+    if log_likelihood is None:
+        log_likelihood = True
+        if point and y is not None:
+            log_likelihood, loglik_to_stats = False, True
+        else:
+            loglik_to_stats = False
+    else:
+        loglik_to_stats = False
+    if (log_likelihood or loglik_to_stats) and y is not None:
         if step_lp is None and f"{spec.state_name}_1" in draws.samples and e_step is None:
             # latent-state draws: log p(y_t | x_t, theta) at the sampled states (any
             # emission; what NumPyro's log_likelihood gives for the observation sites)
@@ -125,8 +151,12 @@ def to_inference_data(
             from ppl_dyn.mcmc import one_step_log_probs
 
             step_lp = np.asarray(one_step_log_probs(draws_as_dict(draws), e_step, **_mk(draws)))
-        loglik = {spec.obs_name: step_lp}
         loglik_dims = list(seq) + ["time"]
+        if loglik_to_stats:
+            stats[lp_name] = step_lp
+            stat_dims[lp_name] = loglik_dims
+        else:
+            loglik = {spec.obs_name: step_lp}
     pp = preds = None
     if posterior_predictive or forecast_steps:
         from ppl_dyn._validation import check_rng_key
@@ -134,10 +164,13 @@ def to_inference_data(
         check_rng_key(rng_key)
         k_pp, k_fc = jax.random.split(rng_key)
         e = _e_step_of(draws.model, e_step, spec)
+        # one path per posterior draw; a point estimate gets 200 paths (its predictive
+        # groups then have 200 draws, what az.plot_ppc / az.plot_ts sample from)
+        paths = 200 if point else 1
         if posterior_predictive:
             from ppl_dyn.predictive import posterior_predictive as _pp
 
-            bands = _pp(k_pp, draws_as_dict(draws), e_step=e, num_paths=1, **_mk(draws))
+            bands = _pp(k_pp, draws_as_dict(draws), e_step=e, num_paths=paths, **_mk(draws))
             pp = {spec.obs_name: bands.samples}
         if forecast_steps:
             from ppl_dyn.predictive import forecast as _fc
@@ -148,18 +181,21 @@ def to_inference_data(
                 forecast_steps,
                 e_step=e,
                 u_future=u_future,
-                num_paths=1,
+                num_paths=paths,
                 **_mk(draws),
             )
             preds = {spec.obs_name: bands.samples}
+            pp = {**(pp or {}), f"{spec.obs_name}_forecast": bands.samples}
+            dims[f"{spec.obs_name}_forecast"] = list(seq) + ["forecast_time", "obs_dim"]
 
-    coords = {
+    default_coords = {
         "time": np.arange(T),
         "state": np.arange(dx),
         "state_col": np.arange(dx),
         "obs_dim": np.arange(dy),
         "obs_dim_col": np.arange(dy),
     }
+    coords = default_coords
     if du:
         coords["input_dim"] = np.arange(du)
     if spec.batched:
@@ -167,6 +203,13 @@ def to_inference_data(
     if forecast_steps:
         # (arviz 0.23 builds the predictions group with `coords`, not `pred_coords`)
         coords["forecast_time"] = np.arange(T, T + forecast_steps)
+    coords = {**coords, **(coords_arg or {})}
+    dims = {**dims, **(dims_arg or {})}
+    constant = None
+    if du:  # the inputs the draws condition on
+        u = np.asarray(spec.u if spec.batched else spec.u[0])
+        constant = {"u": u}
+        dims.setdefault("u", list(seq) + ["time", "input_dim"])
     if loglik is not None:
         # log_likelihood vars share the observed variable's name; its dims differ
         loglik_group = az.from_dict(
@@ -176,17 +219,34 @@ def to_inference_data(
         posterior=post,
         sample_stats=stats or None,
         observed_data=observed,
+        constant_data=constant,
         posterior_predictive=pp,
         predictions=preds,
         coords=coords,
         dims={**dims, **stat_dims},
         pred_dims={spec.obs_name: list(seq) + ["forecast_time", "obs_dim"]},
         pred_coords=coords,
-        attrs={"inference_library": draws.kind, "ppl_dyn_model": _model_name(draws.model)},
+        attrs=_attrs(draws, point),
     )
     if loglik is not None:
         idata.extend(loglik_group)
     return idata
+
+
+def _attrs(draws, point: bool) -> dict:
+    from ppl_dyn import __version__
+
+    attrs = {
+        "inference_library": draws.kind,
+        "ppl_dyn_model": _model_name(draws.model),
+        "ppl_dyn_version": __version__,
+    }
+    if point:
+        attrs["ppl_dyn_note"] = (
+            "one draw (a point estimate): LOO and WAIC need posterior draws; the "
+            "one-step-ahead log-densities are in sample_stats"
+        )
+    return attrs
 
 
 def draws_as_dict(draws):

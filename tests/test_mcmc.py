@@ -9,6 +9,7 @@ standard errors. Statistical long runs are marked ``slow``; run them with
 
 import warnings
 
+import arviz as az
 import jax
 import jax.numpy as jnp
 import mcmc_oracles as MO
@@ -415,8 +416,17 @@ def test_em_result_exports_point_estimate_with_convergence_trace(small_data):
     assert post["d"].dims == ("chain", "draw", "obs_dim")
     np.testing.assert_array_equal(idata.sample_stats["log_marginal"].values[0, 0],
                                   res.log_marginals)
-    ll = idata.log_likelihood["y"].values[0, 0]
+    # a point estimate: the one-step-ahead terms in sample_stats, and az.loo refuses it
+    # by name instead of failing inside PSIS (one draw)
+    ll = idata.sample_stats["y_one_step_log_prob"].values[0, 0]
     np.testing.assert_allclose(ll.sum(), O.dense_log_marginal(params, y), rtol=1e-10)
+    assert "log_likelihood" not in idata.groups() and "LOO" in idata.attrs["ppl_dyn_note"]
+    assert idata.attrs["ppl_dyn_version"] == ppl_dyn.__version__
+    with pytest.raises(TypeError, match="log likelihood not found"):
+        az.loo(idata)
+    # asked for explicitly, the group is written (the same values)
+    idata = ppl_dyn.to_inference_data(res, model=lds, y=y, state_dim=DX, log_likelihood=True)
+    np.testing.assert_allclose(idata.log_likelihood["y"].values[0, 0], ll, rtol=1e-12)
 
 
 def test_latent_state_draws_of_several_sequences_are_joined_over_time(small_data):

@@ -494,3 +494,159 @@ def test_builtin_declarations_match_their_distributions(kwargs):
         kwargs["u"] = rng.normal(size=(15, 2))
     info = inspect_model(model, rng_key=jax.random.key(3), y=rng.normal(size=(15, 2)), **kwargs)
     verify_structure(info)
+
+
+# --------------------------------------------------------------------------------------
+# the rest of the matrix: gradient M-step, predict, ArviZ, samplers (slow tier)
+# --------------------------------------------------------------------------------------
+
+
+def test_builtin_lds_with_diagonal_noise_latent_density_equals_the_written_out_joint():
+    """The built-in LDS with diagonal noise under latent-state NUTS (it used to fail with
+    a broadcast error): its density is the sum of the written-out Gaussian terms."""
+    import oracles as O
+    from scipy import stats as sps
+
+    from ppl_dyn.models import lds
+
+    rng = np.random.default_rng(2)
+    p = O.random_lds_params(rng, 2, 2, 0.8, bias=True)
+    p = {**p, "Q": np.diag(p["Q"]), "R": np.diag(p["R"]), "P0": np.diag(p["P0"])}
+    k = dict(state_dim=2, dynamics_noise="diag", emission_noise="diag", init_noise="diag")
+    sim = ppl_dyn.simulate(jax.random.key(0), lds, p, num_steps=12, obs_dim=2, **k)
+    y, x = np.array(sim["y"]), np.asarray(sim["x"])
+    y[3, 1] = np.nan
+    values = {kk: jnp.asarray(v) for kk, v in p.items()}
+    lp, _ = log_density(lds, (), dict(y=y, **k), {**values, **_state_sites(x)})
+    expected = _log_prior(lds, values, dict(y=y, **k))
+    expected += sps.multivariate_normal.logpdf(x[0], p["m0"], np.diag(p["P0"]))
+    for t in range(1, 12):
+        mean = p["A"] @ x[t - 1] + p["b"]
+        expected += sps.multivariate_normal.logpdf(x[t], mean, np.diag(p["Q"]))
+    for t in range(12):
+        o = ~np.isnan(y[t])
+        mean = p["C"] @ x[t] + p["d"]
+        expected += np.sum(sps.norm.logpdf(y[t][o], mean[o], np.sqrt(p["R"][o])))
+    np.testing.assert_allclose(float(lp), expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "name, e_step",
+    [("local_level_input", "kalman"), ("state_dependent_noise", "eks"),
+     ("poisson_counts", "particle")],
+)  # fmt: skip
+def test_gradient_mstep_climbs_the_exact_likelihood(name, e_step):
+    """EM with GradientMStep, fed by the paths each E-step can draw (exact FFBS from the
+    Kalman smoother, the EKS's Gauss-Markov approximation, FFBSi-MCMC particles): the
+    exact log-likelihood (dense / grid) of the fit beats that of the start by > 1 nat."""
+    from ppl_dyn.infer import GradientMStep
+
+    y, u, _ = data(name)
+    start = dict(um.TRUE_PARAMS[name])
+    bad = {"local_level_input": ("r", 1.0), "state_dependent_noise": ("r", 1.5),
+           "poisson_counts": ("sigma", 1.2)}[name]  # fmt: skip
+    start[bad[0]] = bad[1]
+    e = {
+        "kalman": KalmanSmoother(),
+        "eks": ExtendedKalmanSmoother(),
+        "particle": ParticleSmoother(num_particles=200, mode="ffbsi-mcmc", num_trajectories=50),
+    }[e_step]
+    res = EM(um.MODELS[name], e, GradientMStep(num_steps=30, learning_rate=0.05)).run(
+        jax.random.key(0), 8, init_params=start, progress_bar=False, **kw(name)
+    )
+    fit = {k: np.asarray(v) for k, v in res.params.items()}
+
+    def exact(p):
+        if name in LG:
+            return um.dense_log_marginal(name, p, y, u)
+        return um.grid_smoother(name, p, y)["log_marginal"]
+
+    assert exact(fit) > exact(start) + 1.0, (exact(start), exact(fit))
+
+
+@pytest.mark.parametrize("name", ["time_varying_B", "poisson_counts"])
+def test_predict_one_step_means_match_exact_predictions(name):
+    """ppl_dyn.predict's one-step-ahead means (particle filter, any emission) against the
+    exact E[y_{t+1} | y_{1:t}] (dense Gaussian / grid), within 4 Monte Carlo sd."""
+    y, u, _ = data(name)
+    pred = ppl_dyn.predict(
+        params(name), um.MODELS[name], horizons=(1,), rng_key=jax.random.key(4),
+        num_particles=4000, method="particles", **kw(name),
+    )  # fmt: skip
+    got = np.asarray(pred.mean[1])[:-1, 0]  # predicts y_{t+1}, t = 0..T-2
+    exact = []
+    for t in range(1, T):
+        y_past = y[:t]
+        if name in LG:
+            exact.append(um.dense_forecast_mean(name, um.TRUE_PARAMS[name], y_past, u[:t], 1,
+                                                u[t:t + 1])[0, 0])  # fmt: skip
+        else:
+            exact.append(um.grid_smoother(name, um.TRUE_PARAMS[name], y_past, 1)[
+                "forecast_means"][0])  # fmt: skip
+    assert np.max(np.abs(got - np.array(exact))) < 0.1 * max(1.0, np.max(np.abs(exact)))
+
+
+def test_arviz_summary_loo_plots_on_user_model_draws():
+    """az.summary, az.loo, az.plot_ts and az.plot_ppc on a count model's export (two
+    chains of parameter draws): LOO sums the one-step-ahead terms, the plots find the
+    posterior predictive and the forecasts; a one-draw EM export is refused by az.loo."""
+    import arviz as az
+    import matplotlib
+
+    matplotlib.use("Agg")
+    name = "poisson_counts"
+    rng = np.random.default_rng(0)
+    draws = {
+        k: jnp.asarray(v + 0.02 * rng.normal(size=(2, 4) + np.shape(v)))
+        for k, v in um.TRUE_PARAMS[name].items()
+    }
+    y = um.simulate_data(name, num_steps=T, seed=1)["y"]  # complete: az.plot_ppc's
+    # histograms of discrete data do not take missing (NaN) observations
+    idata = ppl_dyn.to_inference_data(
+        draws, model=um.MODELS[name], posterior_predictive=True, forecast_steps=3,
+        rng_key=jax.random.key(0), coords={"time": np.arange(100, 100 + T)}, y=y,
+    )  # fmt: skip
+    assert list(idata.observed_data["y"].coords["time"].values[:2]) == [100, 101]
+    assert az.summary(idata, var_names=["phi", "sigma"]).shape[0] == 2
+    with pytest.warns(UserWarning):  # 8 draws: ArviZ warns about the Pareto k estimates
+        loo = az.loo(idata)
+    assert np.isfinite(loo.elpd_loo)
+    az.plot_ts(idata, y="y", y_hat="y", y_forecasts="y_forecast", plot_dim="time",
+               holdout_dim="forecast_time", num_samples=8)  # fmt: skip
+    az.plot_ppc(idata, num_pp_samples=8)
+    matplotlib.pyplot.close("all")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["local_level_input", "poisson_counts"])
+def test_latent_nuts_numpyro_and_blackjax_agree_with_each_other_and_the_marginal(name):
+    """Latent-state NUTS by NumPyro and by BlackJAX (run_blackjax) on the same user model:
+    posterior means of the parameters agree within 5 Monte Carlo standard errors, and for
+    the linear-Gaussian model with NUTS on the exact marginal (states integrated out)."""
+    import arviz as az
+    from numpyro.infer import MCMC, NUTS
+
+    from ppl_dyn.mcmc import run_blackjax
+
+    model, k = um.MODELS[name], kw(name)
+    runs = {}
+    m = MCMC(NUTS(model), num_warmup=500, num_samples=1000, num_chains=2,
+             chain_method="sequential", progress_bar=False)  # fmt: skip
+    m.run(jax.random.key(1), **k)
+    runs["numpyro"] = m.get_samples(group_by_chain=True)
+    bj = run_blackjax(jax.random.key(2), model, num_warmup=500, num_samples=1000,
+                      num_chains=2, **k)  # fmt: skip
+    runs["blackjax"] = bj.samples
+    if name in LG:
+        mm = MCMC(NUTS(marginalize(model)), num_warmup=500, num_samples=1000, num_chains=2,
+                  chain_method="sequential", progress_bar=False)  # fmt: skip
+        mm.run(jax.random.key(3), **k)
+        runs["marginal"] = mm.get_samples(group_by_chain=True)
+    site = {"local_level_input": "phi", "poisson_counts": "mu"}[name]
+    stats = {}
+    for key, s in runs.items():
+        v = np.asarray(s[site])
+        stats[key] = (v.mean(), float(az.mcse(az.convert_to_dataset(v[..., None]))["x"].values[0]))
+    ref_mean, ref_se = stats["numpyro"]
+    for key, (mean, se) in stats.items():
+        assert abs(mean - ref_mean) < 5 * np.hypot(se, ref_se), (key, stats)
