@@ -52,3 +52,31 @@ def test_continuing_from_a_stopped_run_matches_one_longer_run():
     more = em.run(jax.random.key(0), 3, init_params=first, **kw)
     whole = em.run(jax.random.key(0), k + 3, init_params=init, **kw)
     np.testing.assert_allclose(more.log_marginals, whole.log_marginals[k:], rtol=1e-12)
+
+
+def test_invalid_start_raises_cleanly_while_the_step_compiles_ahead():
+    """EM.run compiles its step in a thread while init validates the starting values;
+    when init refuses them, the process must end with the Python error, not abort in
+    XLA at exit (exit status 134, "terminate called ...")."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import jax, numpy as np
+        jax.config.update("jax_enable_x64", True)
+        from ppl_dyn.infer import EM, KalmanSmoother
+        from ppl_dyn.models import lds
+        y = np.random.default_rng(0).normal(size=(50, 1))
+        bad = {"A": 0.5 * np.eye(2), "C": np.ones((1, 2)), "Q": -np.eye(2),
+               "R": np.eye(1), "b": np.zeros(2), "d": np.zeros(1), "m0": np.zeros(2),
+               "P0": np.eye(2)}
+        EM(lds, KalmanSmoother()).run(jax.random.key(0), 3, y=y, state_dim=2,
+                                      init_params=bad, progress_bar=False)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    assert "ValueError" in proc.stderr and "terminate called" not in proc.stderr

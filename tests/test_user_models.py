@@ -466,6 +466,8 @@ def test_declared_structure_that_does_not_match_the_model_is_refused(error):
         EM(model, ParticleSmoother(num_particles=10)).run(
             jax.random.key(0), 1, y=y, init_params=start, progress_bar=False
         )
+    with pytest.raises(ValueError, match=match):  # PaRIS accumulates the declared ones
+        PARISSmoother(num_particles=10).smooth(start, model, y=y, rng_key=jax.random.key(0))
 
 
 @pytest.mark.parametrize(

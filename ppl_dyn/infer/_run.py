@@ -313,21 +313,24 @@ def inspect_checked(model, values: dict, require_all: bool, rng_key=None, **kwar
     return info
 
 
-def prepare_eager(model, params, args, kwargs):
-    """Validate data and parameters, then bind the model (eagerly)."""
+def prepare_eager(model, params, args, kwargs, check=None):
+    """Validate data and parameters (and ``check(info)`` the model, when given), then
+    bind the model (eagerly)."""
     if args:
         raise ValueError("pass data to the model as keyword arguments (y=..., u=...)")
     kwargs = validate_data(kwargs)
-    inspect_checked(model, params, True, **kwargs)
+    info = inspect_checked(model, params, True, **kwargs)
+    if check is not None:
+        check(info)
     return bind(model, params, **kwargs)
 
 
-def smooth_eager(e_step, params, model, args, kwargs, rng_key=None, lengths=None):
+def smooth_eager(e_step, params, model, args, kwargs, rng_key=None, lengths=None, check=None):
     """Validate, then run ``e_step.posterior`` jitted with the parameters and data as
     arguments (one compilation per model, E-step and static arguments). Ragged data
     (lists, or ``lengths``) are padded; the time mask is a traced argument."""
     kwargs, time_mask = ragged_data(kwargs, lengths)
-    _, spec = prepare_eager(model, params, args, kwargs)
+    _, spec = prepare_eager(model, params, args, kwargs, check)
     dynamic, static = split_static(validate_data(kwargs))
     items = hashable_items(static)
     pattern = data_pattern(dynamic.get("y"), time_mask)

@@ -29,6 +29,7 @@ from ppl_dyn.infer._run import (
     validate_data,
 )
 from ppl_dyn.infer.mstep import LinearGaussianMStep
+from ppl_dyn.requirements import is_builtin_model
 from ppl_dyn.state_space import bind, inspect_model
 
 
@@ -203,7 +204,14 @@ class EM:
             step, dynamic = self._compiled(kwargs, time_mask=time_mask)
             if init_params is not None and e_step_schedule is None:
                 ahead = compile_ahead(step, init_params, dynamic, rng_key, mask_arg(time_mask))
-        state = self.init(rng_key, init_params=init_params, **kwargs)
+        try:
+            state = self.init(rng_key, init_params=init_params, **kwargs)
+        except BaseException:
+            # a compilation still running in its thread when the interpreter exits
+            # aborts the process (XLA: "terminate called ...", exit 134): let it finish
+            if ahead is not None:
+                ahead.join()
+            raise
         if mesh is not None:
             if not isinstance(mesh, jax.sharding.Mesh):
                 raise ValueError(f"mesh must be a jax.sharding.Mesh; got {type(mesh).__name__}")
@@ -333,17 +341,6 @@ def check_m_step(m_step, info, method: str = "EM", model=None) -> None:
     verify = getattr(m_step, "verify_model", None)
     if verify is not None and not is_builtin_model(model):
         verify(info)
-
-
-def is_builtin_model(model) -> bool:
-    """Whether ``model`` (under any NumPyro handlers) is one of ``ppl_dyn.models``'
-    linear-family models, whose LinearStructure is correct by construction."""
-    from ppl_dyn.models import lds, rbf, tanh_rnn
-
-    fn = model
-    while fn is not None and hasattr(fn, "fn") and not hasattr(fn, "__code__"):
-        fn = fn.fn  # numpyro handlers (condition, substitute, ...) wrap the function
-    return fn in (lds, tanh_rnn, rbf)
 
 
 def initial_params(model, rng_key, init_params, kwargs, check=None, split_key=True):

@@ -23,10 +23,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from numpyro.distributions.distribution import validation_enabled
 
 from ppl_dyn.infer import _linalg as la
 from ppl_dyn.infer.stats import InitStats, LinearStats, RegressionStats, sample_smoothed_paths
+from ppl_dyn.requirements import verify_structure
 from ppl_dyn.state_space import LinearStructure, Regression
 
 
@@ -283,100 +283,6 @@ def _input_dim(st: LinearStructure, params) -> int:
     if st.emission.input_weight is not None:
         return int(jnp.shape(params[st.emission.input_weight])[-1])
     return 0
-
-
-def _declared_moments(reg: Regression, values: dict, x, u):
-    """Mean ``W phi(x) + V u + c`` and covariance of a declared regression."""
-    W = jnp.asarray(values[reg.weight])
-    mean = reg.features(x) @ W.T
-    if reg.input_weight is not None:
-        mean = mean + u @ jnp.asarray(values[reg.input_weight]).T
-    if reg.bias is not None:
-        mean = mean + jnp.asarray(values[reg.bias])
-    noise = jnp.asarray(values[reg.noise])
-    cov = jnp.diag(noise) if reg.diagonal_noise else noise
-    return mean, cov
-
-
-def verify_structure(info, num_points: int = 4) -> None:
-    """``ValueError`` unless the model's distributions are the ones its declared
-    :class:`~ppl_dyn.LinearStructure` names: Gaussian transition and emission with
-    means ``W phi(x) + V u + c`` and covariances ``Sigma`` (the named sites), and an
-    initial law ``N(m0, P0)``. Compared at the starting values, at ``num_points`` random
-    states and inputs (relative tolerance 1e-6; a term the declaration does not name, a
-    feature other than the declared one or a wrong noise site shows up at once). The
-    closed-form M-step solves the regressions the declaration names: without this
-    check a mismatch would give a confident wrong fit."""
-    from ppl_dyn.requirements import (
-        abstract_distribution,
-        additive_gaussian,
-        family_name,
-        gaussian_moments,
-    )
-    from ppl_dyn.state_space import state_space_of
-
-    spec, st = info.spec, info.spec.structure
-    if st is None:
-        return
-    values = {**{k: s["value"] for k, s in info.free.items()}, **info.frozen}
-    ss = state_space_of(spec, values)
-    dtype = jnp.result_type(float)
-    rng = np.random.default_rng(0)
-    dx, du = spec.state_dim, spec.u.shape[-1]
-    x = rng.normal(size=(num_points, dx)).astype(dtype)
-    u = rng.normal(size=(num_points, du)).astype(dtype)
-    xa = jax.ShapeDtypeStruct((dx,), dtype)
-    ua = jax.ShapeDtypeStruct((du,), dtype)
-    for which, fn in (("transition", spec.transition), ("emission", spec.emission)):
-        if not additive_gaussian(ss, which):
-            family = family_name(abstract_distribution(fn, xa, ua))
-            raise ValueError(
-                f"the model declares a LinearStructure, but its {which} ({family}) is not "
-                "Gaussian with a covariance independent of the state; remove the "
-                "declaration (and use GradientMStep) or fix the distribution"
-            )
-
-    def moments(x, u):
-        out = []
-        for which, reg, fn in (
-            ("transition", st.dynamics, spec.transition),
-            ("emission", st.emission, spec.emission),
-        ):
-            mean, cov = gaussian_moments(fn(x, u), which)
-            d_mean, d_cov = _declared_moments(reg, values, x, u)
-            out.append((mean, cov, d_mean, jnp.broadcast_to(d_cov, cov.shape)))
-        m0, P0 = gaussian_moments(spec.init, "initial state distribution")
-        m0d = jnp.asarray(values[st.init_mean])
-        P0d = jnp.asarray(values[st.init_cov])
-        out.append((m0, P0, m0d, jnp.diag(P0d) if st.diagonal_init else P0d))
-        return out
-
-    with validation_enabled(False):  # (argument checks would run eagerly, op by op)
-        found = jax.jit(moments)(x, u)
-    names = (
-        (st.dynamics, "transition"),
-        (st.emission, "emission"),
-        (None, "initial state distribution"),
-    )
-    for (mean, cov, d_mean, d_cov), (reg, what) in zip(found, names, strict=True):
-        for label, a, b in (("mean", mean, d_mean), ("covariance", cov, d_cov)):
-            a, b = np.asarray(a), np.asarray(b)
-            scale = max(1.0, float(np.max(np.abs(b))))
-            gap = float(np.max(np.abs(a - b)))
-            if not gap <= 1e-6 * scale:
-                if reg is None:
-                    declared = f"N({st.init_mean}, {st.init_cov})"
-                else:
-                    parts = [f"{reg.weight} {reg.feature}(x)"]
-                    parts += [f"{reg.input_weight} u"] if reg.input_weight else []
-                    parts += [reg.bias] if reg.bias else []
-                    declared = " + ".join(parts) + f", noise {reg.noise}"
-                raise ValueError(
-                    f"the model's {what} {label} differs from its declared LinearStructure "
-                    f"({declared}) by {gap:.3g} at the starting values: the closed-form "
-                    "M-step would fit another model. Fix the declaration, or remove it "
-                    "and use GradientMStep"
-                )
 
 
 class GaussianPaths(NamedTuple):

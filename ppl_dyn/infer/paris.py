@@ -63,6 +63,7 @@ from ppl_dyn.infer.particle import (
     filter_step,
 )
 from ppl_dyn.infer.stats import InitStats, LinearStats, RegressionStats, sum_stats
+from ppl_dyn.requirements import is_builtin_model, verify_structure
 from ppl_dyn.state_space import StateSpace
 
 KERNELS = ("hybrid", "mcmc")
@@ -478,7 +479,12 @@ class PARISSmoother(NamedTuple):
         check_rng_key(rng_key)
         self.backward_kernel()
         check_filter_args(self.num_particles, self.resampling, self.ess_threshold)
-        return smooth_eager(self, params, model, args, kwargs, rng_key, lengths)
+
+        def check(info):  # the statistics PaRIS accumulates are the declared ones
+            if info.spec.structure is not None and not is_builtin_model(model):
+                verify_structure(info)
+
+        return smooth_eager(self, params, model, args, kwargs, rng_key, lengths, check)
 
 
 def paris_linear_statistics(post: PARISPosterior) -> LinearStats:

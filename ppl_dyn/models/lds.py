@@ -133,3 +133,8 @@ def _lower_indices(dy: int, dx: int):
     lower-trapezoidal matrix."""
     rows, cols = np.nonzero(np.tril(np.ones((dy, dx)), -1))
     return rows, cols
+
+
+# its LinearStructure is correct by construction (tests/test_user_models.py verifies it
+# for every option): the run-time check of user declarations is skipped
+lds._ppl_dyn_verified_structure = True
