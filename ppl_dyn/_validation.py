@@ -45,6 +45,25 @@ def check_observations(y, name: str = "y") -> None:
         raise ValueError(
             f"{name} contains {arr[idx]} at index {idx}; use NaN for missing values"
         )
+    # squares (variances, Kalman gains) must stay finite in the data's precision
+    limit = float(np.sqrt(np.finfo(arr.dtype).max)) * 1e-4
+    with np.errstate(invalid="ignore"):
+        huge = np.abs(arr) > limit
+    if huge.any():
+        idx = tuple(int(i) for i in np.argwhere(huge)[0])
+        raise ValueError(
+            f"{name} contains {arr[idx]:.3g} at index {idx}: too large to square in "
+            f"{arr.dtype} (|{name}| must stay below {limit:.1g}); rescale the data"
+        )
+
+
+def check_some_observed(y, name: str = "y") -> None:
+    """A fit needs data: ``ValueError`` when every entry of ``y`` is missing (NaN)."""
+    if y is None or not is_concrete(y):
+        return
+    arr = np.asarray(y)
+    if np.issubdtype(arr.dtype, np.floating) and arr.size and np.isnan(arr).all():
+        raise ValueError(f"{name} has no observed entry (every value is NaN): nothing to fit")
 
 
 def check_inputs(u, name: str = "u") -> None:

@@ -33,13 +33,14 @@ import numpy as np
 from numpyro import handlers as np_handlers
 from numpyro.infer.util import constrain_fn, potential_energy, unconstrain_fn
 
-from ppl_dyn._validation import check_rng_key
+from ppl_dyn._validation import check_params, check_rng_key
 from ppl_dyn.handlers import marginalized_e_step
 from ppl_dyn.infer._run import validate_data
 from ppl_dyn.infer.stats import sample_smoothed_paths
 from ppl_dyn.state_space import (
     bind,
     innovations_from_states,
+    inspect_model,
     is_markov_site,
     masked_log_prob,
 )
@@ -441,6 +442,11 @@ def _init_values(init_params, model, model_kwargs) -> dict:
             f"init_params names sites the model does not have: {unknown}; its sample "
             f"sites are {sorted(known)}"
         )
+    # the parameter values: shapes, finiteness and supports, by name, before any
+    # compilation (the same checks as EM's starting values)
+    info = inspect_model(model, **model_kwargs)
+    given = {k: v for k, v in init_params.items() if k in info.free}
+    check_params(given, info.free, require_all=False)
     return dict(init_params)
 
 

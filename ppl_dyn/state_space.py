@@ -37,7 +37,7 @@ from numpyro.distributions.distribution import validation_enabled
 from numpyro.primitives import Messenger, apply_stack
 
 from ppl_dyn._prior_draw import generator_from_key, numpy_draw
-from ppl_dyn._validation import device_array, is_concrete
+from ppl_dyn._validation import check_observations, device_array, is_concrete
 from ppl_dyn.requirements import (
     abstract_distribution,
     gaussian_form,
@@ -321,7 +321,10 @@ def check_contract(spec: "MarkovSpec") -> None:
 
 
 def normalise_data(y, u, num_steps, num_sequences, obs_dim):
-    """Validate shapes of ``y`` and ``u`` and bring them to ``(S, T, dim)``."""
+    """Validate shapes of ``y`` and ``u`` and bring them to ``(S, T, dim)``. Concrete
+    data (eager, or closed over by NumPyro's MCMC) are checked for values (+-inf, or too
+    large to square) here, before a sampler spends time on them."""
+    check_observations(y)
     batched = False
     if y is not None:
         if isinstance(y, np.ma.MaskedArray):

@@ -313,3 +313,58 @@ def test_integer_observations_are_accepted_as_float(system):
         raise AssertionError(f"integer y gives an opaque TypeError: {e}") from e
     ref = O.dense_log_marginal(params, yi.astype(float))
     assert abs(float(post.log_marginal) - ref) <= 1e-9 * abs(ref)
+
+
+# --------------------------------------------------------------------------------------
+# the same named errors at every entry point, before anything compiles
+# --------------------------------------------------------------------------------------
+
+
+def test_em_without_an_e_step_is_refused_by_name():
+    with pytest.raises(ValueError, match="e_step must be an E-step"):
+        EM(lds, None)
+
+
+def test_fit_with_no_observed_entry_is_refused():
+    y = np.full((20, DY), np.nan)
+    with pytest.raises(ValueError, match="no observed entry"):
+        EM(lds, KalmanSmoother()).run(jax.random.key(0), 2, y=y, state_dim=DX,
+                                      progress_bar=False)  # fmt: skip
+
+
+def test_misspelled_init_params_key_is_refused_by_name():
+    y = np.zeros((20, DY))
+    with pytest.raises(ValueError, match=r"no site of the model: \['Aa'\]"):
+        EM(lds, KalmanSmoother()).run(
+            jax.random.key(0), 2, y=y, state_dim=DX, init_params={"Aa": np.eye(DX)},
+            progress_bar=False,
+        )
+
+
+@pytest.mark.parametrize("value", [np.inf, 1e200])
+def test_unusable_values_in_y_stop_nuts_on_the_marginal_at_once(value):
+    """Under NumPyro's MCMC the data are checked when the model first runs (the error
+    used to be "Cannot find valid initial parameters" after a minute)."""
+    from numpyro.infer import MCMC, NUTS
+
+    from ppl_dyn.handlers import marginalize
+
+    y = np.zeros((20, DY))
+    y[3, 0] = value
+    mcmc = MCMC(NUTS(marginalize(lds)), num_warmup=5, num_samples=5, progress_bar=False)
+    with pytest.raises(ValueError, match=r"y contains .* at index \(3, 0\)"):
+        mcmc.run(jax.random.key(0), y=y, state_dim=DX)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [({"Q": -np.eye(DX)}, "invalid Q parameter: not positive definite"),
+     ({"A": np.eye(DX + 1)}, "invalid A parameter: expected shape")],
+)  # fmt: skip
+def test_run_blackjax_checks_starting_values_by_name(bad, match):
+    from ppl_dyn.handlers import marginalize
+    from ppl_dyn.mcmc import run_blackjax
+
+    with pytest.raises(ValueError, match=match):
+        run_blackjax(jax.random.key(0), marginalize(lds), num_warmup=5, num_samples=5,
+                     num_chains=1, init_params=bad, y=np.zeros((20, DY)), state_dim=DX)  # fmt: skip

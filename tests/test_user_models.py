@@ -148,12 +148,20 @@ def test_particle_log_marginal_within_monte_carlo_error(name):
     assert abs(runs.mean() - oracle_log_marginal(name)) < 4 * sd / np.sqrt(8) + sd**2 / 2 + 0.02
 
 
-@pytest.mark.parametrize("name", LG + list(um.SCALAR_STATE))
-def test_particle_paths_match_exact_smoothed_means(name):
-    """FFBSi-MCMC paths (any model): their mean over paths is the smoothed mean, within
-    Monte Carlo error, of the dense Gaussian or the grid smoother."""
+PATH_CASES = [(n, "ffbsi-mcmc") for n in LG + list(um.SCALAR_STATE)] + [
+    ("dynamic_regression", "ffbsi"), ("poisson_counts", "ffbsi"),
+    ("time_varying_B", "ffbsi-hybrid"), ("stochastic_volatility", "ffbsi-hybrid"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, mode", PATH_CASES)
+def test_particle_paths_match_exact_smoothed_means(name, mode):
+    """Backward-simulated paths (exact FFBSi, its MCMC and rejection kernels; any model):
+    their mean over paths is the smoothed mean, within Monte Carlo error, of the dense
+    Gaussian or the grid smoother. The rejection kernel needs a density bound: a
+    Gaussian transition with state-independent noise gives it (proved from the model)."""
     y, u, _ = data(name)
-    e_step = ParticleSmoother(num_particles=500, mode="ffbsi-mcmc", num_trajectories=300)
+    e_step = ParticleSmoother(num_particles=500, mode=mode, num_trajectories=300)
     post = e_step.smooth(params(name), um.MODELS[name], rng_key=jax.random.key(3), **kw(name))
     paths = np.asarray(post.trajectories)  # (M, T, dx)
     if name in LG:
@@ -568,24 +576,49 @@ def test_gradient_mstep_climbs_the_exact_likelihood(name, e_step):
 
 @pytest.mark.parametrize("name", ["time_varying_B", "poisson_counts"])
 def test_predict_one_step_means_match_exact_predictions(name):
-    """ppl_dyn.predict's one-step-ahead means (particle filter, any emission) against the
-    exact E[y_{t+1} | y_{1:t}] (dense Gaussian / grid), within 4 Monte Carlo sd."""
+    """ppl_dyn.predict's one-step-ahead means against the exact E[y_{t+1} | y_{1:t}]
+    (dense Gaussian / grid): the Kalman filter (chosen for the linear-Gaussian model)
+    to 1e-8 by the rollout, its simulated paths and the particle filter (counts) within
+    Monte Carlo error."""
     y, u, _ = data(name)
-    pred = ppl_dyn.predict(
-        params(name), um.MODELS[name], horizons=(1,), rng_key=jax.random.key(4),
-        num_particles=4000, method="particles", **kw(name),
-    )  # fmt: skip
-    got = np.asarray(pred.mean[1])[:-1, 0]  # predicts y_{t+1}, t = 0..T-2
     exact = []
     for t in range(1, T):
-        y_past = y[:t]
         if name in LG:
-            exact.append(um.dense_forecast_mean(name, um.TRUE_PARAMS[name], y_past, u[:t], 1,
+            exact.append(um.dense_forecast_mean(name, um.TRUE_PARAMS[name], y[:t], u[:t], 1,
                                                 u[t:t + 1])[0, 0])  # fmt: skip
         else:
-            exact.append(um.grid_smoother(name, um.TRUE_PARAMS[name], y_past, 1)[
+            exact.append(um.grid_smoother(name, um.TRUE_PARAMS[name], y[:t], 1)[
                 "forecast_means"][0])  # fmt: skip
-    assert np.max(np.abs(got - np.array(exact))) < 0.1 * max(1.0, np.max(np.abs(exact)))
+    exact = np.array(exact)
+    for method in ("rollout", "particles"):
+        pred = ppl_dyn.predict(
+            params(name), um.MODELS[name], horizons=(1,), rng_key=jax.random.key(4),
+            num_particles=4000, method=method, **kw(name),
+        )  # fmt: skip
+        got = np.asarray(pred.mean[1])[:-1, 0]  # predicts y_{t+1}, t = 0..T-2
+        if name in LG:
+            assert pred.filter == "kalman"
+            np.testing.assert_allclose(float(pred.log_marginal), oracle_log_marginal(name),
+                                       atol=1e-8)  # fmt: skip
+            tol = 1e-8 if method == "rollout" else 0.05
+        else:
+            assert pred.filter == "particle"
+            tol = 0.1 * max(1.0, np.max(np.abs(exact)))
+        assert np.max(np.abs(got - exact)) < tol, (method, np.max(np.abs(got - exact)))
+
+
+def test_predict_warns_when_the_particle_filter_collapses():
+    """A fit with a tiny observation noise: every particle but one is impossible. The
+    Kalman filter (the default for this linear model) is exact; a particle filter
+    forced on it warns and says what to do."""
+    name = "local_level_input"
+    p = dict(params(name), r=jnp.asarray(1e-5))
+    pred = ppl_dyn.predict(p, um.MODELS[name], horizons=(1,), rng_key=jax.random.key(0),
+                           **kw(name))  # fmt: skip
+    assert pred.filter == "kalman" and np.isfinite(float(pred.log_marginal))
+    with pytest.warns(UserWarning, match="degenerated.*Increase num_particles"):
+        ppl_dyn.predict(p, um.MODELS[name], horizons=(1,), rng_key=jax.random.key(0),
+                        e_step=ParticleSmoother(), num_particles=200, **kw(name))  # fmt: skip
 
 
 def test_arviz_summary_loo_plots_on_user_model_draws():

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from ppl_dyn._validation import check_params, check_rng_key, device_array
+from ppl_dyn._validation import check_params, check_rng_key, check_some_observed, device_array
 from ppl_dyn.infer._pattern import assume_pattern, data_pattern
 from ppl_dyn.infer._run import (
     adapt_params,
@@ -101,6 +101,13 @@ class EM:
     """
 
     def __init__(self, model: Callable, e_step, m_step=None):
+        if not callable(model):
+            raise ValueError(f"model must be a model function; got {type(model).__name__}")
+        if not callable(getattr(e_step, "posterior", None)):
+            raise ValueError(
+                "e_step must be an E-step (an object with a posterior(rng_key, state_space, "
+                f"y, u) method), e.g. KalmanSmoother() or ParticleSmoother(); got {e_step!r}"
+            )
         self.model = model
         self.e_step = e_step
         self.m_step = LinearGaussianMStep() if m_step is None else m_step
@@ -353,11 +360,13 @@ def initial_params(model, rng_key, init_params, kwargs, check=None, split_key=Tr
     caller derives its loop keys so that they differ from those (``LOOP_SALT``)."""
     check_rng_key(rng_key)
     kwargs = validate_data(kwargs)
+    check_some_observed(kwargs.get("y"))
     if split_key:
         init_key, run_key = jax.random.split(rng_key)
     else:
         init_key = run_key = rng_key
     given = dict(_params_of(init_params))
+    typed = sorted(given) if isinstance(init_params, dict) else []
     info = _inspect_as_given(model, given, init_key, kwargs) if given else None
     if info is not None:
         given = {k: np.asarray(v) for k, v in given.items() if k in info.free}
@@ -365,6 +374,7 @@ def initial_params(model, rng_key, init_params, kwargs, check=None, split_key=Tr
         if given:
             given = adapt_params(model, given, kwargs)
         info = inspect_checked(model, given, False, rng_key=init_key, **kwargs)
+    check_known_sites(typed, info)
     if not info.free:
         raise ValueError("the model has no free parameter sites: nothing to estimate")
     if check is not None:
@@ -376,6 +386,18 @@ def initial_params(model, rng_key, init_params, kwargs, check=None, split_key=Tr
     }
     check_params(params, info.free)
     return params, run_key, kwargs
+
+
+def check_known_sites(names, info) -> None:
+    """``ValueError`` naming the keys of ``init_params`` (a dict typed by a user) that
+    are no site of the model: a misspelled name would otherwise be ignored silently.
+    (Values carried from another model of the family come as an ``EMResult``.)"""
+    unknown = sorted(set(names) - set(info.free) - set(info.frozen))
+    if unknown:
+        raise ValueError(
+            f"init_params has keys that are no site of the model: {unknown}; its free "
+            f"sites are {sorted(info.free)}"
+        )
 
 
 def _inspect_as_given(model, given: dict, rng_key, kwargs):
