@@ -43,6 +43,16 @@ NOT_LG = [n for n in NAMES if um.KIND[n] != "linear-gaussian"]
 GENERAL = [n for n in NAMES if um.KIND[n] == "general"]
 
 
+def tiered(cases, default):
+    """``cases`` as pytest parameters, those not in ``default`` in the slow tier (the
+    default run keeps one or two of each kind of model; ``-m slow`` runs the rest)."""
+    out = []
+    for case in cases:
+        marks = () if case in default else (pytest.mark.slow,)
+        out.append(pytest.param(*(case if isinstance(case, tuple) else (case,)), marks=marks))
+    return out
+
+
 @functools.lru_cache(maxsize=None)
 def data(name: str):
     """Simulated data with missing entries (a whole step; one entry of a vector)."""
@@ -131,7 +141,9 @@ def test_eks_exact_on_linear_models_close_on_gaussian_ones_refuses_others(name):
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(
+    "name", tiered(NAMES, ("local_level_input", "poisson_counts", "pendulum", "time_varying_B"))
+)
 def test_particle_log_marginal_within_monte_carlo_error(name):
     """log Z_hat over 8 independent filters: within 4 standard errors (plus the
     Jensen bias, var/2) of the exact value (dense / grid) or a long particle run."""
@@ -154,7 +166,11 @@ PATH_CASES = [(n, "ffbsi-mcmc") for n in LG + list(um.SCALAR_STATE)] + [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("name, mode", PATH_CASES)
+@pytest.mark.parametrize(
+    "name, mode",
+    tiered(PATH_CASES, (("dynamic_regression", "ffbsi-mcmc"), ("poisson_counts", "ffbsi-mcmc"),
+                        ("dynamic_regression", "ffbsi"), ("time_varying_B", "ffbsi-hybrid"))),
+)  # fmt: skip
 def test_particle_paths_match_exact_smoothed_means(name, mode):
     """Backward-simulated paths (exact FFBSi, its MCMC and rejection kernels; any model):
     their mean over paths is the smoothed mean, within Monte Carlo error, of the dense
@@ -236,7 +252,9 @@ def _log_prior(model, values: dict, k: dict) -> float:
     )
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(
+    "name", tiered(NAMES, [n for n in NAMES if n not in ("expand_broadcast", "structured_lds")])
+)
 def test_marginalize_factor_is_the_exact_log_marginal_or_refuses(name):
     """log_density of marginalize(model) = log prior + dense log p(y | theta) for the
     linear-Gaussian models; the others refuse by name (the EKS is an explicit choice)."""
@@ -542,8 +560,8 @@ def test_builtin_lds_with_diagonal_noise_latent_density_equals_the_written_out_j
 
 @pytest.mark.parametrize(
     "name, e_step",
-    [("local_level_input", "kalman"), ("state_dependent_noise", "eks"),
-     ("poisson_counts", "particle")],
+    tiered([("local_level_input", "kalman"), ("state_dependent_noise", "eks"),
+            ("poisson_counts", "particle")], [("local_level_input", "kalman")]),
 )  # fmt: skip
 def test_gradient_mstep_climbs_the_exact_likelihood(name, e_step):
     """EM with GradientMStep, fed by the paths each E-step can draw (exact FFBS from the
@@ -574,7 +592,7 @@ def test_gradient_mstep_climbs_the_exact_likelihood(name, e_step):
     assert exact(fit) > exact(start) + 1.0, (exact(start), exact(fit))
 
 
-@pytest.mark.parametrize("name", ["time_varying_B", "poisson_counts"])
+@pytest.mark.parametrize("name", tiered(["time_varying_B", "poisson_counts"], ["time_varying_B"]))
 def test_predict_one_step_means_match_exact_predictions(name):
     """ppl_dyn.predict's one-step-ahead means against the exact E[y_{t+1} | y_{1:t}]
     (dense Gaussian / grid): the Kalman filter (chosen for the linear-Gaussian model)
