@@ -13,6 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ppl_dyn._validation import check_params, check_rng_key, check_some_observed, device_array
+from ppl_dyn.infer._mesh import MeshAxes, mesh_axes
 from ppl_dyn.infer._pattern import assume_pattern, data_pattern
 from ppl_dyn.infer._run import (
     adapt_params,
@@ -159,6 +160,8 @@ class EM:
         progress_bar: bool = True,
         lengths=None,
         mesh=None,
+        sequence_axes=None,
+        process_local: bool = False,
         **kwargs,
     ) -> EMResult:
         """Run up to ``num_iters`` iterations.
@@ -189,7 +192,19 @@ class EM:
             mesh: a ``jax.sharding.Mesh``: shard the sequence axis over all its devices
                 (sequences padded with length-0 ones to a multiple of the device
                 count; they add nothing). Parameters are replicated; the pooled
-                statistics become a cross-device sum.
+                statistics become a cross-device sum. The mesh may span the devices of
+                several processes (``jax.distributed``, :mod:`ppl_dyn.distributed`):
+                every process then runs this same call and gets the same result.
+            sequence_axes: the mesh axes the sequences are split over (a name or a tuple;
+                None: all). With ``ParticleSmoother(particle_mesh=mesh,
+                particle_axes=...)`` on the other axes, sequences and particles are split
+                together (a two-axis mesh).
+            process_local: with a mesh over several processes, ``y`` (and ``u``,
+                ``lengths``) are this process's own sequences, not the whole batch: the
+                processes agree on the padded shape, and the global arrays are built
+                from the local pieces (``jax.make_array_from_process_local_data``), so
+                no host holds all the data. Starting values must be the same in every
+                process (drawn from the priors with the same key, or passed).
             **kwargs: the model's arguments (``y=...``, ``state_dim=...``, ...).
 
         Raises:
@@ -207,6 +222,8 @@ class EM:
         kwargs, time_mask = ragged_data(kwargs, lengths)
         kwargs = validate_data(kwargs)
         ahead = None
+        if process_local and mesh is None:
+            raise ValueError("process_local=True needs mesh= (a mesh over the processes)")
         if mesh is None:  # (with a mesh, the data are padded after init)
             step, dynamic = self._compiled(kwargs, time_mask=time_mask)
             if init_params is not None and e_step_schedule is None:
@@ -219,18 +236,25 @@ class EM:
             if ahead is not None:
                 ahead.join()
             raise
+        pattern = None
         if mesh is not None:
             if not isinstance(mesh, jax.sharding.Mesh):
                 raise ValueError(f"mesh must be a jax.sharding.Mesh; got {type(mesh).__name__}")
-            kwargs, time_mask = pad_to_multiple(kwargs, time_mask, mesh.devices.size)
-            if np.all(time_mask):
-                time_mask = None  # nothing padded and no lengths
-            step, dynamic = self._compiled(kwargs, time_mask=time_mask)
+            seq_mesh = mesh_axes(mesh, sequence_axes)
+            if process_local:  # this process's sequences; the shapes agreed by all
+                kwargs, time_mask, pattern = pad_process_local(kwargs, time_mask, seq_mesh)
+            else:
+                kwargs, time_mask = pad_to_multiple(kwargs, time_mask, seq_mesh.size)
+                if np.all(time_mask):
+                    time_mask = None  # nothing padded and no lengths
+            step, dynamic = self._compiled(kwargs, time_mask=time_mask, pattern=pattern)
         extra = mask_arg(time_mask)
         if ahead is not None:
             ahead.join()  # the first call below finds the compiled step in JAX's caches
         if mesh is not None:
-            params, dynamic, extra = shard_sequences(mesh, state.params, dynamic, extra)
+            params, dynamic, extra = shard_sequences(
+                seq_mesh, state.params, dynamic, extra, process_local=process_local
+            )
         else:
             params = state.params
         lls: list[float] = []
@@ -243,7 +267,7 @@ class EM:
             """Dispatch iteration ``it`` (asynchronous: returns before it has run)."""
             fn = step
             if e_step_schedule is not None:
-                fn, _ = self._compiled(kwargs, e_step_schedule(it), time_mask)
+                fn, _ = self._compiled(kwargs, e_step_schedule(it), time_mask, pattern)
             return fn(params, dynamic, key, np.int32(state.iteration + it), *extra)
 
         pending = launch(0, params)
@@ -255,7 +279,7 @@ class EM:
                 # iteration at dx=2, T=1000); it is dropped when the run stops here
                 # (convergence or an error): at most one iteration's work is wasted
                 pending = launch(it + 1, new_params)
-            ll, floors, finite = jax.device_get((ll, floors, finite))  # one transfer
+            ll, floors, finite = host_values((ll, floors, finite))  # one transfer
             ll = float(ll)
             finite = {k: bool(v) for k, v in finite.items()}
             if not np.isfinite(ll):
@@ -279,7 +303,7 @@ class EM:
                 break
         bar.close()
         warn_floors("EM", floor_counts)
-        params = jax.device_get(params) if mesh is not None else params
+        params = host_values(params) if mesh is not None else params
         final = EMState(params, state.iteration + len(lls), key)
         all_params = self._all_params(params, kwargs)
         return EMResult(
@@ -297,12 +321,13 @@ class EM:
         )
 
     # -- internals ---------------------------------------------------------------------
-    def _compiled(self, kwargs, e_step=None, time_mask=None):
+    def _compiled(self, kwargs, e_step=None, time_mask=None, pattern=None):
         e_step = self.e_step if e_step is None else e_step
         check_mask_support(self.m_step, time_mask)
         dynamic, static = split_static(kwargs)
         items = hashable_items(static)
-        pattern = data_pattern(dynamic.get("y"), time_mask)
+        if pattern is None:  # (given when the processes agreed on it)
+            pattern = data_pattern(dynamic.get("y"), time_mask)
         if items is None:
             fn = _make_step(self.model, e_step, self.m_step, tuple(static.items()), pattern)
         else:
@@ -497,27 +522,129 @@ def _cached_step(model, e_step, m_step, static_items, pattern=None):
     return _make_step(model, e_step, m_step, static_items, pattern)
 
 
-def shard_sequences(mesh, params: dict, dynamic: dict, mask_arg: tuple):
+def shard_sequences(mesh, params: dict, dynamic: dict, mask_arg: tuple, process_local=False):
     """Place the data on ``mesh``: ``y``, a per-sequence ``u`` and the time mask split
     along their leading sequence axis over all the mesh's devices; parameters and any
     other array replicated. The caller pads the sequence count to a multiple of
-    ``mesh.devices.size``."""
+    ``mesh.devices.size`` (``process_local``: each process's count to a multiple of its
+    own devices in the mesh, the same in every process; the arrays passed are then this
+    process's part of the sequence axis).
+
+    The arrays are built shard by shard from host data present in every process
+    (``jax.make_array_from_callback``; ``jax.device_put`` would also check that the
+    processes agree, which NaN padding defeats), or from each process's own part
+    (``jax.make_array_from_process_local_data``)."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    if not isinstance(mesh, Mesh):
+    if isinstance(mesh, Mesh):
+        mesh = mesh_axes(mesh)  # the sequence axis spans every mesh axis
+    if not isinstance(mesh, MeshAxes):
         raise ValueError(f"mesh must be a jax.sharding.Mesh; got {type(mesh).__name__}")
-    axes = tuple(mesh.axis_names)  # the sequence axis spans every mesh axis
+    mesh, axes = mesh.mesh, mesh.axes
     replicated = NamedSharding(mesh, PartitionSpec())
 
+    def place(a, sharding):
+        a = np.asarray(a)
+        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
     def split(a):
-        spec = PartitionSpec(axes, *([None] * (np.ndim(a) - 1)))
-        return jax.device_put(a, NamedSharding(mesh, spec))
+        sharding = NamedSharding(mesh, PartitionSpec(axes, *([None] * (np.ndim(a) - 1))))
+        if process_local:
+            return jax.make_array_from_process_local_data(sharding, np.asarray(a))
+        return place(a, sharding)
 
     dynamic = {
-        k: split(v) if k in ("y", "u") and np.ndim(v) == 3 else jax.device_put(v, replicated)
+        k: split(v) if k in ("y", "u") and np.ndim(v) == 3 else place(v, replicated)
         for k, v in dynamic.items()
     }
-    return jax.device_put(params, replicated), dynamic, tuple(split(m) for m in mask_arg)
+    params = {k: place(v, replicated) for k, v in params.items()}
+    return params, dynamic, tuple(split(m) for m in mask_arg)
+
+
+def host_values(tree):
+    """``jax.device_get`` of replicated results, also when they live on the devices of
+    several processes (each process reads its own copy)."""
+
+    def local(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            if not a.is_fully_replicated:  # pragma: no cover - the EM outputs are replicated
+                raise ValueError("a result split over several processes cannot be fetched")
+            return a.addressable_data(0)
+        return a
+
+    return jax.device_get(jax.tree_util.tree_map(local, tree))
+
+
+def _local_extent(mesh: "MeshAxes") -> int:
+    """How many positions along the (flattened) sequence axes of ``mesh`` hold a device
+    of this process."""
+    devices = np.asarray(mesh.mesh.devices)
+    names = list(mesh.mesh.axis_names)
+    keep = [names.index(a) for a in mesh.axes]
+    other = [i for i in range(devices.ndim) if i not in keep]
+    mine = np.vectorize(lambda d: d.process_index == jax.process_index())(devices)
+    # a position along the sequence axes is this process's when any device there is
+    return int(np.any(np.transpose(mine, keep + other).reshape(
+        int(np.prod([devices.shape[i] for i in keep])), -1), axis=1).sum())  # fmt: skip
+
+
+def pad_process_local(kwargs: dict, time_mask, mesh):
+    """This process's sequences padded to the shape every process agrees on: the longest
+    sequence of all, and the largest local count rounded up to a multiple of the local
+    devices of ``mesh`` (length-0 sequences: all-NaN ``y``, zero ``u``, False mask).
+    Returns ``(kwargs, time_mask, pattern)`` with the missing-data pattern agreed by all
+    processes (every process compiles the same program)."""
+    from jax.experimental import multihost_utils
+
+    from ppl_dyn.infer._pattern import COMPLETE, MIXED, RAGGED, SHARED
+
+    kwargs = dict(kwargs)
+    y = np.asarray(kwargs["y"])
+    if y.ndim == 2:
+        y = y[None]
+    S, T, dy = y.shape
+    # this process's share of the sequence axis: its devices along the sequence axes
+    # (its part of the mesh, projected on those axes)
+    local_devices = _local_extent(mesh)
+    if local_devices == 0:
+        raise ValueError("process_local=True: the mesh has no device of this process")
+    codes = {COMPLETE: 0, SHARED: 1, RAGGED: 2, MIXED: 3, None: 3}
+    local_pattern = data_pattern(y, time_mask)
+    mine = np.array([S, T, dy, codes[local_pattern]], np.int64)
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 4)
+    if len(set(every[:, 2].tolist())) != 1:
+        raise ValueError(f"the processes disagree on obs_dim: {sorted(set(every[:, 2]))}")
+    S_all = int(every[:, 0].max())
+    S_pad = -(-S_all // local_devices) * local_devices
+    T_pad = int(every[:, 1].max())
+    if time_mask is None:
+        time_mask = np.ones((S, T), bool)
+    mask = np.zeros((S_pad, T_pad), bool)
+    mask[:S, :T] = time_mask
+    y_pad = np.full((S_pad, T_pad, dy), np.nan, y.dtype)
+    y_pad[:S, :T] = y
+    y_pad[~mask] = np.nan
+    kwargs["y"] = y_pad
+    u = kwargs.get("u")
+    if u is not None and np.ndim(u) == 3:
+        u = np.asarray(u)
+        u_pad = np.zeros((S_pad, T_pad, u.shape[-1]), u.dtype)
+        u_pad[:S, :T] = u
+        kwargs["u"] = u_pad
+    elif u is not None and np.shape(u)[0] != T_pad:
+        raise ValueError(
+            "process_local=True with an input u shared by the sequences needs every "
+            f"process's sequences to have the longest length ({T_pad}); pass u per sequence"
+        )
+    worst = int(every[:, 3].max())
+    padded = bool(np.any(every[:, 0] != S_pad) or np.any(every[:, 1] != T_pad)) or not mask.all()
+    everyone_padded = bool(
+        np.asarray(multihost_utils.process_allgather(np.array([padded]))).any()
+    )
+    if worst == 0 and not everyone_padded:
+        return kwargs, None, COMPLETE
+    pattern = MIXED if worst in (1, 3) else RAGGED
+    return kwargs, mask, pattern
 
 
 def fit_em(model: Callable, e_step, rng_key, num_iters: int, *, m_step=None, **kwargs) -> EMResult:

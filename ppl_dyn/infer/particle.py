@@ -27,6 +27,7 @@ from jax.scipy.special import logsumexp
 
 from ppl_dyn._malloc import keep_freed_memory
 from ppl_dyn.infer import _linalg as la
+from ppl_dyn.infer._mesh import MeshAxes, mesh_axes
 from ppl_dyn.infer.backward import DEFAULT_MAX_TRIALS, ffbsi_hybrid, ffbsi_mcmc, path_statistics
 from ppl_dyn.infer.stats import InitStats, LinearStats, RegressionStats, keep, sum_stats
 from ppl_dyn.requirements import additive_gaussian
@@ -147,7 +148,8 @@ def pairwise_transition_log_prob(ss: StateSpace, x_next, x_prev, u_next):
 
 
 def shard_particles(x, mesh, axis: int = 0):
-    """``x`` with its particle axis ``axis`` split over every device of ``mesh``.
+    """``x`` with its particle axis ``axis`` split over the devices of ``mesh`` (a
+    ``Mesh``: all its axes; a :class:`MeshAxes`: the axes named there).
 
     A sharding constraint for XLA's SPMD partitioner (which then inserts the
     collectives); ``x`` unchanged when ``mesh`` is None. Under ``vmap`` the batch axis
@@ -156,22 +158,25 @@ def shard_particles(x, mesh, axis: int = 0):
         return x
     from jax.sharding import NamedSharding, PartitionSpec
 
+    if not isinstance(mesh, MeshAxes):
+        mesh = mesh_axes(mesh)
     spec = [None] * x.ndim
-    spec[axis] = tuple(mesh.axis_names)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
+    spec[axis] = mesh.axes
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh.mesh, PartitionSpec(*spec)))
 
 
-def check_particle_mesh(mesh, num_particles: int) -> None:
+def check_particle_mesh(mesh, num_particles: int, axes=None) -> None:
     """Raise ValueError unless ``mesh`` is None or a ``jax.sharding.Mesh`` whose device
-    count divides ``num_particles``."""
+    count along ``axes`` (all its axes by default) divides ``num_particles``."""
     if mesh is None:
         return
     if not isinstance(mesh, jax.sharding.Mesh):
         raise ValueError(f"particle_mesh must be a jax.sharding.Mesh; got {type(mesh).__name__}")
-    if int(num_particles) % mesh.devices.size:
+    size = mesh_axes(mesh, axes).size
+    if int(num_particles) % size:
         raise ValueError(
             f"num_particles ({num_particles}) must be a multiple of the particle_mesh's "
-            f"device count ({mesh.devices.size})"
+            f"device count along the particle axes ({size})"
         )
 
 
@@ -528,10 +533,14 @@ class ParticleSmoother(NamedTuple):
             sequence, many particles; ``docs/scale.md``), or None. ``num_particles``
             must be a multiple of its device count. The particles, log-weights and
             ancestors, and the ``N`` columns of each FFBSm chunk, carry sharding
-            constraints over all the mesh's axes; XLA inserts the collectives
-            (resampling, normalising sums, the FFBSm row sums). The random numbers do not
-            depend on the sharding: the result equals the unsharded one to
-            floating-point rounding.
+            constraints over all the mesh's axes (or ``particle_axes``); XLA inserts the
+            collectives (resampling, normalising sums, the FFBSm row sums). The random
+            numbers do not depend on the sharding: the result equals the unsharded one
+            to floating-point rounding.
+        particle_axes: the names of the ``particle_mesh`` axes the particles are split
+            over (None: all). With a two-axis mesh ``("seq", "particles")`` and
+            ``EM.run(..., mesh=mesh, sequence_axes="seq")``, the sequences are split over
+            one axis and the particles of each sequence over the other.
 
     Example:
         >>> import jax, numpy as np
@@ -554,6 +563,7 @@ class ParticleSmoother(NamedTuple):
     num_mcmc_steps: int = 1
     max_trials: int = DEFAULT_MAX_TRIALS
     particle_mesh: Optional[jax.sharding.Mesh] = None
+    particle_axes: Optional[tuple] = None
 
     def _check(self):
         if self.resampling not in _RESAMPLERS:
@@ -568,7 +578,7 @@ class ParticleSmoother(NamedTuple):
                 raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
         if int(self.num_particles) < 1:
             raise ValueError(f"num_particles must be >= 1; got {self.num_particles}")
-        check_particle_mesh(self.particle_mesh, self.num_particles)
+        check_particle_mesh(self.particle_mesh, self.num_particles, self.particle_axes)
 
     def posterior(self, rng_key, ss: StateSpace, y, u, time_mask=None) -> ParticlePosterior:
         """Pure E-step on normalised data ``y`` ``(S, T, dy)``, ``u`` ``(S, T, du)``.
@@ -584,7 +594,7 @@ class ParticleSmoother(NamedTuple):
         S = y.shape[0]
         keys = jax.random.split(rng_key, S)
 
-        mesh = self.particle_mesh
+        mesh = mesh_axes(self.particle_mesh, self.particle_axes)
 
         def one(key, y_s, u_s, mask_s=None):
             k_f, k_b = jax.random.split(key)
