@@ -211,7 +211,7 @@ def test_em_step_with_sharded_particle_e_step_equals_unsharded(particle_mesh_run
 def test_particle_mesh_indivisible_num_particles_raises(particle_mesh_run):
     bad_type, indivisible = particle_mesh_run["errors"]
     assert "particle_mesh must be a jax.sharding.Mesh" in bad_type
-    assert "num_particles (60)" in indivisible and "device count (8)" in indivisible
+    assert "num_particles (60)" in indivisible and "particle axes (8)" in indivisible
 
 
 def test_particle_mesh_must_be_a_mesh():
