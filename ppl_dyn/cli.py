@@ -472,14 +472,72 @@ def _fit(args) -> int:
               file=sys.stderr)
         return 1
     ll = metrics.get("log_marginal_final")
-    msg = f"fitted {args.model} by {args.method}"
-    if ll is not None:
+    msg = f"ran {args.model} by {args.method}"
+    if ll is not None and metrics.get("log_marginal_initial") is not None:
         msg += (f": log p(y) {metrics['log_marginal_initial']:.3f} (start) -> "
-                f"{ll:.3f} (fitted, standardised data)")
+                f"{ll:.3f} (end, standardised data)")
     print(msg)
     what = "report.html" if not args.no_report else "metrics.json"
     print(f"report: {out / what}")
-    return 0
+    verdict = metrics.get("verdict") or fit_verdict(metrics)
+    print(verdict["line"])  # the last line: the verdict, in plain words
+    return 0 if verdict["ok"] else FIT_FAILED
+
+
+FIT_FAILED = 3  # exit status of a fit that ran but failed its checks (docs/cli.md)
+
+
+def fit_verdict(metrics: dict) -> dict:
+    """Did the fit work? ``{"ok", "line", "reasons"}`` from the run's metrics:
+
+    * every number a user reads (final log-likelihood, data scale, forecast, predictive
+      RMSE) is finite;
+    * EM and SGD end at least as high as they started (log p(y) of the standardised
+      data; SGD reports its best iterate);
+    * NUTS passes its diagnostics: split R-hat < 1.01, bulk and tail ESS >= 100 per
+      chain, no divergence, E-BFMI >= 0.3 (hitting the maximum tree depth is reported,
+      not failed: it costs time, not correctness).
+    """
+    import numpy as np
+
+    reasons = []
+    for key in ("log_marginal_final", "data_scale", "forecast_mean_last",
+                "posterior_predictive_rmse"):  # fmt: skip
+        if key in metrics:
+            vals = np.asarray(metrics[key], dtype=float) if metrics[key] is not None else None
+            if vals is None or not np.all(np.isfinite(vals)):
+                reasons.append(f"{key} is not finite")
+    method = metrics.get("method")
+    start, end = metrics.get("log_marginal_initial"), metrics.get("log_marginal_final")
+    if method in ("em", "sgd") and start is not None and end is not None:
+        if np.isfinite(start) and np.isfinite(end) and end < start - 1e-6 * (1 + abs(start)):
+            reasons.append(
+                f"log p(y) ended below its start ({start:.3f} -> {end:.3f}): the fit made the "
+                "model worse (lower the learning rate, or use --method em)"
+            )
+    steps = len(metrics.get("log_marginals") or [])
+    if method == "sgd" and metrics.get("best_step") == 0 and steps > 1:
+        reasons.append(
+            "SGD never improved on its starting values (every step made log p(y) worse: "
+            "lower --learning-rate)"
+        )
+    if method == "nuts":
+        for p in metrics.get("diagnostic_problems") or []:
+            if "maximum tree depth" not in p:
+                reasons.append(p.split(":")[0])
+    if reasons:
+        line = "verdict: FIT FAILED: " + "; ".join(reasons)
+    else:
+        what = {"em": "EM", "sgd": "SGD", "nuts": "NUTS"}.get(method, method)
+        line = f"verdict: fit OK ({what}"
+        if method in ("em", "sgd") and end is not None:
+            line += f", log p(y) {start:.3f} -> {end:.3f})"
+        elif method == "nuts":
+            line += f", R-hat {metrics.get('max_rhat', float('nan')):.3f}, min bulk ESS "
+            line += f"{metrics.get('min_ess_bulk', float('nan')):.0f}, no divergence)"
+        else:
+            line += ")"
+    return {"ok": not reasons, "line": line, "reasons": reasons}
 
 
 def _em_fit(args, model, yz, key, e_name):
@@ -595,6 +653,7 @@ def _fit_into(args, series, units, yz, mean, scale, out: Path) -> dict:
                 k: int(v) for k, v in res.floor_counts.items()}
         else:
             metrics["learning_rate"] = args.learning_rate
+            metrics["best_step"] = int(np.argmax(lls))  # the iterate SGD returns
         params = dict(res.params)
         state_mean, state_sd = _state_bands(post)
     else:  # nuts, started from the EM fit
@@ -689,6 +748,8 @@ def _fit_into(args, series, units, yz, mean, scale, out: Path) -> dict:
     if "centres" in model_kw:
         arrays.update(centres=model_kw["centres"], widths=model_kw["widths"])
     _save_npz(out / "params.npz", arrays)
+    _write_json(out / "params.json", _finite_or_none({k: v.tolist() for k, v in arrays.items()}))
+    metrics["verdict"] = fit_verdict(metrics)
     _write_json(out / "metrics.json", _finite_or_none(metrics))
     return metrics
 

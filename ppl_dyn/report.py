@@ -114,7 +114,7 @@ def _fmt(v) -> str:
 def _metrics_table(metrics: dict) -> str:
     rows = []
     for k, v in metrics.items():
-        if k in ("command", "diagnostic_problems"):
+        if k in ("command", "diagnostic_problems", "verdict"):
             continue
         cls = ' class="num"' if isinstance(v, (int, float)) and not isinstance(v, bool) else ""
         rows.append(f"<tr><th>{_esc(k)}</th><td{cls}>{_esc(_fmt(v))}</td></tr>")
@@ -261,6 +261,12 @@ def build_html(run_dir, display_name=None) -> str:
         f"<title>{_esc(title)}</title>",
         f"<style>{_CSS}</style></head><body>",
         f"<h1>{_esc(title)}</h1>",
+    ]
+    verdict = metrics.get("verdict")
+    if isinstance(verdict, dict) and verdict.get("line"):  # the first thing a reader sees
+        cls = "ok" if verdict.get("ok") else "warn"
+        head.append(f'<p class="{cls}"><strong>{_esc(verdict["line"])}</strong></p>')
+    head += [
         f"<p>Run directory <code>{_esc(display_name or d)}</code>",
     ]
     if metrics.get("data"):

@@ -115,7 +115,12 @@ def _fit(tmp_path, simulated, *extra, name="run", data="sim.csv"):
 def test_fit_lds_em_improves_on_its_start_and_writes_everything(tmp_path, simulated, capsys):
     out, m = _fit(tmp_path, simulated, "--model", "lds", "--state-dim", "2",
                   "--num-iters", "8")
-    assert "report:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "report:" in printed
+    assert printed.strip().splitlines()[-1].startswith("verdict: fit OK (EM, log p(y)")
+    assert m["verdict"]["ok"] is True and m["verdict"]["reasons"] == []
+    params = json.loads((out / "params.json").read_text())  # as the demo writes it
+    assert set(params) >= {"A", "C", "Q", "R"} and np.shape(params["A"]) == (2, 2)
     assert (m["model"], m["method"], m["e_step"]) == ("lds", "em", "kalman")
     assert (m["num_steps"], m["obs_dim"], m["state_dim"]) == (50, 2, 2)
     # EM with the exact E-step: non-decreasing, and the fit beats its starting values
@@ -174,8 +179,9 @@ def test_fit_nuts_on_shipped_dataset(tmp_path):
                    "--state-dim", "1", "--num-iters", "10", "--num-warmup", "40",
                    "--num-samples", "40", "--num-chains", "2", "--forecast-steps", "5",
                    "--out", str(out), "--quiet"])
-    assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
+    # 2 chains of 40 draws: the diagnostics decide, and the exit status follows them
+    assert rc == (0 if m["verdict"]["ok"] else cli.FIT_FAILED)
     assert m["data"] == "dataset:nile" and m["method"] == "nuts"
     assert m["num_divergent"] >= 0 and (out / "trace.png").is_file()
     html = (out / "report.html").read_text()
@@ -190,6 +196,55 @@ def test_fit_lds_sgd(tmp_path, simulated):
     assert (out / "sgd_curve.png").is_file()
     # Adam with a small step from the factor-analysis start: the likelihood goes up
     assert m["log_marginal_final"] > m["log_marginal_initial"]
+
+
+def test_a_fit_that_fails_says_so_and_exits_3(tmp_path, capsys):
+    """Adam with a step size far too large for the data: every step lowers log p(y).
+    SGD returns its best iterate (the start), and the CLI says the fit failed, in one
+    line at the end, in metrics.json and on the report's first line, with status 3."""
+    out = tmp_path / "sgd"
+    rc = cli.main(["fit", "--dataset", "nile", "--model", "lds", "--state-dim", "1",
+                   "--method", "sgd", "--num-iters", "6", "--learning-rate", "3",
+                   "--forecast-steps", "3", "--out", str(out), "--quiet"])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert rc == cli.FIT_FAILED == 3
+    assert printed[-1].startswith("verdict: FIT FAILED: SGD never improved")
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["verdict"]["ok"] is False and m["best_step"] == 0
+    assert m["log_marginal_final"] == pytest.approx(m["log_marginal_initial"], rel=1e-9)
+    html = (out / "report.html").read_text()
+    assert html.index("verdict: FIT FAILED") < html.index("Run directory")
+
+
+@pytest.mark.slow
+def test_a_non_mixing_nuts_run_exits_3_with_the_verdict(tmp_path, capsys):
+    """Five warm-up steps and ten draws per chain cannot mix: the verdict names the
+    failed diagnostics and the status is 3."""
+    out = tmp_path / "nuts"
+    rc = cli.main(["fit", "--dataset", "nile", "--model", "lds", "--method", "nuts",
+                   "--state-dim", "1", "--num-iters", "3", "--num-warmup", "5",
+                   "--num-samples", "10", "--num-chains", "2", "--forecast-steps", "2",
+                   "--out", str(out), "--quiet", "--no-report"])  # fmt: skip
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert rc == 3 and last.startswith("verdict: FIT FAILED:")
+    assert "ESS" in last or "R-hat" in last
+
+
+def test_verdict_of_non_finite_outputs_and_nuts_diagnostics():
+    ok = cli.fit_verdict({"method": "em", "log_marginal_initial": -10.0,
+                          "log_marginal_final": -5.0, "data_scale": [1.0]})
+    assert ok["ok"] and ok["line"].startswith("verdict: fit OK")
+    bad = cli.fit_verdict({"method": "em", "log_marginal_initial": -10.0,
+                           "log_marginal_final": -5.0, "data_scale": [None]})
+    assert not bad["ok"] and "data_scale is not finite" in bad["line"]
+    worse = cli.fit_verdict({"method": "em", "log_marginal_initial": -10.0,
+                             "log_marginal_final": -50.0})
+    assert not worse["ok"] and "ended below its start" in worse["line"]
+    nuts = cli.fit_verdict({"method": "nuts", "log_marginal_final": -5.0, "diagnostic_problems": [
+        "R-hat of A is 1.100 (should be < 1.01): ...", "3 transitions hit the maximum tree "
+        "depth (10): ..."]})  # fmt: skip
+    assert not nuts["ok"] and "R-hat of A is 1.100" in nuts["line"]
+    assert "tree depth" not in nuts["line"]  # inefficiency, not failure
 
 
 def test_fit_sgd_refuses_a_particle_e_step(tmp_path, simulated, capsys):

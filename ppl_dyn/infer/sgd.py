@@ -202,7 +202,10 @@ class SGD:
 
         Returns:
             An :class:`~ppl_dyn.infer.EMResult`: ``params`` (every site, frozen ones
-            included), ``state`` (an :class:`SGDState`, to continue with :meth:`update`),
+            included) at the best iterate, the one with the highest objective in
+            ``log_marginals`` (an optimiser can end below where it went, or below its
+            start; with minibatches "best" is by the noisy estimates), ``state`` (an
+            :class:`SGDState` where the optimiser stopped, to continue with :meth:`update`),
             ``log_marginals`` (the objective at the parameters *entering* each step: the
             exact log-marginal for full batches, its unbiased minibatch estimate
             otherwise, plus the log prior with ``map_estimate``), ``floor_counts`` (empty:
@@ -244,6 +247,7 @@ class SGD:
         core = self._core(kwargs)
         z, opt_state, key = state.unconstrained, state.opt_state, state.rng_key
         lls: list[float] = []
+        best_z, best_ll = z, -np.inf  # the best iterate seen (params returned)
         converged = False
         bar = tqdm(range(num_steps), disable=not progress_bar, desc="SGD", leave=False)
         for it in bar:
@@ -262,6 +266,8 @@ class SGD:
                     f"SGD step {it}: the optimizer produced non-finite values for {sorted(bad)}"
                 )
             lls.append(obj)
+            if obj > best_ll:  # obj is the objective at z, the parameters entering step it
+                best_z, best_ll = z, obj
             z, opt_state = new_z, new_opt
             if progress_bar and (it % 10 == 0 or it == num_steps - 1):
                 bar.set_postfix(log_marginal=f"{obj:.4f}", refresh=False)
@@ -269,8 +275,10 @@ class SGD:
                 converged = True
                 break
         bar.close()
-        params = transform_fn(core.transforms, z)
-        final = SGDState(params, state.iteration + len(lls), key, z, opt_state)
+        final = SGDState(
+            transform_fn(core.transforms, z), state.iteration + len(lls), key, z, opt_state
+        )
+        params = transform_fn(core.transforms, best_z)
         ss, _ = bind(self.model, params, **kwargs)
         return EMResult(
             params=dict(ss.params),
