@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import jax
+import numpy as np
 from numpyro import handlers
 
-from ppl_dyn._validation import check_rng_key
+from ppl_dyn._validation import check_rng_key, device_array
+from ppl_dyn.infer._run import (
+    hashable_items,
+    inspect_checked,
+    is_array,
+    split_static,
+    without_validation,
+)
 from ppl_dyn.state_space import is_markov_site
 
 
@@ -35,6 +44,10 @@ def simulate(
         ``{"x": states, "y": observations, "params": all parameter values}`` with
         ``x`` of shape ``(T, state_dim)`` or ``(S, T, state_dim)`` and ``y`` likewise.
 
+    The draw is one compiled program per model, static arguments and shapes (cached):
+    the first call compiles it, later calls with new keys, values or inputs of the same
+    shapes only run it. Given values are checked first (by name).
+
     Example:
         >>> import jax, ppl_dyn
         >>> from ppl_dyn.models import lds
@@ -46,16 +59,39 @@ def simulate(
     check_rng_key(rng_key)
     if "y" in model_kwargs:
         raise ValueError("simulate draws y; do not pass y")
-    fn = handlers.seed(handlers.substitute(model, data=params or {}), rng_seed=rng_key)
-    tr = handlers.trace(fn)
     if num_sequences is not None:  # a model for one sequence need not take the keyword
         model_kwargs["num_sequences"] = num_sequences
-    result = tr(num_steps=num_steps, **model_kwargs)
+    model_kwargs["num_steps"] = num_steps
+    given = dict(params or {})
+    # the given values are checked eagerly (shape, support, positive definiteness) by
+    # name: inside the compiled draw a bad value would only give NaN
+    inspect_checked(model, given, False, **model_kwargs)
+    dynamic, static = split_static(model_kwargs)
+    items = hashable_items(static)
+    make = _simulator if items is not None else _simulator.__wrapped__
+    fn = make(model, items if items is not None else tuple(static.items()))
+    values = {k: device_array(np.asarray(v)) if not is_array(v) else v for k, v in given.items()}
+    result, drawn = fn(rng_key, values, dynamic)
     if not isinstance(result, dict):
         raise ValueError("the model must return the value of ppl_dyn.markov(...)")
-    values = {
-        k: s["value"]
-        for k, s in tr.trace.items()
-        if s["type"] == "sample" and not is_markov_site(s)
-    }
-    return {**result, "params": values}
+    return {**result, "params": drawn}
+
+
+@functools.lru_cache(maxsize=64)
+def _simulator(model, static_items):
+    """The model's draw, compiled once per model, static arguments and shapes: the
+    parameters (given or drawn from their priors inside), the states and observations."""
+    static = dict(static_items)
+
+    def draw(rng_key, params, dynamic):
+        fn = handlers.seed(handlers.substitute(model, data=params), rng_seed=rng_key)
+        tr = handlers.trace(fn)
+        result = tr(**static, **dynamic)
+        values = {
+            k: site["value"]
+            for k, site in tr.trace.items()
+            if site["type"] == "sample" and not is_markov_site(site)
+        }
+        return result, values
+
+    return jax.jit(without_validation(draw))

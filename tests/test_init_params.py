@@ -25,10 +25,15 @@ def _values(rng, dx=2, dy=3):
 def test_fitting_values_skip_adaptation_and_match_the_adapting_path(monkeypatch):
     rng = np.random.default_rng(0)
     y = rng.standard_normal((40, 3))
-    init = dict(_values(rng), not_a_site=np.ones(7))  # unknown names are dropped
+    init = _values(rng)
     em = EM(lds, KalmanSmoother())
     kw = dict(y=y, state_dim=2)
     slow = em_mod.initial_params(lds, jax.random.key(1), init, kw, split_key=False)[0]
+    # a name that is no site of the model is a typo, refused in both paths (it used to
+    # be dropped silently)
+    for values in (dict(init, not_a_site=np.ones(7)), {"not_a_site": np.ones(7)}):
+        with pytest.raises(ValueError, match=r"no site of the model: \['not_a_site'\]"):
+            em_mod.initial_params(lds, jax.random.key(1), values, kw, split_key=False)
 
     def no_adapt(*a, **k):
         raise AssertionError("adapt_params ran for values that fit the model")
