@@ -20,13 +20,23 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
+
+_STARTED = time.perf_counter()  # the CLI's clock: start-up is measured from here
 
 MODELS = ("lds", "tanh-rnn", "rbf")
 METHODS = ("em", "nuts", "sgd")
 E_STEPS = ("auto", "kalman", "eks", "particle")
 #: figure files of a run, in the order the report shows them
-FIGURES = ("data.png", "fit.png", "states.png", "forecast.png", "em_curve.png", "sgd_curve.png",
-           "trace.png")
+FIGURES = (
+    "data.png",
+    "fit.png",
+    "states.png",
+    "forecast.png",
+    "em_curve.png",
+    "sgd_curve.png",
+    "trace.png",
+)
 
 
 class UsageError(Exception):
@@ -39,6 +49,11 @@ class UsageError(Exception):
 
 
 def _check_out_dir(out: Path) -> None:
+    for parent in out.parents:  # the nearest existing ancestor must be a directory
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"{out}: {parent} is not a directory")
+            break
     if out.exists():
         if not out.is_dir():
             raise UsageError(f"{out}: exists and is not a directory")
@@ -61,14 +76,15 @@ def staged_dir(out: Path):
         created.append(p)
         p = p.parent
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    _remove_stale_staging(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-"))
     try:
         yield tmp
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
         if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-{os.getpid()}-"))
             os.replace(out, old / "run")
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
@@ -80,6 +96,33 @@ def staged_dir(out: Path):
             with contextlib.suppress(OSError):
                 d.rmdir()
         raise
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Delete the staging folders ``.NAME.tmp-PID-*`` / ``.NAME.old-PID-*`` left beside
+    ``out`` by runs that were killed (their process no longer exists); those of a run
+    still going are kept."""
+    for p in out.parent.glob(f".{out.name}.*-*"):
+        parts = p.name[len(out.name) + 2 :].split("-")
+        if len(parts) < 2 or parts[0] not in ("tmp", "old") or not p.is_dir():
+            continue
+        try:
+            pid = int(parts[1])
+        except ValueError:  # an older run's name without a pid: no owner to ask
+            pid = None
+        if pid is not None and pid != os.getpid() and _alive(pid):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -113,10 +156,34 @@ def _save_npz(path: Path, arrays: dict) -> None:
         np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
 
 
+def cache_dir() -> Optional[Path]:
+    """Where the CLI keeps JAX's persistent compilation cache: ``$PPL_DYN_CACHE_DIR``
+    (``off`` or empty: no cache), else ``$XDG_CACHE_HOME/ppl_dyn/xla``, else
+    ``~/.cache/ppl_dyn/xla``. Programs compiled by one command are loaded, not compiled,
+    by the next one with the same shapes (a second ``simulate`` or ``fit`` of the same
+    size starts seconds sooner)."""
+    env = os.environ.get("PPL_DYN_CACHE_DIR")
+    if env is not None:
+        return None if env.strip().lower() in ("", "off", "0", "none") else Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ppl_dyn" / "xla"
+
+
 def _enable_x64():
     import jax
 
     jax.config.update("jax_enable_x64", True)
+    where = cache_dir()
+    if where is not None:
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            where = None  # an unwritable cache is no reason to stop: compile instead
+    if where is not None and os.access(where, os.W_OK):
+        jax.config.update("jax_compilation_cache_dir", str(where))
+        # keep what took a while to compile, whatever its size
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return jax
 
 
@@ -134,8 +201,9 @@ def _demo(args) -> int:
     _check_out_dir(out)
     with staged_dir(out) as tmp:
         _demo_into(args, tmp)
-    print(f"report: {out / 'report.html'} (figure {out / 'demo.png'}, "
-          f"metrics {out / 'metrics.json'})")
+    print(
+        f"report: {out / 'report.html'} (figure {out / 'demo.png'}, metrics {out / 'metrics.json'})"
+    )
     return 0
 
 
@@ -164,9 +232,7 @@ def _demo_into(args, out: Path) -> None:
     }
     key = jax.random.key(args.seed)
     k_sim, k_fit, k_id = jax.random.split(key, 3)
-    sim = ppl_dyn.simulate(
-        k_sim, lds, true, num_steps=T, num_sequences=S, state_dim=dx, obs_dim=dy
-    )
+    sim = ppl_dyn.simulate(k_sim, lds, true, num_steps=T, num_sequences=S, state_dim=dx, obs_dim=dy)
     y, x = np.asarray(sim["y"]), np.asarray(sim["x"])
     print(f"simulated an LDS: {S} sequences x {T} steps, state_dim={dx}, obs_dim={dy}")
     t0 = time.perf_counter()
@@ -198,8 +264,7 @@ def _demo_into(args, out: Path) -> None:
     recon_sd = np.sqrt(np.einsum("ij,tjk,ik->ti", C, P, C) + np.diag(R))
     fig_path = out / "demo.png"
     demo_figure(fig_path, y[0], recon_mean, recon_sd, x[0], states_mean, states_sd, lls, ll_true)
-    idata = ppl_dyn.to_inference_data(result, model=lds, log_likelihood=False, y=y,
-                                      state_dim=dx)
+    idata = ppl_dyn.to_inference_data(result, model=lds, log_likelihood=False, y=y, state_dim=dx)
     _add_log_likelihood(idata, post, y)  # from the smoother above
     idata.to_netcdf(str(out / "idata.nc"))
     metrics = {
@@ -231,8 +296,10 @@ def _demo_into(args, out: Path) -> None:
     from ppl_dyn.report import render_report
 
     render_report(out, display_name=str(args.out))
-    print(f"EM: {result.num_iters} iterations in {fit_seconds:.2f} s "
-          f"(converged: {result.converged}, monotone: {monotone})")
+    print(
+        f"EM: {result.num_iters} iterations in {fit_seconds:.2f} s "
+        f"(converged: {result.converged}, monotone: {monotone})"
+    )
     print(f"log p(y): fitted {ll_fit:.3f}   true parameters {ll_true:.3f}")
     print("eigenvalues of A: true " + _fmt(eig_true) + "   fitted " + _fmt(eig_fit))
 
@@ -265,8 +332,9 @@ def _load_params_file(path: Path) -> dict:
         with np.load(path, allow_pickle=False) as z:
             return {k: np.asarray(z[k], dtype=float) for k in z.files}
     except Exception as err:  # noqa: BLE001 - any unreadable archive
-        raise UsageError(f"{path}: not a readable NPZ archive of parameters "
-                         f"({type(err).__name__})") from None
+        raise UsageError(
+            f"{path}: not a readable NPZ archive of parameters ({type(err).__name__})"
+        ) from None
 
 
 def _simulate(args) -> int:
@@ -300,15 +368,17 @@ def _simulate(args) -> int:
         if centres is None:
             lo = np.full((1, dx), -2.0)
             nc = args.num_centres or _default_num_centres(dx)
-            centres, widths = ppl_dyn.models.rbf_grid(
-                np.concatenate([lo, -lo]), nc, coverage=1.0
-            )
+            centres, widths = ppl_dyn.models.rbf_grid(np.concatenate([lo, -lo]), nc, coverage=1.0)
         kw.update(centres=np.asarray(centres), widths=np.asarray(widths))
     params = {k: v for k, v in given.items() if not k.startswith("_")}
     try:
         sim = ppl_dyn.simulate(
-            jax.random.key(args.seed), model, params or None, num_steps=args.num_steps,
-            num_sequences=args.num_sequences, **kw,
+            jax.random.key(args.seed),
+            model,
+            params or None,
+            num_steps=args.num_steps,
+            num_sequences=args.num_sequences,
+            **kw,
         )
     except ValueError as err:
         raise UsageError(f"cannot simulate: {err}") from None
@@ -322,8 +392,9 @@ def _simulate(args) -> int:
                 arrays = {"y": y, "x": x, "time": t}
                 arrays.update({f"param_{k}": np.asarray(v) for k, v in sim["params"].items()})
                 if centres is not None:
-                    arrays.update(param_centres=np.asarray(centres),
-                                  param_widths=np.asarray(widths))
+                    arrays.update(
+                        param_centres=np.asarray(centres), param_widths=np.asarray(widths)
+                    )
                 np.savez(f, **arrays)
             else:
                 f.write(_simulation_csv(t, y, x).encode())
@@ -342,7 +413,8 @@ def _simulation_csv(t, y, x) -> str:
     ys, xs = (y, x) if batched else (y[None], x[None])
     dy, dx = ys.shape[-1], xs.shape[-1]
     head = ["t"] + (["sequence"] if batched else [])
-    head += [f"y{i}" for i in range(dy)] + [f"x{i}" for i in range(dx)]
+    # the true states are named latent_*: never read back as data by default (ppl_dyn.io)
+    head += [f"y{i}" for i in range(dy)] + [f"latent_x{i}" for i in range(dx)]
     lines = [",".join(head)]
     for s in range(ys.shape[0]):
         for i, ti in enumerate(t):
@@ -373,17 +445,38 @@ def _load_data(args):
             raise UsageError("--columns/--time-column/--sequence-column apply to --data files")
         ds = datasets.load(args.dataset)
         time_name = {"nile": "year", "sunspots": "year", "co2": "year"}[args.dataset]
-        series = Series(np.asarray(ds.y, float), np.asarray(ds.time, float), (ds.name,),
-                        f"dataset:{ds.name}", time_name)
+        series = Series(
+            np.asarray(ds.y, float),
+            np.asarray(ds.time, float),
+            (ds.name,),
+            f"dataset:{ds.name}",
+            time_name,
+        )
         try:
             return check_series(series, min_steps=min_steps, time_name=time_name), ds.units
         except DataError as err:
             raise UsageError(str(err)) from None
     try:
-        return load_series(args.data, columns=args.columns, time_column=args.time_column,
-                           sequence_column=args.sequence_column, min_steps=min_steps), ""
+        return load_series(
+            args.data,
+            columns=args.columns,
+            time_column=args.time_column,
+            sequence_column=args.sequence_column,
+            min_steps=min_steps,
+        ), ""
     except DataError as err:
         raise UsageError(str(err)) from None
+
+
+def _data_line(series) -> str:
+    """One line saying what was read: steps, sequences, columns, time axis and what the
+    reader decided on its own (``Series.notes``)."""
+    y = series.y
+    shape = f"{y.shape[0]} sequences of " if y.ndim == 3 else ""
+    line = f"data: {series.source}: {shape}{y.shape[-2]} steps, columns {', '.join(series.names)}"
+    if not any(n.startswith("time axis") for n in series.notes):  # else a note says it
+        line += f"; time axis {series.time_name!r}"
+    return line + "".join(f"; {n}" for n in series.notes)
 
 
 def _standardise(series, enabled: bool):
@@ -419,19 +512,25 @@ def _check_fit_args(args) -> None:
     if args.e_step == "kalman" and args.model != "lds":
         raise UsageError("--e-step kalman is exact only for --model lds; use eks or particle")
     if args.method == "nuts" and args.e_step == "particle":
-        raise UsageError("--method nuts needs a deterministic, differentiable E-step "
-                         "(kalman or eks), not particle")
+        raise UsageError(
+            "--method nuts needs a deterministic, differentiable E-step "
+            "(kalman or eks), not particle"
+        )
     if args.method == "sgd":
         if args.e_step == "particle":
-            raise UsageError("--method sgd needs a deterministic, differentiable E-step "
-                             "(kalman or eks), not particle")
+            raise UsageError(
+                "--method sgd needs a deterministic, differentiable E-step "
+                "(kalman or eks), not particle"
+            )
         if not args.learning_rate > 0:
             raise UsageError("--learning-rate must be > 0")
         import ppl_dyn.infer as infer
 
         if not hasattr(infer, "SGD"):
-            raise UsageError("--method sgd is not available in this version of ppl_dyn "
-                             "(ppl_dyn.infer.SGD is missing); use --method em or nuts")
+            raise UsageError(
+                "--method sgd is not available in this version of ppl_dyn "
+                "(ppl_dyn.infer.SGD is missing); use --method em or nuts"
+            )
 
 
 def _e_step_name(args) -> str:
@@ -450,32 +549,57 @@ def _e_step_obj(name: str, num_particles: int):
     return ParticleSmoother(num_particles=num_particles)
 
 
+class Phases:
+    """Wall-clock seconds of a command's phases, each from the end of the previous one
+    (the first from the CLI module's import), reported in ``metrics.json`` as
+    ``seconds`` so that a slow start can be traced to its part."""
+
+    def __init__(self):
+        self.seconds: dict = {}
+        self._last = _STARTED
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._last, 3)
+        self._last = now
+
+
 def _fit(args) -> int:
+    phases = Phases()
     _check_fit_args(args)
     series, units = _load_data(args)
     yz, mean, scale = _standardise(series, not args.no_standardize)
     out = Path(args.out)
     _check_out_dir(out)
+    print(_data_line(series))
+    phases.mark("start and read the data")
     import numpy as np
 
     try:
         with staged_dir(out) as tmp:
-            metrics = _fit_into(args, series, units, yz, mean, scale, tmp)
+            metrics = _fit_into(args, series, units, yz, mean, scale, tmp, phases)
             if not args.no_report:
                 from ppl_dyn.report import render_report
 
                 render_report(tmp, display_name=str(out))
+                phases.mark("report")
+                metrics["seconds"] = phases.seconds
+                _write_json(tmp / "metrics.json", _finite_or_none(metrics))
     except (FloatingPointError, np.linalg.LinAlgError) as err:
         # numerical failure of the fit itself: nothing was written (staged_dir)
         msg = " ".join(str(err).split())
-        print(f"ppl-dyn fit: the fit failed, nothing written: {type(err).__name__}: {msg}",
-              file=sys.stderr)
+        print(
+            f"ppl-dyn fit: the fit failed, nothing written: {type(err).__name__}: {msg}",
+            file=sys.stderr,
+        )
         return 1
     ll = metrics.get("log_marginal_final")
     msg = f"ran {args.model} by {args.method}"
     if ll is not None and metrics.get("log_marginal_initial") is not None:
-        msg += (f": log p(y) {metrics['log_marginal_initial']:.3f} (start) -> "
-                f"{ll:.3f} (end, standardised data)")
+        msg += (
+            f": log p(y) {metrics['log_marginal_initial']:.3f} (start) -> "
+            f"{ll:.3f} (end, standardised data)"
+        )
     print(msg)
     what = "report.html" if not args.no_report else "metrics.json"
     print(f"report: {out / what}")
@@ -485,6 +609,7 @@ def _fit(args) -> int:
 
 
 FIT_FAILED = 3  # exit status of a fit that ran but failed its checks (docs/cli.md)
+INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
 
 
 def fit_verdict(metrics: dict) -> dict:
@@ -562,8 +687,9 @@ def _em_fit(args, model, yz, key, e_name):
         stages, extra, ll0 = None, {}, None
         if args.model == "rbf":  # centres over the states of an LDS fit, start from it
             k_lds, key = jax.random.split(key)
-            lds_fit = EM(lds, KalmanSmoother()).run(k_lds, args.num_iters, init=init,
-                                                    rtol=args.rtol, progress_bar=pb, **kw)
+            lds_fit = EM(lds, KalmanSmoother()).run(
+                k_lds, args.num_iters, init=init, rtol=args.rtol, progress_bar=pb, **kw
+            )
             post = KalmanSmoother().smooth(lds_fit.params, lds, **kw)
             nc = args.num_centres or _default_num_centres(dx)
             centres, widths = rbf_grid(np.asarray(post.means), nc)
@@ -572,28 +698,40 @@ def _em_fit(args, model, yz, key, e_name):
             stages = [("LDS (EM, Kalman)", lds_fit.log_marginals)]
             extra = {"num_centres": int(centres.shape[0])}
         res = SGD(model, e_step, optax.adam(args.learning_rate)).run(
-            key, args.num_iters, init=init, rtol=args.rtol, progress_bar=pb, **kw)
+            key, args.num_iters, init=init, rtol=args.rtol, progress_bar=pb, **kw
+        )
         if stages:
             stages.append((f"RBF (Adam, {e_name.upper()})", res.log_marginals))
         return res, kw, stages, extra, res.log_marginals[0] if ll0 is None else ll0
     if args.model == "rbf":
         nc = args.num_centres or _default_num_centres(dx)
-        nested = fit_nested(key, y=yz, state_dim=dx, num_centres=nc, lds_iters=args.num_iters,
-                            rbf_iters=args.num_iters, rbf_e_step=e_step, progress_bar=pb)
+        nested = fit_nested(
+            key,
+            y=yz,
+            state_dim=dx,
+            num_centres=nc,
+            lds_iters=args.num_iters,
+            rbf_iters=args.num_iters,
+            rbf_e_step=e_step,
+            progress_bar=pb,
+        )
         kw.update(centres=np.asarray(nested.centres), widths=np.asarray(nested.widths))
-        stages = [("LDS (Kalman)", nested.lds.log_marginals),
-                  (f"RBF ({e_name.upper()})", nested.rbf.log_marginals)]
-        extra = {"num_centres": int(nested.centres.shape[0]),
-                 "lds_stage_log_marginals": [float(v) for v in nested.lds.log_marginals]}
+        stages = [
+            ("LDS (Kalman)", nested.lds.log_marginals),
+            (f"RBF ({e_name.upper()})", nested.rbf.log_marginals),
+        ]
+        extra = {
+            "num_centres": int(nested.centres.shape[0]),
+            "lds_stage_log_marginals": [float(v) for v in nested.lds.log_marginals],
+        }
         return nested.rbf, kw, stages, extra, nested.lds.log_marginals[0]
     init = factor_analysis_init(yz, state_dim=dx)
     rtol = None if e_name == "particle" else args.rtol
-    res = EM(model, e_step).run(key, args.num_iters, init=init, rtol=rtol, progress_bar=pb,
-                                **kw)
+    res = EM(model, e_step).run(key, args.num_iters, init=init, rtol=rtol, progress_bar=pb, **kw)
     return res, kw, None, {}, res.log_marginals[0]
 
 
-def _fit_into(args, series, units, yz, mean, scale, out: Path) -> dict:
+def _fit_into(args, series, units, yz, mean, scale, out: Path, phases: Phases) -> dict:
     jax = _enable_x64()
     import numpy as np
 
@@ -607,9 +745,11 @@ def _fit_into(args, series, units, yz, mean, scale, out: Path) -> dict:
     # one-step-ahead log-likelihood (a particle E-step has no filtered moments)
     gauss = KalmanSmoother() if e_name == "kalman" else ExtendedKalmanSmoother()
     k_fit, k_mc, k_pp, k_fc, k_id, k_sm = jax.random.split(jax.random.key(args.seed), 6)
+    phases.mark("import JAX, NumPyro, ppl_dyn")
     t0 = time.perf_counter()
     res, kw, stages, extra, ll_init = _em_fit(args, model, yz, k_fit, e_name)
     em_seconds = time.perf_counter() - t0
+    phases.mark("fit (EM start)" if args.method == "nuts" else "fit (compile and run)")
     lls = np.asarray(res.log_marginals)
     site_names = sorted(res.params)
     metrics = {
@@ -620,6 +760,8 @@ def _fit_into(args, series, units, yz, mean, scale, out: Path) -> dict:
         "e_step": e_name,
         "data": series.source,
         "columns": list(series.names),
+        "time_axis": series.time_name,
+        "data_notes": list(series.notes),
         "units": units,
         "num_sequences": int(yz.shape[0]) if yz.ndim == 3 else 1,
         "num_steps": int(yz.shape[-2]),
@@ -639,18 +781,19 @@ def _fit_into(args, series, units, yz, mean, scale, out: Path) -> dict:
         ll_final = float(np.sum(np.asarray(post.log_marginal)))
         monotone = bool(np.all(np.diff(lls) >= -1e-8 * np.abs(lls[:-1])))
         it_name = "em_iterations" if args.method == "em" else "sgd_steps"
-        metrics.update({
-            it_name: int(res.num_iters),
-            "converged": bool(res.converged),
-            "fit_seconds": em_seconds,
-            "log_marginal_initial": float(ll_init),
-            "log_marginal_final": ll_final,
-            "log_marginals": [float(v) for v in lls],
-        })
+        metrics.update(
+            {
+                it_name: int(res.num_iters),
+                "converged": bool(res.converged),
+                "fit_seconds": em_seconds,
+                "log_marginal_initial": float(ll_init),
+                "log_marginal_final": ll_final,
+                "log_marginals": [float(v) for v in lls],
+            }
+        )
         if args.method == "em":
             metrics["em_monotone"] = monotone
-            metrics["covariance_floor_counts"] = {
-                k: int(v) for k, v in res.floor_counts.items()}
+            metrics["covariance_floor_counts"] = {k: int(v) for k, v in res.floor_counts.items()}
         else:
             metrics["learning_rate"] = args.learning_rate
             metrics["best_step"] = int(np.argmax(lls))  # the iterate SGD returns
@@ -660,12 +803,14 @@ def _fit_into(args, series, units, yz, mean, scale, out: Path) -> dict:
         source, idata, params, state_mean, state_sd, nuts_metrics = _nuts(
             args, model, gauss, res, kw, k_mc, site_names
         )
-        metrics.update({
-            "em_iterations_for_init": int(res.num_iters),
-            "log_marginal_initial": float(ll_init),
-            "log_marginal_em": float(lls[-1]),
-            **nuts_metrics,
-        })
+        metrics.update(
+            {
+                "em_iterations_for_init": int(res.num_iters),
+                "log_marginal_initial": float(ll_init),
+                "log_marginal_em": float(lls[-1]),
+                **nuts_metrics,
+            }
+        )
         post = gauss.smooth(params, model, **kw)
         metrics["log_marginal_final"] = float(np.sum(np.asarray(post.log_marginal)))
     model_kw = {k: v for k, v in kw.items() if k != "y"}
@@ -678,14 +823,23 @@ def _fit_into(args, series, units, yz, mean, scale, out: Path) -> dict:
         pp_mean, pp_lo, pp_hi = pp.mean, pp.lower, pp.upper
     else:
         pp_mean, pp_lo, pp_hi = _em_predictive_band(args.seed, args.model, params, post, level)
-        fc = ppl_dyn.forecast(k_fc, source, args.forecast_steps, model=model, e_step=gauss,
-                              level=level, num_paths=500, **kw)
+        fc = ppl_dyn.forecast(
+            k_fc,
+            source,
+            args.forecast_steps,
+            model=model,
+            e_step=gauss,
+            level=level,
+            num_paths=500,
+            **kw,
+        )
 
     def orig(a):
         a = np.asarray(a)
         return (a[0] if a.ndim == 3 else a) * scale + mean
 
     y_orig = orig(yz)
+    phases.mark("NUTS, smoother, predictive bands and forecast")
     t = series.time
     dt = float(np.median(np.diff(t))) if len(t) > 1 else 1.0
     t_fc = t[-1] + dt * np.arange(1, args.forecast_steps + 1)
@@ -693,63 +847,107 @@ def _fit_into(args, series, units, yz, mean, scale, out: Path) -> dict:
     seen = np.isfinite(y_orig)  # coverage of the observed entries only
     inside = (y_orig >= orig(pp_lo)) & (y_orig <= orig(pp_hi))
     cover = np.mean(inside[seen])
-    metrics.update({
-        "predictive_level": level,
-        "posterior_predictive_rmse": y_rmse,
-        "posterior_predictive_coverage": float(cover),
-        "forecast_steps": args.forecast_steps,
-        "forecast_mean_last": orig(fc.mean)[-1].tolist(),
-    })
+    metrics.update(
+        {
+            "predictive_level": level,
+            "posterior_predictive_rmse": y_rmse,
+            "posterior_predictive_coverage": float(cover),
+            "forecast_steps": args.forecast_steps,
+            "forecast_mean_last": orig(fc.mean)[-1].tolist(),
+        }
+    )
 
     names = list(series.names)
     tn = series.time_name
     S = metrics["num_sequences"]
     note = f" (sequence 1 of {S})" if S > 1 else ""
-    plots.data_figure(out / "data.png", t, y_orig, names, tn,
-                      title=f"data: {series.source}{note}")
-    plots.band_figure(out / "fit.png", t, orig(pp_mean), orig(pp_lo), orig(pp_hi), names,
-                      y=y_orig, y_time=t, time_name=tn, label="posterior predictive",
-                      title=f"fit: posterior predictive {100 * level:.0f}% band{note}")
-    plots.band_figure(out / "states.png", t, state_mean, state_mean - 2 * state_sd,
-                      state_mean + 2 * state_sd, [f"x[{i}]" for i in range(state_mean.shape[1])],
-                      time_name=tn, label="smoothed",
-                      title="smoothed states ± 2 sd (standardised units; "
-                      f"the state basis is not identified){note}")
+    plots.data_figure(out / "data.png", t, y_orig, names, tn, title=f"data: {series.source}{note}")
+    plots.band_figure(
+        out / "fit.png",
+        t,
+        orig(pp_mean),
+        orig(pp_lo),
+        orig(pp_hi),
+        names,
+        y=y_orig,
+        y_time=t,
+        time_name=tn,
+        label="posterior predictive",
+        title=f"fit: posterior predictive {100 * level:.0f}% band{note}",
+    )
+    plots.band_figure(
+        out / "states.png",
+        t,
+        state_mean,
+        state_mean - 2 * state_sd,
+        state_mean + 2 * state_sd,
+        [f"x[{i}]" for i in range(state_mean.shape[1])],
+        time_name=tn,
+        label="smoothed",
+        title="smoothed states ± 2 sd (standardised units; "
+        f"the state basis is not identified){note}",
+    )
     tail = max(0, len(t) - 4 * args.forecast_steps)
-    plots.band_figure(out / "forecast.png", t_fc, orig(fc.mean), orig(fc.lower),
-                      orig(fc.upper), names, y=y_orig[tail:], y_time=t[tail:], time_name=tn,
-                      label="forecast", title=f"forecast of {args.forecast_steps} steps, "
-                      f"{100 * level:.0f}% band{note}")
+    plots.band_figure(
+        out / "forecast.png",
+        t_fc,
+        orig(fc.mean),
+        orig(fc.lower),
+        orig(fc.upper),
+        names,
+        y=y_orig[tail:],
+        y_time=t[tail:],
+        time_name=tn,
+        label="forecast",
+        title=f"forecast of {args.forecast_steps} steps, {100 * level:.0f}% band{note}",
+    )
     if args.method == "em":
-        plots.em_curve_figure(out / "em_curve.png", lls, stages=stages,
-                              title=f"EM ({e_name} E-step): log marginal likelihood")
+        plots.em_curve_figure(
+            out / "em_curve.png",
+            lls,
+            stages=stages,
+            title=f"EM ({e_name} E-step): log marginal likelihood",
+        )
     elif args.method == "sgd":
-        plots.em_curve_figure(out / "sgd_curve.png", lls, stages=stages, xlabel="step",
-                              title=f"Adam on log p(y) ({e_name} E-step)")
+        plots.em_curve_figure(
+            out / "sgd_curve.png",
+            lls,
+            stages=stages,
+            xlabel="step",
+            title=f"Adam on log p(y) ({e_name} E-step)",
+        )
 
+    phases.mark("figures")
     # ArviZ (forecasts added from the bands above: one forecast run, not two)
     if args.method == "nuts":
-        plots.trace_figure(out / "trace.png", idata, [k for k in site_names
-                                                     if k in idata.posterior])
+        plots.trace_figure(
+            out / "trace.png", idata, [k for k in site_names if k in idata.posterior]
+        )
     else:
         # the one-step-ahead log-densities come from the smoother run above (no rerun)
         gpost = post if e_name != "particle" else gauss.smooth(params, model, **kw)
-        idata = ppl_dyn.to_inference_data(source, model=model, e_step=gauss,
-                                          log_likelihood=False, **kw)
+        idata = ppl_dyn.to_inference_data(
+            source, model=model, e_step=gauss, log_likelihood=False, **kw
+        )
         _add_log_likelihood(idata, gpost, yz)
     _add_forecasts(idata, fc, yz)
     for g in ("posterior", "observed_data"):
         if hasattr(idata, g):
             getattr(idata, g).attrs.update(
-                data_mean=np.asarray(mean), data_scale=np.asarray(scale),
-                ppl_dyn_model=args.model, ppl_dyn_method=args.method)
+                data_mean=np.asarray(mean),
+                data_scale=np.asarray(scale),
+                ppl_dyn_model=args.model,
+                ppl_dyn_method=args.method,
+            )
     idata.to_netcdf(str(out / "idata.nc"))
     arrays = {k: np.asarray(v) for k, v in params.items()}
     if "centres" in model_kw:
         arrays.update(centres=model_kw["centres"], widths=model_kw["widths"])
     _save_npz(out / "params.npz", arrays)
     _write_json(out / "params.json", _finite_or_none({k: v.tolist() for k, v in arrays.items()}))
+    phases.mark("ArviZ export and files")
     metrics["verdict"] = fit_verdict(metrics)
+    metrics["seconds"] = phases.seconds
     _write_json(out / "metrics.json", _finite_or_none(metrics))
     return metrics
 
@@ -766,8 +964,11 @@ def _add_log_likelihood(idata, post, yz) -> None:
     coords = {"time": np.arange(yz.shape[-2])}
     if seq:
         coords["sequence"] = np.arange(yz.shape[0])
-    idata.extend(az.from_dict(log_likelihood={"y": lp[None, None]}, coords=coords,
-                              dims={"y": seq + ["time"]}))
+    idata.extend(
+        az.from_dict(
+            log_likelihood={"y": lp[None, None]}, coords=coords, dims={"y": seq + ["time"]}
+        )
+    )
 
 
 def _add_forecasts(idata, fc, yz) -> None:
@@ -780,8 +981,13 @@ def _add_forecasts(idata, fc, yz) -> None:
     if seq:
         coords["sequence"] = np.arange(yz.shape[0])
     dims = {"y": seq + ["forecast_time", "obs_dim"]}
-    group = az.from_dict(predictions={"y": np.asarray(fc.samples)}, pred_dims=dims,
-                         pred_coords=coords, coords=coords, dims=dims)
+    group = az.from_dict(
+        predictions={"y": np.asarray(fc.samples)},
+        pred_dims=dims,
+        pred_coords=coords,
+        coords=coords,
+        dims=dims,
+    )
     idata.extend(group)
 
 
@@ -803,8 +1009,10 @@ def _em_predictive_band(seed: int, model_name, params, post, level, num_draws: i
     x = m[None] + np.einsum("tij,ntj->nti", L, rng.standard_normal((num_draws, T, dx)))
     psi = np.tanh(x) if model_name == "tanh-rnn" else x
     dy = C.shape[0]
-    noise = rng.standard_normal((num_draws, T, dy)) @ np.linalg.cholesky(
-        0.5 * (R + R.T) + 1e-12 * np.eye(dy)).T
+    noise = (
+        rng.standard_normal((num_draws, T, dy))
+        @ np.linalg.cholesky(0.5 * (R + R.T) + 1e-12 * np.eye(dy)).T
+    )
     ys = psi @ C.T + d + noise
     lo, hi = np.quantile(ys, [(1 - level) / 2, (1 + level) / 2], axis=0)
     return ys.mean(0), lo, hi
@@ -844,9 +1052,14 @@ def _nuts(args, model, gauss, em_res, kw, key, site_names):
     marg = ppl_dyn.handlers.marginalize(model, e_step=gauss)
     values = em_init_values(em_res, marg, **kw)
     kernel = NUTS(marg, init_strategy=init_to_value(values=values))
-    mcmc = MCMC(kernel, num_warmup=args.num_warmup, num_samples=args.num_samples,
-                num_chains=args.num_chains, chain_method="sequential",
-                progress_bar=not args.quiet)
+    mcmc = MCMC(
+        kernel,
+        num_warmup=args.num_warmup,
+        num_samples=args.num_samples,
+        num_chains=args.num_chains,
+        chain_method="sequential",
+        progress_bar=not args.quiet,
+    )
     t0 = time.perf_counter()
     mcmc.run(key, extra_fields=EXTRA_FIELDS, **kw)
     seconds = time.perf_counter() - t0
@@ -900,8 +1113,7 @@ def _report(args) -> int:
 
 def _reproduce(args) -> int:
     if args.num_seeds < 1 or args.num_particles < 1 or args.series_length < 20:
-        raise UsageError("--num-seeds and --num-particles must be >= 1 and "
-                         "--series-length >= 20")
+        raise UsageError("--num-seeds and --num-particles must be >= 1 and --series-length >= 20")
     out = Path(args.out or f"reproduce-{args.name}")
     if args.name == "comparison":
         from ppl_dyn.reproduce import comparison
@@ -910,22 +1122,35 @@ def _reproduce(args) -> int:
             return any(a == flag or a.startswith(flag + "=") for a in args.argv)
 
         default_seeds = 1 if args.small else 3
-        comparison.main(out, small=args.small,
-                        num_seeds=args.num_seeds if given("--num-seeds") else default_seeds,
-                        num_particles=args.num_particles if given("--num-particles") else None,
-                        num_iters=args.num_iters)
+        comparison.main(
+            out,
+            small=args.small,
+            num_seeds=args.num_seeds if given("--num-seeds") else default_seeds,
+            num_particles=args.num_particles if given("--num-particles") else None,
+            num_iters=args.num_iters,
+        )
         return 0
     if args.name == "ghahramani":
         from ppl_dyn.reproduce import ghahramani
 
-        ghahramani.main(out, num_seeds=args.num_seeds, num_steps=args.series_length,
-                        rbf_iters=args.num_iters or 20, progress_bar=not args.quiet)
+        ghahramani.main(
+            out,
+            num_seeds=args.num_seeds,
+            num_steps=args.series_length,
+            rbf_iters=args.num_iters or 20,
+            progress_bar=not args.quiet,
+        )
         return 0
     from ppl_dyn.reproduce import unkelbach
 
-    unkelbach.main(out, num_seeds=args.num_seeds, num_particles=args.num_particles,
-                   num_iters=args.num_iters or 100, compare_n10=not args.no_n10,
-                   progress_bar=not args.quiet)
+    unkelbach.main(
+        out,
+        num_seeds=args.num_seeds,
+        num_particles=args.num_particles,
+        num_iters=args.num_iters or 100,
+        compare_n10=not args.no_n10,
+        progress_bar=not args.quiet,
+    )
     return 0
 
 
@@ -955,14 +1180,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--state-dim", type=int, default=2)
     s.add_argument("--obs-dim", type=int, default=1)
     s.add_argument("--num-steps", type=int, default=200)
-    s.add_argument("--num-sequences", type=int, default=None,
-                   help="several independent sequences (adds a leading axis / a "
-                        "'sequence' CSV column)")
-    s.add_argument("--num-centres", type=int, default=None,
-                   help="rbf: grid points per state coordinate over [-2, 2]")
-    s.add_argument("--params", default=None,
-                   help="NPZ of parameter values (e.g. a fit's params.npz); sites not "
-                        "given are drawn from their priors")
+    s.add_argument(
+        "--num-sequences",
+        type=int,
+        default=None,
+        help="several independent sequences (adds a leading axis / a 'sequence' CSV column)",
+    )
+    s.add_argument(
+        "--num-centres",
+        type=int,
+        default=None,
+        help="rbf: grid points per state coordinate over [-2, 2]",
+    )
+    s.add_argument(
+        "--params",
+        default=None,
+        help="NPZ of parameter values (e.g. a fit's params.npz); sites not "
+        "given are drawn from their priors",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="output file, .csv or .npz")
     s.set_defaults(func=_simulate)
@@ -972,28 +1207,55 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--method", choices=METHODS, default="em")
     src = f.add_argument_group("data")
     src.add_argument("--data", default=None, help="a .csv (header row) or .npz file")
-    src.add_argument("--dataset", choices=("nile", "sunspots", "co2"), default=None,
-                     help="a series shipped with ppl_dyn instead of --data")
-    src.add_argument("--columns", default=None,
-                     help="comma-separated observed columns (CSV) or arrays (NPZ); default: "
-                          "every CSV column but the time/sequence columns, NPZ array 'y'")
+    src.add_argument(
+        "--dataset",
+        choices=("nile", "sunspots", "co2"),
+        default=None,
+        help="a series shipped with ppl_dyn instead of --data",
+    )
+    src.add_argument(
+        "--columns",
+        default=None,
+        help="comma-separated observed columns (CSV) or arrays (NPZ); default: "
+        "every CSV column but the time/sequence columns, NPZ array 'y'",
+    )
     src.add_argument("--time-column", default=None, help="column (array) of time stamps")
-    src.add_argument("--sequence-column", default=None,
-                     help="CSV column labelling several equally long sequences")
-    src.add_argument("--no-standardize", action="store_true",
-                     help="fit the raw data (default: each column centred and scaled to "
-                          "unit variance)")
+    src.add_argument(
+        "--sequence-column",
+        default=None,
+        help="CSV column labelling several equally long sequences",
+    )
+    src.add_argument(
+        "--no-standardize",
+        action="store_true",
+        help="fit the raw data (default: each column centred and scaled to unit variance)",
+    )
     f.add_argument("--state-dim", type=int, default=2)
-    f.add_argument("--num-iters", type=int, default=100,
-                   help="EM iterations or SGD steps (rbf: per stage; nuts: of the EM start)")
-    f.add_argument("--rtol", type=float, default=1e-6,
-                   help="EM stops when the log-likelihood changes by less (relative)")
-    f.add_argument("--e-step", choices=E_STEPS, default="auto",
-                   help="auto: kalman for lds, eks for tanh-rnn and rbf")
+    f.add_argument(
+        "--num-iters",
+        type=int,
+        default=100,
+        help="EM iterations or SGD steps (rbf: per stage; nuts: of the EM start)",
+    )
+    f.add_argument(
+        "--rtol",
+        type=float,
+        default=1e-6,
+        help="EM stops when the log-likelihood changes by less (relative)",
+    )
+    f.add_argument(
+        "--e-step",
+        choices=E_STEPS,
+        default="auto",
+        help="auto: kalman for lds, eks for tanh-rnn and rbf",
+    )
     f.add_argument("--num-particles", type=int, default=200, help="--e-step particle")
-    f.add_argument("--num-centres", type=int, default=None,
-                   help="rbf: centres per state coordinate (default 11, 5 for state_dim 2, "
-                        "else 3)")
+    f.add_argument(
+        "--num-centres",
+        type=int,
+        default=None,
+        help="rbf: centres per state coordinate (default 11, 5 for state_dim 2, else 3)",
+    )
     f.add_argument("--learning-rate", type=float, default=1e-2, help="sgd: Adam's step size")
     f.add_argument("--num-warmup", type=int, default=500, help="nuts")
     f.add_argument("--num-samples", type=int, default=500, help="nuts")
@@ -1014,7 +1276,7 @@ def build_parser() -> argparse.ArgumentParser:
         "name",
         choices=["unkelbach", "ghahramani", "comparison"],
         help="unkelbach: seed 000 (particle EM, tanh-RNN); ghahramani: seed 001 (EKS + RBF); "
-             "comparison: issue 6 study (LDS/tanh-RNN/RBF by EM vs RNN/LSTM by BPTT)",
+        "comparison: issue 6 study (LDS/tanh-RNN/RBF by EM vs RNN/LSTM by BPTT)",
     )
     r.add_argument("--out", default=None, help="output directory (default: reproduce-NAME)")
     r.add_argument("--num-seeds", type=int, default=5, help="data seeds (median reported)")
@@ -1026,15 +1288,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--series-length", type=int, default=2000, help="ghahramani: train + test length"
     )
     r.add_argument("--no-n10", action="store_true", help="skip the N = 10 comparison")
-    r.add_argument("--small", action="store_true",
-                   help="comparison: tiny data and few iterations, one seed (smoke test)")
+    r.add_argument(
+        "--small",
+        action="store_true",
+        help="comparison: tiny data and few iterations, one seed (smoke test)",
+    )
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=_reproduce)
 
     b = sub.add_parser(
         "bench",
         help="run every benchmark script (needs a source checkout and the bench extra) and "
-             "write one Markdown table of our times against the anchors",
+        "write one Markdown table of our times against the anchors",
     )
     b.add_argument("--quick", action="store_true", help="smoke-size runs of every script")
     b.add_argument("--only", default=None, help="run only the scripts whose name contains this")
@@ -1077,13 +1342,22 @@ def main(argv=None) -> int:
             if args.command == "demo" and args.num_iters < 1:
                 raise UsageError("--num-iters must be >= 1")
             if args.command == "simulate" and (
-                args.state_dim < 1 or args.obs_dim < 1
+                args.state_dim < 1
+                or args.obs_dim < 1
                 or (args.num_sequences is not None and args.num_sequences < 1)
             ):
                 raise UsageError("--state-dim, --obs-dim and --num-sequences must be >= 1")
         return args.func(args)
     except UsageError as err:
         print(f"ppl-dyn {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ppl-dyn {args.command}: interrupted; nothing written", file=sys.stderr)
+        return INTERRUPTED
+    except OSError as err:  # e.g. an --out in a directory we may not write
+        where = err.filename or "the output directory"
+        print(f"ppl-dyn {args.command}: error: cannot write {where}: {err.strerror or err}",
+              file=sys.stderr)  # fmt: skip
         return 2
 
 

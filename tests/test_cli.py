@@ -6,6 +6,7 @@ the demo runs as a subprocess, as a user would start it.
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -15,8 +16,16 @@ import pytest
 
 from ppl_dyn import cli
 
-FIT_FILES = ("metrics.json", "params.npz", "idata.nc", "data.png", "fit.png", "states.png",
-             "forecast.png", "report.html")
+FIT_FILES = (
+    "metrics.json",
+    "params.npz",
+    "idata.nc",
+    "data.png",
+    "fit.png",
+    "states.png",
+    "forecast.png",
+    "report.html",
+)
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -34,9 +43,24 @@ def _finite_numbers(obj):
 def test_demo_writes_metrics_figure_idata_and_report(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "ppl_dyn.cli", "demo", "--out", str(out),
-         "--num-steps", "60", "--num-sequences", "2", "--num-iters", "15", "--quiet"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "ppl_dyn.cli",
+            "demo",
+            "--out",
+            str(out),
+            "--num-steps",
+            "60",
+            "--num-sequences",
+            "2",
+            "--num-iters",
+            "15",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())
@@ -58,9 +82,19 @@ def test_demo_writes_metrics_figure_idata_and_report(tmp_path):
 
 def test_demo_rejects_bad_arguments(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "ppl_dyn.cli", "demo", "--out", str(tmp_path / "x"),
-         "--num-steps", "1"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "ppl_dyn.cli",
+            "demo",
+            "--out",
+            str(tmp_path / "x"),
+            "--num-steps",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "--num-steps" in proc.stderr
@@ -78,15 +112,30 @@ def simulated(tmp_path_factory):
     """An LDS (prior-drawn parameters, seed 3) as CSV and NPZ: T = 50, 2 outputs."""
     d = tmp_path_factory.mktemp("sim")
     for ext in ("csv", "npz"):
-        rc = cli.main(["simulate", "--model", "lds", "--state-dim", "2", "--obs-dim", "2",
-                       "--num-steps", "50", "--seed", "3", "--out", str(d / f"sim.{ext}")])
+        rc = cli.main(
+            [
+                "simulate",
+                "--model",
+                "lds",
+                "--state-dim",
+                "2",
+                "--obs-dim",
+                "2",
+                "--num-steps",
+                "50",
+                "--seed",
+                "3",
+                "--out",
+                str(d / f"sim.{ext}"),
+            ]
+        )
         assert rc == 0
     return d
 
 
 def test_simulate_writes_csv_and_npz_with_true_parameters(simulated):
     header = (simulated / "sim.csv").read_text().splitlines()[0]
-    assert header == "t,y0,y1,x0,x1"
+    assert header == "t,y0,y1,latent_x0,latent_x1"
     with np.load(simulated / "sim.npz") as z:
         assert z["y"].shape == (50, 2) and z["x"].shape == (50, 2)
         assert z["param_A"].shape == (2, 2) and z["param_R"].shape == (2, 2)
@@ -97,24 +146,40 @@ def test_simulate_writes_csv_and_npz_with_true_parameters(simulated):
 
 def _fit(tmp_path, simulated, *extra, name="run", data="sim.csv"):
     out = tmp_path / name
-    argv = ["fit", "--data", str(simulated / data), "--out", str(out), "--quiet",
-            "--num-iters", "4", "--forecast-steps", "5", *extra]
-    if data.endswith(".csv"):
-        argv += ["--columns", "y0,y1", "--time-column", "t"]
+    argv = [
+        "fit",
+        "--data",
+        str(simulated / data),
+        "--out",
+        str(out),
+        "--quiet",
+        "--num-iters",
+        "4",
+        "--forecast-steps",
+        "5",
+        *extra,
+    ]
     assert cli.main(argv) == 0
     for f in FIT_FILES:
         assert (out / f).is_file(), f
     assert not list(tmp_path.glob(f".{name}.*")), "staging directories left behind"
     metrics = json.loads((out / "metrics.json").read_text())
     assert all(math.isfinite(v) for v in _finite_numbers(metrics))
+    # simulate's file read as meant with no flags: time axis t, the states not fitted
+    assert metrics["columns"] == ["y0", "y1"]
+    if data.endswith(".csv"):
+        assert metrics["time_axis"] == "t"
+        assert metrics["data_notes"] == [
+            "time axis from column 't'",
+            "simulated states latent_x0, latent_x1 not fitted",
+        ]
     for f in ("data.png", "fit.png", "states.png", "forecast.png"):
         assert (out / f).read_bytes()[:8] == PNG
     return out, metrics
 
 
 def test_fit_lds_em_improves_on_its_start_and_writes_everything(tmp_path, simulated, capsys):
-    out, m = _fit(tmp_path, simulated, "--model", "lds", "--state-dim", "2",
-                  "--num-iters", "8")
+    out, m = _fit(tmp_path, simulated, "--model", "lds", "--state-dim", "2", "--num-iters", "8")
     printed = capsys.readouterr().out
     assert "report:" in printed
     assert printed.strip().splitlines()[-1].startswith("verdict: fit OK (EM, log p(y)")
@@ -137,23 +202,40 @@ def test_fit_lds_em_improves_on_its_start_and_writes_everything(tmp_path, simula
     assert (out / "em_curve.png").is_file()
     with np.load(out / "params.npz") as z:
         assert {k: z[k].shape for k in ("A", "C", "Q", "R")} == {
-            "A": (2, 2), "C": (2, 2), "Q": (2, 2), "R": (2, 2)}
+            "A": (2, 2),
+            "C": (2, 2),
+            "Q": (2, 2),
+            "R": (2, 2),
+        }
         assert np.all(np.linalg.eigvalsh(z["Q"]) > 0)
     idata = az.from_netcdf(str(out / "idata.nc"))
-    assert {"posterior", "observed_data", "log_likelihood", "predictions",
-            "sample_stats"} <= set(idata.groups())
+    assert {"posterior", "observed_data", "log_likelihood", "predictions", "sample_stats"} <= set(
+        idata.groups()
+    )
     assert idata.predictions["y"].shape[-2:] == (5, 2)
     ll = idata.log_likelihood["y"].values.sum()  # one-step-ahead terms sum to log p(y)
     assert ll == pytest.approx(m["log_marginal_final"], rel=1e-8)
 
 
-@pytest.mark.parametrize("model, state_dim, e_step", [
-    ("tanh-rnn", 2, "eks"),
-    ("rbf", 1, "eks"),
-])
+@pytest.mark.parametrize(
+    "model, state_dim, e_step",
+    [
+        ("tanh-rnn", 2, "eks"),
+        ("rbf", 1, "eks"),
+    ],
+)
 def test_fit_nonlinear_models_em(tmp_path, simulated, model, state_dim, e_step):
-    out, m = _fit(tmp_path, simulated, "--model", model, "--state-dim", str(state_dim),
-                  "--num-iters", "3", data="sim.npz")
+    out, m = _fit(
+        tmp_path,
+        simulated,
+        "--model",
+        model,
+        "--state-dim",
+        str(state_dim),
+        "--num-iters",
+        "3",
+        data="sim.npz",
+    )
     assert (m["model"], m["e_step"]) == (model, e_step)
     assert m["columns"] == ["y0", "y1"]
     assert m["log_marginal_final"] > m["log_marginal_initial"]
@@ -167,18 +249,52 @@ def test_fit_nonlinear_models_em(tmp_path, simulated, model, state_dim, e_step):
 
 @pytest.mark.slow
 def test_fit_tanh_rnn_particle_em(tmp_path, simulated):
-    _, m = _fit(tmp_path, simulated, "--model", "tanh-rnn", "--state-dim", "2",
-                "--e-step", "particle", "--num-particles", "50", "--num-iters", "3")
+    _, m = _fit(
+        tmp_path,
+        simulated,
+        "--model",
+        "tanh-rnn",
+        "--state-dim",
+        "2",
+        "--e-step",
+        "particle",
+        "--num-particles",
+        "50",
+        "--num-iters",
+        "3",
+    )
     assert m["e_step"] == "particle"
 
 
 @pytest.mark.slow
 def test_fit_nuts_on_shipped_dataset(tmp_path):
     out = tmp_path / "nuts"
-    rc = cli.main(["fit", "--dataset", "nile", "--model", "lds", "--method", "nuts",
-                   "--state-dim", "1", "--num-iters", "10", "--num-warmup", "40",
-                   "--num-samples", "40", "--num-chains", "2", "--forecast-steps", "5",
-                   "--out", str(out), "--quiet"])
+    rc = cli.main(
+        [
+            "fit",
+            "--dataset",
+            "nile",
+            "--model",
+            "lds",
+            "--method",
+            "nuts",
+            "--state-dim",
+            "1",
+            "--num-iters",
+            "10",
+            "--num-warmup",
+            "40",
+            "--num-samples",
+            "40",
+            "--num-chains",
+            "2",
+            "--forecast-steps",
+            "5",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     m = json.loads((out / "metrics.json").read_text())
     # 2 chains of 40 draws: the diagnostics decide, and the exit status follows them
     assert rc == (0 if m["verdict"]["ok"] else cli.FIT_FAILED)
@@ -190,8 +306,21 @@ def test_fit_nuts_on_shipped_dataset(tmp_path):
 
 @pytest.mark.slow
 def test_fit_lds_sgd(tmp_path, simulated):
-    out, m = _fit(tmp_path, simulated, "--model", "lds", "--state-dim", "2", "--method",
-                  "sgd", "--num-iters", "5", "--learning-rate", "0.01", data="sim.npz")
+    out, m = _fit(
+        tmp_path,
+        simulated,
+        "--model",
+        "lds",
+        "--state-dim",
+        "2",
+        "--method",
+        "sgd",
+        "--num-iters",
+        "5",
+        "--learning-rate",
+        "0.01",
+        data="sim.npz",
+    )
     assert (m["method"], m["sgd_steps"]) == ("sgd", 5)
     assert (out / "sgd_curve.png").is_file()
     # Adam with a small step from the factor-analysis start: the likelihood goes up
@@ -203,9 +332,28 @@ def test_a_fit_that_fails_says_so_and_exits_3(tmp_path, capsys):
     SGD returns its best iterate (the start), and the CLI says the fit failed, in one
     line at the end, in metrics.json and on the report's first line, with status 3."""
     out = tmp_path / "sgd"
-    rc = cli.main(["fit", "--dataset", "nile", "--model", "lds", "--state-dim", "1",
-                   "--method", "sgd", "--num-iters", "6", "--learning-rate", "3",
-                   "--forecast-steps", "3", "--out", str(out), "--quiet"])
+    rc = cli.main(
+        [
+            "fit",
+            "--dataset",
+            "nile",
+            "--model",
+            "lds",
+            "--state-dim",
+            "1",
+            "--method",
+            "sgd",
+            "--num-iters",
+            "6",
+            "--learning-rate",
+            "3",
+            "--forecast-steps",
+            "3",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     printed = capsys.readouterr().out.strip().splitlines()
     assert rc == cli.FIT_FAILED == 3
     assert printed[-1].startswith("verdict: FIT FAILED: SGD never improved")
@@ -231,14 +379,27 @@ def test_a_non_mixing_nuts_run_exits_3_with_the_verdict(tmp_path, capsys):
 
 
 def test_verdict_of_non_finite_outputs_and_nuts_diagnostics():
-    ok = cli.fit_verdict({"method": "em", "log_marginal_initial": -10.0,
-                          "log_marginal_final": -5.0, "data_scale": [1.0]})
+    ok = cli.fit_verdict(
+        {
+            "method": "em",
+            "log_marginal_initial": -10.0,
+            "log_marginal_final": -5.0,
+            "data_scale": [1.0],
+        }
+    )
     assert ok["ok"] and ok["line"].startswith("verdict: fit OK")
-    bad = cli.fit_verdict({"method": "em", "log_marginal_initial": -10.0,
-                           "log_marginal_final": -5.0, "data_scale": [None]})
+    bad = cli.fit_verdict(
+        {
+            "method": "em",
+            "log_marginal_initial": -10.0,
+            "log_marginal_final": -5.0,
+            "data_scale": [None],
+        }
+    )
     assert not bad["ok"] and "data_scale is not finite" in bad["line"]
-    worse = cli.fit_verdict({"method": "em", "log_marginal_initial": -10.0,
-                             "log_marginal_final": -50.0})
+    worse = cli.fit_verdict(
+        {"method": "em", "log_marginal_initial": -10.0, "log_marginal_final": -50.0}
+    )
     assert not worse["ok"] and "ended below its start" in worse["line"]
     nuts = cli.fit_verdict({"method": "nuts", "log_marginal_final": -5.0, "diagnostic_problems": [
         "R-hat of A is 1.100 (should be < 1.01): ...", "3 transitions hit the maximum tree "
@@ -248,8 +409,21 @@ def test_verdict_of_non_finite_outputs_and_nuts_diagnostics():
 
 
 def test_fit_sgd_refuses_a_particle_e_step(tmp_path, simulated, capsys):
-    rc = cli.main(["fit", "--method", "sgd", "--e-step", "particle", "--model", "tanh-rnn",
-                   "--data", str(simulated / "sim.npz"), "--out", str(tmp_path / "sgd")])
+    rc = cli.main(
+        [
+            "fit",
+            "--method",
+            "sgd",
+            "--e-step",
+            "particle",
+            "--model",
+            "tanh-rnn",
+            "--data",
+            str(simulated / "sim.npz"),
+            "--out",
+            str(tmp_path / "sgd"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "particle" in err
     assert not (tmp_path / "sgd").exists()
@@ -265,24 +439,34 @@ GOOD_ROWS = "\n".join(f"{t},{np.sin(t / 3):.4f},{np.cos(t / 5):.4f}" for t in ra
 T_COL = ["--time-column", "t"]
 
 
-@pytest.mark.parametrize("name, content, flags, problem", [
-    ("missing.csv", None, [], "no such file"),
-    ("cols.csv", "t,a,b\n" + GOOD_ROWS, T_COL + ["--columns", "a,zz"], "no column 'zz'"),
-    ("time.csv", "t,a,b\n" + GOOD_ROWS, ["--time-column", "time"], "no column 'time'"),
-    ("text.csv", "t,a,b\n" + GOOD_ROWS.replace("0.3272", "abc", 1), T_COL,
-     "row 3, column 'a': 'abc' is not a number"),
-    ("short.csv", "t,a,b\n" + "\n".join(GOOD_ROWS.splitlines()[:5]), T_COL, "too short"),
-    ("nan.csv", "t,a,b\n" + "\n".join(f"{t},nan,1.{t}" for t in range(30)), T_COL,
-     "column 'a' has no observed values"),
-    ("inf.csv", "t,a,b\n" + GOOD_ROWS.replace("0.3272", "inf", 1), T_COL, "infinite"),
-    ("ragged.csv", "t,a,b\n" + GOOD_ROWS + "\n99,1.0", T_COL, "fields"),
-    ("empty.csv", "", [], "empty"),
-    ("const.csv", "t,a\n" + "\n".join(f"{t},2.5" for t in range(30)), T_COL, "constant"),
-    ("data.txt", "1,2\n", [], "unknown file type"),
-    ("bad.npz", "this is not a zip archive", [], "not a readable NPZ"),
-])
-def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, name, content, flags,
-                                                   problem):
+@pytest.mark.parametrize(
+    "name, content, flags, problem",
+    [
+        ("missing.csv", None, [], "no such file"),
+        ("cols.csv", "t,a,b\n" + GOOD_ROWS, T_COL + ["--columns", "a,zz"], "no column 'zz'"),
+        ("time.csv", "t,a,b\n" + GOOD_ROWS, ["--time-column", "time"], "no column 'time'"),
+        (
+            "text.csv",
+            "t,a,b\n" + GOOD_ROWS.replace("0.3272", "abc", 1),
+            T_COL,
+            "row 3, column 'a': 'abc' is not a number",
+        ),
+        ("short.csv", "t,a,b\n" + "\n".join(GOOD_ROWS.splitlines()[:5]), T_COL, "too short"),
+        (
+            "nan.csv",
+            "t,a,b\n" + "\n".join(f"{t},nan,1.{t}" for t in range(30)),
+            T_COL,
+            "column 'a' has no observed values",
+        ),
+        ("inf.csv", "t,a,b\n" + GOOD_ROWS.replace("0.3272", "inf", 1), T_COL, "infinite"),
+        ("ragged.csv", "t,a,b\n" + GOOD_ROWS + "\n99,1.0", T_COL, "fields"),
+        ("empty.csv", "", [], "empty"),
+        ("const.csv", "t,a\n" + "\n".join(f"{t},2.5" for t in range(30)), T_COL, "constant"),
+        ("data.xlsx", "1,2\n", [], "unknown file type"),
+        ("bad.npz", "this is not a zip archive", [], "not a readable NPZ"),
+    ],
+)
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, name, content, flags, problem):
     path = tmp_path / name
     if content is not None:
         path.write_text(content)
@@ -299,9 +483,11 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, name, conte
 def test_bad_npz_column_and_shape(tmp_path, capsys):
     path = tmp_path / "d.npz"
     np.savez(path, y=np.ones((20, 2)), s=np.array(["a"] * 20), t=np.arange(19.0))
-    for flags, problem in ((["--columns", "q"], "no array 'q'"),
-                           (["--columns", "s"], "not numeric"),
-                           (["--time-column", "t"], "must be numeric of shape (20,)")):
+    for flags, problem in (
+        (["--columns", "q"], "no array 'q'"),
+        (["--columns", "s"], "not numeric"),
+        (["--time-column", "t"], "must be numeric of shape (20,)"),
+    ):
         rc = cli.main(["fit", "--data", str(path), "--out", str(tmp_path / "o"), *flags])
         err = capsys.readouterr().err
         assert rc == 2 and str(path) in err and problem in err, err
@@ -318,7 +504,7 @@ def test_out_dir_that_is_not_a_run_is_refused(tmp_path, simulated, capsys):
 
 
 def test_failure_during_fit_leaves_nothing(tmp_path, simulated, monkeypatch, capsys):
-    def boom(args, series, units, yz, mean, scale, out):
+    def boom(args, series, units, yz, mean, scale, out, phases):
         (out / "metrics.json").write_text("{}")
         raise FloatingPointError("EM diverged")
 
@@ -330,18 +516,56 @@ def test_failure_during_fit_leaves_nothing(tmp_path, simulated, monkeypatch, cap
     assert list(tmp_path.iterdir()) == []  # neither the run nor the parent it created
 
 
+def test_unwritable_out_and_ctrl_c_end_in_one_line(tmp_path, simulated, monkeypatch, capsys):
+    data = ["fit", "--data", str(simulated / "sim.npz"), "--quiet", "--no-report"]
+    assert cli.main([*data, "--out", "/proc/ppl-dyn-test/run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write /proc/ppl-dyn-test" in err[0]
+    assert cli.main([*data, "--out", str(simulated / "sim.npz" / "run")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_fit_into", interrupted)
+    out = tmp_path / "run"
+    assert cli.main([*data, "--out", str(out)]) == cli.INTERRUPTED == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["ppl-dyn fit: interrupted; nothing written"]
+    assert not out.exists() and not list(tmp_path.glob(".run.*"))
+
+
+def test_staging_folders_of_killed_runs_are_removed(tmp_path, simulated, monkeypatch):
+    (tmp_path / ".run.tmp-999999999-abc").mkdir()  # a run killed with SIGKILL
+    (tmp_path / ".run.old-999999999-def").mkdir()
+    live = tmp_path / f".run.tmp-{os.getppid()}-xyz"  # a live process's: kept
+    live.mkdir()
+
+    def ok(args, series, units, yz, mean, scale, d, phases):
+        (d / "metrics.json").write_text('{"model": "lds"}')
+        return {"model": "lds"}
+
+    monkeypatch.setattr(cli, "_fit_into", ok)
+    out = tmp_path / "run"
+    assert cli.main(["fit", "--data", str(simulated / "sim.npz"), "--out", str(out),
+                     "--no-report"]) == 0  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run", live.name])
+
+
 def test_fit_replaces_an_earlier_run_only_when_complete(tmp_path, simulated, monkeypatch):
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.json").write_text('{"old": true}')
 
-    def ok(args, series, units, yz, mean, scale, d):
+    def ok(args, series, units, yz, mean, scale, d, phases):
         (d / "metrics.json").write_text('{"model": "lds", "new": true}')
         return {"model": "lds"}
 
     monkeypatch.setattr(cli, "_fit_into", ok)
-    assert cli.main(["fit", "--data", str(simulated / "sim.npz"), "--out", str(out),
-                     "--no-report"]) == 0
+    assert (
+        cli.main(["fit", "--data", str(simulated / "sim.npz"), "--out", str(out), "--no-report"])
+        == 0
+    )
     assert json.loads((out / "metrics.json").read_text()) == {"model": "lds", "new": True}
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
 
@@ -364,3 +588,66 @@ def test_bench_dispatches_to_the_checkout_runner(capfd):
     assert rc == 2
     err = capfd.readouterr().err
     assert "unknown benchmark" in err and "lds_em" in err, err
+
+
+def test_an_error_exit_does_not_import_jax(tmp_path):
+    """The command line parses and checks its input before it imports JAX: a bad
+    argument ends at once (the time is printed, not asserted)."""
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys; from ppl_dyn import cli; "
+            "rc = cli.main(['fit', '--data', '/nonexistent.csv', '--out', sys.argv[1]]); "
+            "print(rc, 'jax' in sys.modules, 'numpyro' in sys.modules)")  # fmt: skip
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    wall = time.perf_counter() - t0
+    print(f"\nCLI error exit in a fresh process: {wall:.2f} s")
+    assert proc.stdout.split() == ["2", "False", "False"], proc.stdout + proc.stderr
+    assert "no such file" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_commands_share_a_persistent_compilation_cache(tmp_path):
+    """A second command of the same size loads its compiled programs from the cache
+    (``PPL_DYN_CACHE_DIR``) and draws the same numbers; ``off`` writes nothing. The
+    wall times are printed, not asserted."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    cache = tmp_path / "cache"
+
+    def simulate(name, where):
+        env = {**os.environ, "PPL_DYN_CACHE_DIR": where}
+        argv = ["simulate", "--num-steps", "30", "--seed", "4", "--out", str(tmp_path / name)]
+        code = f"import sys; from ppl_dyn import cli; sys.exit(cli.main({argv!r}))"
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        return time.perf_counter() - t0, (tmp_path / name).read_text()
+
+    cold, first = simulate("a.csv", str(cache))
+    entries = sorted(p.name for p in cache.iterdir())
+    assert any(e.startswith("jit_draw") for e in entries), entries  # the model's draw
+    warm, second = simulate("b.csv", str(cache))
+    assert sorted(p.name for p in cache.iterdir()) == entries  # loaded, nothing recompiled
+    assert second == first
+    off = tmp_path / "off"
+    _, third = simulate("c.csv", "off")
+    assert third == first and not off.exists()
+    print(f"\nsimulate in a fresh process: {cold:.2f} s cold cache, {warm:.2f} s warm")
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("PPL_DYN_CACHE_DIR", str(tmp_path / "c"))
+    assert cli.cache_dir() == tmp_path / "c"
+    for off in ("off", "", "0"):
+        monkeypatch.setenv("PPL_DYN_CACHE_DIR", off)
+        assert cli.cache_dir() is None
+    monkeypatch.delenv("PPL_DYN_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cli.cache_dir() == tmp_path / "xdg" / "ppl_dyn" / "xla"
