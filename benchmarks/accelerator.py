@@ -151,6 +151,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true", help="small sizes (any device)")
     ap.add_argument("--out", help="write the results as JSON to this file")
+    ap.add_argument("--cases", default=",".join(CASES),
+                    help=f"comma-separated subset of {','.join(CASES)}")  # fmt: skip
     ap.add_argument("--append-results", action="store_true",
                     help="append a section to benchmarks/results.md")  # fmt: skip
     args = ap.parse_args(argv)
@@ -161,7 +163,12 @@ def main(argv=None):
     dtype_name = "float64" if on_cpu else "float32"
     report = {"device": f"{device.platform}: {device.device_kind}", "dtype": dtype_name,
               "small": args.small, "jax": jax.__version__, "cases": {}}  # fmt: skip
-    for name, case in CASES.items():
+    chosen = [c for c in args.cases.split(",") if c]
+    unknown = sorted(set(chosen) - set(CASES))
+    if unknown:
+        raise SystemExit(f"unknown cases {unknown}; choose from {sorted(CASES)}")
+    for name in chosen:
+        case = CASES[name]
         t = time.perf_counter()
         report["cases"][name] = case(args.small, dtype_name)
         print(f"{name}: {report['cases'][name]} ({time.perf_counter() - t:.1f} s in all)",

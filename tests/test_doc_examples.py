@@ -14,7 +14,23 @@ import pytest
 matplotlib.use("Agg")
 
 ROOT = pathlib.Path(__file__).parent.parent
-PAGES = ["README.md", "docs/models.md", "docs/choosing.md"]
+PAGES = [
+    "README.md",
+    "docs/index.md",
+    "docs/getting_started.md",
+    "docs/models.md",
+    "docs/choosing.md",
+    "docs/mcmc.md",
+    "docs/sgd.md",
+    "docs/particle.md",
+    "docs/eks.md",
+    "docs/psaem.md",
+    "docs/lstm.md",
+    "docs/canonical.md",
+    "docs/scale.md",
+]
+# pages whose examples take minutes (NUTS and BlackJAX runs, compiled per call): slow tier
+SLOW_PAGES = {"docs/mcmc.md"}
 _BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 
@@ -23,7 +39,9 @@ def python_blocks(page: str) -> list[str]:
     return [b for b in _BLOCK.findall(text) if not b.startswith("# fragment")]
 
 
-@pytest.mark.parametrize("page", PAGES)
+@pytest.mark.parametrize(
+    "page", [pytest.param(p, marks=(pytest.mark.slow,) * (p in SLOW_PAGES)) for p in PAGES]
+)
 def test_page_examples_run_as_pasted(page):
     blocks = python_blocks(page)
     assert blocks, f"{page} has no runnable python block"
@@ -31,3 +49,9 @@ def test_page_examples_run_as_pasted(page):
     for i, block in enumerate(blocks):
         code = compile(block, f"{page} [python block {i + 1}]", "exec")
         exec(code, namespace)  # noqa: S102 - the documentation's own examples
+
+
+def test_every_page_with_python_examples_is_listed():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    with_python = {str(p.relative_to(ROOT)) for p in pages if _BLOCK.search(p.read_text())}
+    assert with_python <= set(PAGES), f"add to PAGES: {sorted(with_python - set(PAGES))}"

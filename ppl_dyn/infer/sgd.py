@@ -318,7 +318,7 @@ class SGD:
         """The compiled step for these static arguments and data shapes (cached across
         instances with the same model, E-step, optimizer and options, like EM's step)."""
         dynamic, static = split_static(kwargs)
-        shapes = tuple(sorted((k, np.shape(v), np.result_type(v).str) for k, v in dynamic.items()))
+        shapes = tuple(sorted((k, np.shape(v), jnp.result_type(v).str) for k, v in dynamic.items()))
         cache_key = (
             self.model,
             self.e_step,
