@@ -67,6 +67,11 @@ class EMResult(NamedTuple):
         log_marginal_sd: with ``smoothing_window=w``, the standard deviation of the last
             ``w`` log-marginals (Monte Carlo spread of a stochastic E-step plus any
             remaining drift); None otherwise.
+        log_priors: with a MAP M-step (``LinearGaussianMStep(map_estimate=True)``),
+            ``log p(theta_k)`` per iteration; None for maximum likelihood.
+
+    :attr:`objective` is what EM maximised: ``log_marginals + log_priors`` (the log
+    posterior up to a constant) for MAP-EM, ``log_marginals`` otherwise.
     """
 
     params: dict
@@ -76,6 +81,14 @@ class EMResult(NamedTuple):
     converged: bool
     num_iters: int
     log_marginal_sd: Optional[float] = None
+    log_priors: Optional[np.ndarray] = None
+
+    @property
+    def objective(self) -> np.ndarray:
+        """The maximised objective per iteration (see the class docstring)."""
+        if self.log_priors is None:
+            return np.asarray(self.log_marginals)
+        return np.asarray(self.log_marginals) + np.asarray(self.log_priors)
 
 
 class EM:
@@ -87,7 +100,8 @@ class EM:
         m_step: an M-step plug-in; defaults to :class:`LinearGaussianMStep`.
 
     Frozen parameters are sites conditioned with ``numpyro.handlers.condition``; they are
-    never changed. The objective is the marginal likelihood (priors are not used by EM).
+    never changed. The objective is the marginal likelihood (the priors are not used),
+    or with ``LinearGaussianMStep(map_estimate=True)`` the log posterior (MAP-EM).
 
     Example:
         >>> import jax, ppl_dyn
@@ -144,7 +158,9 @@ class EM:
         kwargs, time_mask = ragged_data(kwargs, lengths)
         step, dynamic = self._compiled(kwargs, time_mask=time_mask)
         it = np.int32(state.iteration)
-        new_params, ll, _, _ = step(state.params, dynamic, state.rng_key, it, *mask_arg(time_mask))
+        new_params, ll, _, _, _ = step(
+            state.params, dynamic, state.rng_key, it, *mask_arg(time_mask)
+        )
         return EMState(new_params, state.iteration + 1, state.rng_key), ll
 
     def run(
@@ -174,7 +190,8 @@ class EM:
                 initialises an RBF model with zero RBF weights); sites the model lacks
                 are ignored, missing sites are drawn from their priors.
             init: alias of ``init_params``.
-            rtol: stop when ``|l_k - l_{k-1}| <= rtol * |l_{k-1}|``; None runs all.
+            rtol: stop when ``|l_k - l_{k-1}| <= rtol * |l_{k-1}|`` (``l`` the objective:
+                the log-marginal, or the log posterior for MAP-EM); None runs all.
                 (Iteration ``k + 1`` is queued before ``l_k`` is read; on a stop it
                 is dropped, so a stop costs at most one iteration's work.)
             smoothing_window: for stochastic E-steps: compare the means of the last two
@@ -258,9 +275,11 @@ class EM:
         else:
             params = state.params
         lls: list[float] = []
+        lps: list[float] = []
         floor_counts: dict = {}
         converged = False
         bar = tqdm(range(num_iters), disable=not progress_bar, desc="EM", leave=False)
+        map_estimate = bool(getattr(self.m_step, "map_estimate", False))
         key = state.rng_key
 
         def launch(it, params):
@@ -272,15 +291,15 @@ class EM:
 
         pending = launch(0, params)
         for it in bar:
-            new_params, ll, floors, finite = pending
+            new_params, ll, floors, finite, lp = pending
             if it + 1 < num_iters:
                 # the next iteration is queued before this one's results are read, so the
                 # device never waits for the host's checks and dispatch (0.25 ms an
                 # iteration at dx=2, T=1000); it is dropped when the run stops here
                 # (convergence or an error): at most one iteration's work is wasted
                 pending = launch(it + 1, new_params)
-            ll, floors, finite = host_values((ll, floors, finite))  # one transfer
-            ll = float(ll)
+            ll, floors, finite, lp = host_values((ll, floors, finite, lp))  # one transfer
+            ll, lp = float(ll), float(lp)
             finite = {k: bool(v) for k, v in finite.items()}
             if not np.isfinite(ll):
                 raise FloatingPointError(
@@ -295,10 +314,12 @@ class EM:
             for k, v in floors.items():
                 floor_counts[k] = floor_counts.get(k, 0) + int(v)
             lls.append(ll)
+            lps.append(lp)
             params = new_params
             if progress_bar and (it % 10 == 0 or it == num_iters - 1):
                 bar.set_postfix(log_marginal=f"{ll:.4f}", refresh=False)
-            if rtol is not None and _converged(lls, rtol, smoothing_window):
+            objective = np.add(lls, lps) if map_estimate else lls
+            if rtol is not None and _converged(objective, rtol, smoothing_window):
                 converged = True
                 break
         bar.close()
@@ -318,6 +339,7 @@ class EM:
                 if smoothing_window and len(lls) > 1
                 else None
             ),
+            log_priors=np.asarray(lps) if map_estimate else None,
         )
 
     # -- internals ---------------------------------------------------------------------
@@ -512,9 +534,18 @@ def _make_step(model, e_step, m_step, static_items, pattern=None):
         )
         new_params = {k: new.get(k, v) for k, v in params.items()}
         finite = {k: jnp.all(jnp.isfinite(v)) for k, v in new_params.items()}
-        return new_params, ll, floors, finite
+        # MAP-EM's prior term of the objective at the parameters entering this iteration
+        lp = _log_prior(m_step, params, model, kwargs)
+        return new_params, ll, floors, finite, lp
 
     return jit_model(step, e_step)
+
+
+def _log_prior(m_step, params, model, kwargs):
+    fn = getattr(m_step, "log_prior", None)
+    if fn is None or not getattr(m_step, "map_estimate", False):
+        return jnp.zeros(())
+    return fn(params, model, kwargs)
 
 
 @functools.lru_cache(maxsize=128)
@@ -638,9 +669,7 @@ def pad_process_local(kwargs: dict, time_mask, mesh):
         )
     worst = int(every[:, 3].max())
     padded = bool(np.any(every[:, 0] != S_pad) or np.any(every[:, 1] != T_pad)) or not mask.all()
-    everyone_padded = bool(
-        np.asarray(multihost_utils.process_allgather(np.array([padded]))).any()
-    )
+    everyone_padded = bool(np.asarray(multihost_utils.process_allgather(np.array([padded]))).any())
     if worst == 0 and not everyone_padded:
         return kwargs, None, COMPLETE
     pattern = MIXED if worst in (1, 3) else RAGGED

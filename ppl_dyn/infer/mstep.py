@@ -23,11 +23,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro.distributions as dist
 
 from ppl_dyn.infer import _linalg as la
 from ppl_dyn.infer.stats import InitStats, LinearStats, RegressionStats, sample_smoothed_paths
-from ppl_dyn.requirements import verify_structure
-from ppl_dyn.state_space import LinearStructure, Regression
+from ppl_dyn.requirements import UnsupportedModelError, verify_structure
+from ppl_dyn.state_space import LinearStructure, Regression, inspect_model
 
 
 def floor_covariance(P, rel_floor):
@@ -58,6 +59,91 @@ def _pinv_psd(S):
     cut = jnp.finfo(S.dtype).eps * S.shape[-1] * jnp.max(jnp.abs(lam))
     inv = jnp.where(lam > cut, 1.0 / jnp.where(lam > cut, lam, 1.0), 0.0)
     return (V * inv[None, :]) @ V.T
+
+
+class SitePrior(NamedTuple):
+    """A parameter site's prior as the MAP M-step uses it (:func:`site_prior`).
+
+    ``kind``: ``"normal"`` (independent entries: ``a`` the means, ``b`` the precisions,
+    both of the site's shape), ``"inverse_wishart"`` (``a`` the degrees of freedom
+    ``nu``, ``b`` the scale matrix ``Psi``; density ``|S|^{-(nu+d+1)/2}
+    exp(-tr(Psi S^{-1})/2)``), ``"inverse_gamma"`` (variances: ``a`` the shapes
+    ``alpha``, ``b`` the rates ``beta``; density ``v^{-alpha-1} exp(-beta/v)``) or
+    ``"flat"`` (no prior term)."""
+
+    kind: str
+    a: object = None
+    b: object = None
+
+
+def _unwrap(d):
+    while isinstance(d, (dist.Independent, dist.ExpandedDistribution)):
+        d = d.base_dist
+    return d
+
+
+def site_prior(name: str, fn, shape) -> SitePrior:
+    """The conjugate form of site ``name``'s prior ``fn`` (a value of shape ``shape``):
+    Normal entries on a weight, bias or mean; inverse-Wishart on a full covariance;
+    inverse-gamma on variances; improper flat. Any other prior raises
+    :class:`~ppl_dyn.requirements.UnsupportedModelError` naming the site and what fits."""
+    d = _unwrap(fn)
+    if isinstance(d, dist.Normal):
+        return SitePrior(
+            "normal", jnp.broadcast_to(d.loc, shape), jnp.broadcast_to(d.scale**-2.0, shape)
+        )
+    if isinstance(d, dist.InverseWishart) and len(shape) == 2:
+        return SitePrior("inverse_wishart", d.concentration, d.scale_matrix)
+    if isinstance(d, dist.InverseGamma):
+        return SitePrior(
+            "inverse_gamma",
+            jnp.broadcast_to(d.concentration, shape),
+            jnp.broadcast_to(d.rate, shape),
+        )
+    if isinstance(d, (dist.ImproperUniform, dist.Unit)):
+        return SitePrior("flat")
+    raise UnsupportedModelError(
+        f"LinearGaussianMStep(map_estimate=True) needs conjugate priors (Normal weights, "
+        f"biases and means; InverseWishart covariances; InverseGamma variances); site "
+        f"{name!r} has a {type(d).__name__} prior. Write it in a conjugate form, use "
+        "maximum likelihood (map_estimate=False), or fit the MAP by SGD(map_estimate=True)"
+    )
+
+
+def model_priors(model, params: dict, model_kwargs: dict) -> dict:
+    """``{site: SitePrior}`` of every free parameter site, read from the model's own
+    prior distributions at ``params`` (works under ``jax.jit``)."""
+    info = inspect_model(model, values=params, **model_kwargs)
+    return {
+        n: site_prior(n, site["fn"], jnp.shape(params[n]))
+        for n, site in info.free.items()
+        if n in params
+    }
+
+
+def log_prior(model, params: dict, model_kwargs: dict):
+    """``log p(theta)``: the model's prior log-density of the free sites at ``params``
+    (in the sites' own parametrisation, no Jacobian: the MAP objective's prior term)."""
+    info = inspect_model(model, values=params, **model_kwargs)
+    return sum(jnp.sum(site["fn"].log_prob(params[n])) for n, site in info.free.items())
+
+
+def _as_cov(value, diagonal: bool):
+    return jnp.diag(value) if diagonal else value
+
+
+def _map_covariance(E, n, prior: SitePrior, diagonal: bool):
+    """The mode of ``-(n/2) log|S| - tr(S^{-1} E)/2 + log p(S)``: ``E / n`` with a flat
+    prior (maximum likelihood); diagonal variances from ``diag(E)``."""
+    if diagonal:
+        e = jnp.diagonal(E)
+        if prior.kind == "inverse_gamma":
+            return (e + 2.0 * prior.b) / (n + 2.0 * prior.a + 2.0)
+        return e / n
+    if prior.kind == "inverse_wishart":
+        d = E.shape[-1]
+        return (E + prior.b) / (n + prior.a + d + 1.0)
+    return E / n
 
 
 def _index(idx: np.ndarray):
@@ -94,8 +180,14 @@ def solve_regression(
     du: int,
     rel_floor: float,
     ridge: float = 0.0,
+    priors: dict | None = None,
 ):
     """Maximise the expected log-likelihood of one regression; returns (updates, floors).
+
+    With ``priors`` (``{site: SitePrior}``) it maximises the expected log-likelihood plus
+    the log prior instead, one conditional maximisation after the other (ECM: the
+    weights given the current noise covariance, then the noise given the new weights),
+    each in closed form, so EM increases the log posterior at every iteration.
 
     ``ridge > 0`` adds ``ridge * I`` to ``S_rr`` on the columns of the nonlinear
     features (RBF weights ``h``; all weight columns for tanh features), the MAP estimate
@@ -139,7 +231,15 @@ def solve_regression(
             a = dict((n, a) for n, a, _ in pos)[reg.weight]
             on = (f >= a) & (f < a + n_ridge)
             S_ff = S_ff + ridge * jnp.diag(jnp.asarray(on, S_ff.dtype))
-        W_f = rhs @ _pinv_psd(S_ff)
+        weight_priors = [
+            priors[n] if priors is not None and n in priors else SitePrior("flat")
+            for n, _, _ in pos
+            if n in free
+        ]
+        if any(p.kind == "normal" for p in weight_priors):
+            W_f = _map_weights(rhs, S_ff, pos, free, weight_priors, as_matrix, params, reg, dz)
+        else:
+            W_f = rhs @ _pinv_psd(S_ff)
         W = W_f if not fixed_idx else W.at[:, _index(f)].set(W_f)  # f: every column
         for n, a, b in pos:
             if n in free:
@@ -149,9 +249,11 @@ def solve_regression(
     if reg.noise in free:
         n = jnp.maximum(stats.n, 1.0)
         WS = W @ S_zr.T
-        Sigma = (stats.S_zz - WS - WS.T + W @ S_rr @ W.T) / n
+        E = stats.S_zz - WS - WS.T + W @ S_rr @ W.T
+        prior = (priors or {}).get(reg.noise, SitePrior("flat"))
+        Sigma = _map_covariance(E, n, prior, reg.diagonal_noise)
         if reg.diagonal_noise:
-            out[reg.noise], floors[reg.noise] = floor_variances(jnp.diagonal(Sigma), rel_floor)
+            out[reg.noise], floors[reg.noise] = floor_variances(Sigma, rel_floor)
         else:
             out[reg.noise], floors[reg.noise] = floor_covariance(Sigma, rel_floor)
     # no terms (e.g. T = 1 gives no transitions): keep the old values
@@ -160,22 +262,60 @@ def solve_regression(
     return out, floors
 
 
-def solve_init(stats: InitStats, st: LinearStructure, params, free, rel_floor):
+def _map_weights(rhs, S_ff, pos, free, weight_priors, as_matrix, params, reg, dz):
+    """The free weight columns maximising ``tr(Sigma^{-1} (W rhs^T - W S W^T / 2))``
+    minus ``sum lambda (W - M)^2 / 2`` (independent Normal priors) at the current noise
+    covariance ``Sigma``: ``vec W = (S kron Sigma^{-1} + diag lambda)^{-1}
+    vec(Sigma^{-1} rhs + lambda M)`` (column-major ``vec``)."""
+    means, precisions = [], []
+    for (n, a, b), p in zip([q for q in pos if q[0] in free], weight_priors, strict=True):
+        shape = (dz, b - a)
+        if p.kind == "normal":
+            means.append(jnp.reshape(as_matrix(n, p.a), shape))
+            precisions.append(jnp.reshape(as_matrix(n, p.b), shape))
+        else:
+            means.append(jnp.zeros(shape, rhs.dtype))
+            precisions.append(jnp.zeros(shape, rhs.dtype))
+    M = jnp.concatenate(means, 1).astype(rhs.dtype)
+    L = jnp.concatenate(precisions, 1).astype(rhs.dtype)
+    Sigma = _as_cov(params[reg.noise], reg.diagonal_noise).astype(rhs.dtype)
+    Sinv = jnp.linalg.inv(la.sym(Sigma))
+    K = jnp.kron(S_ff, Sinv) + jnp.diag(L.T.reshape(-1))
+    v = (Sinv @ rhs + L * M).T.reshape(-1)
+    w = jnp.linalg.solve(la.sym(K), v)
+    return w.reshape(rhs.shape[1], dz).T
+
+
+def solve_init(stats: InitStats, st: LinearStructure, params, free, rel_floor, priors=None):
+    """Maximise the initial-state term (plus the log prior of ``m0`` and ``P0`` given
+    ``priors``: ``m0`` at the current ``P0``, then ``P0``)."""
     out, floors = {}, {}
     n = jnp.maximum(stats.n, 1.0)
-    mu = stats.sum_m / n if st.init_mean in free else params[st.init_mean]
+    priors = priors or {}
+    m_prior = priors.get(st.init_mean, SitePrior("flat"))
+    if st.init_mean not in free:
+        mu = params[st.init_mean]
+    elif m_prior.kind == "normal":
+        P0 = _as_cov(params[st.init_cov], st.diagonal_init)
+        Pinv = jnp.linalg.inv(la.sym(P0))
+        lam = m_prior.b.astype(P0.dtype)
+        mu = jnp.linalg.solve(stats.n * Pinv + jnp.diag(lam), Pinv @ stats.sum_m + lam * m_prior.a)
+    else:
+        mu = stats.sum_m / n
     if st.init_mean in free:
         out[st.init_mean] = mu
     if st.init_cov in free:
-        # E[(x1 - mu)(x1 - mu)^T] pooled over sequences (mu may be frozen)
-        P = (
+        # sum over sequences of E[(x1 - mu)(x1 - mu)^T] (mu may be frozen)
+        E = (
             stats.sum_mm
             - jnp.outer(stats.sum_m, mu)
             - jnp.outer(mu, stats.sum_m)
             + stats.n * jnp.outer(mu, mu)
-        ) / n
+        )
+        prior = priors.get(st.init_cov, SitePrior("flat"))
+        P = _map_covariance(E, n, prior, st.diagonal_init)
         if st.diagonal_init:
-            out[st.init_cov], floors[st.init_cov] = floor_variances(jnp.diagonal(P), rel_floor)
+            out[st.init_cov], floors[st.init_cov] = floor_variances(P, rel_floor)
         else:
             out[st.init_cov], floors[st.init_cov] = floor_covariance(P, rel_floor)
     return out, floors
@@ -197,10 +337,19 @@ class LinearGaussianMStep(NamedTuple):
         ridge: ridge penalty on the weights of nonlinear features (RBF weights ``h``,
             tanh weights); 0 gives maximum likelihood. It is added to the summed
             statistic ``S_phiphi`` (a prior precision), so it does not grow with ``T``.
+        map_estimate: maximise the log posterior ``log p(y | theta) + log p(theta)``
+            with the model's own priors instead of the likelihood (MAP-EM): Normal
+            priors on weights, biases and ``m0`` shrink them, inverse-Wishart and
+            inverse-gamma priors keep covariances and variances away from zero (a
+            short series cannot drive ``R`` or ``P0`` to 0). Each update is closed form
+            (conditional maximisation: weights given the current noise, then the
+            noise); ``EMResult.objective`` is the log posterior, non-decreasing with an
+            exact E-step. A prior of another family is refused by name.
     """
 
     covariance_floor: float = 1e-6
     ridge: float = 0.0
+    map_estimate: bool = False
 
     def check(self, structure, free_names, method: str = "EM") -> None:
         """Raise if the model has free sites this M-step cannot estimate. ``method``
@@ -227,9 +376,20 @@ class LinearGaussianMStep(NamedTuple):
 
     def verify_model(self, info) -> None:
         """Check the declared :class:`~ppl_dyn.LinearStructure` against the model's own
-        distributions (:func:`verify_structure`); ``info`` from
+        distributions (:func:`verify_structure`), and with ``map_estimate`` that every
+        free site's prior is conjugate (:func:`site_prior`); ``info`` from
         :func:`ppl_dyn.state_space.inspect_model` at the starting values."""
         verify_structure(info)
+        if self.map_estimate:
+            for n, site in info.free.items():
+                site_prior(n, site["fn"], jnp.shape(site["value"]))
+
+    def log_prior(self, params, model, model_kwargs):
+        """The term the M-step adds to the objective: ``log p(theta)`` with
+        ``map_estimate``, else 0."""
+        if not self.map_estimate:
+            return jnp.zeros(())
+        return log_prior(model, params, model_kwargs)
 
     def statistics(self, posterior, ss, y, u, time_mask=None) -> LinearStats:
         """Expected sufficient statistics from any supported posterior type.
@@ -254,10 +414,20 @@ class LinearGaussianMStep(NamedTuple):
             "see the E-step/M-step table in docs/index.md"
         )
 
-    def update(self, stats: LinearStats, ss, free, **unused):
-        """New values of the free sites, and per-site floor indicators."""
+    def update(self, stats: LinearStats, ss, free, *, model=None, model_kwargs=None, **unused):
+        """New values of the free sites, and per-site floor indicators. With
+        ``map_estimate`` the priors are read from ``model`` run with ``model_kwargs``."""
         structure, params = ss.structure, ss.params
         free = frozenset(free)
+        priors = None
+        if self.map_estimate:
+            if model is None:
+                raise ValueError(
+                    "LinearGaussianMStep(map_estimate=True) reads the priors from the model: "
+                    "pass model= and model_kwargs= to update (EM and PSAEM do)"
+                )
+            values = {n: params[n] for n in free if n in params}
+            priors = model_priors(model, values, model_kwargs or {})
         k_dyn = stats.dynamics.S_rr.shape[-1]
         k_emi = stats.emission.S_rr.shape[-1]
         du = _input_dim(structure, params)
@@ -267,10 +437,12 @@ class LinearGaussianMStep(NamedTuple):
             (structure.emission, stats.emission, k_emi),
         ):
             k = p - du - 1
-            o, f = solve_regression(s, reg, params, free, k, du, self.covariance_floor, self.ridge)
+            o, f = solve_regression(
+                s, reg, params, free, k, du, self.covariance_floor, self.ridge, priors
+            )
             new.update(o)
             floors.update(f)
-        o, f = solve_init(stats.init, structure, params, free, self.covariance_floor)
+        o, f = solve_init(stats.init, structure, params, free, self.covariance_floor, priors)
         new.update(o)
         floors.update(f)
         new = {n: v.astype(jnp.result_type(params[n])) for n, v in new.items()}

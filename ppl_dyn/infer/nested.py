@@ -134,6 +134,7 @@ def fit_nested(
     ridge: float = 1e-3,
     rbf_e_step=None,
     progress_bar: bool = True,
+    map_estimate: bool = False,
     **model_kwargs,
 ) -> NestedFit:
     """Factor analysis -> LDS by EM (Kalman) -> RBF model by EM, in one call.
@@ -142,7 +143,8 @@ def fit_nested(
     RBF model starts from the LDS (RBF weights zero) and is fitted with
     ``rbf_e_step`` (default :class:`ExtendedKalmanSmoother`) and the closed-form M-step
     with ``ridge`` on the RBF weights. ``model_kwargs`` (e.g. ``bias``,
-    ``dynamics_noise``) go to both models.
+    ``dynamics_noise``) go to both models. ``map_estimate`` runs both stages as MAP-EM
+    with the models' priors (:class:`LinearGaussianMStep`).
 
     Example:
         >>> fit = fit_nested(jax.random.key(0), y=y, u=u, state_dim=1)  # doctest: +SKIP
@@ -154,14 +156,15 @@ def fit_nested(
     data = validate_data({"y": y, "u": u} if u is not None else {"y": y})
     kw = {**data, "state_dim": state_dim, **model_kwargs}
     init = _fit_diagonals(lds, factor_analysis_init(y, u, state_dim=state_dim), kw)
-    lds_fit = EM(lds, KalmanSmoother()).run(
+    lds_fit = EM(lds, KalmanSmoother(), LinearGaussianMStep(map_estimate=map_estimate)).run(
         k_lds, lds_iters, init=init, progress_bar=progress_bar, **kw
     )
     post = KalmanSmoother().smooth(lds_fit.params, lds, **kw)
     centres, widths = rbf_grid(np.asarray(post.means), num_centres)
     e_step = ExtendedKalmanSmoother() if rbf_e_step is None else rbf_e_step
     rbf_kw = {**kw, "centres": centres, "widths": widths}
-    rbf_fit = EM(rbf, e_step, LinearGaussianMStep(ridge=ridge)).run(
+    m_step = LinearGaussianMStep(ridge=ridge, map_estimate=map_estimate)
+    rbf_fit = EM(rbf, e_step, m_step).run(
         k_rbf, rbf_iters, init=lds_fit, progress_bar=progress_bar, **rbf_kw
     )
     return NestedFit(init, lds_fit, rbf_fit, jnp.asarray(centres), jnp.asarray(widths))
