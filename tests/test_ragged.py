@@ -285,13 +285,16 @@ def test_new_lengths_do_not_recompile():
     em = EM(lds, KalmanSmoother())
     kw = dict(y=y_pad, u=u_pad, state_dim=2)
     state = em.init(jax.random.key(0), init_params=params, lengths=lengths, **kw)
+    # the compiled step is shared (cached) with other tests of this worker that use the
+    # same model and options: count what this test adds
+    kwargs, mask = ragged_data(kw, lengths)
+    step, _ = em._compiled(kwargs, time_mask=mask)
+    before = step._cache_size()
     lls = []
     for new in (lengths, [3, 25, 2, 20], [25, 25, 25, 1]):
         state, ll = em.update(state, lengths=np.array(new), **kw)
         lls.append(float(ll))
-    kwargs, mask = ragged_data(kw, lengths)
-    step, _ = em._compiled(kwargs, time_mask=mask)
-    assert step._cache_size() == 1
+    assert step._cache_size() - before <= 1  # one shape, three sets of lengths
     assert np.all(np.isfinite(lls))
 
 
