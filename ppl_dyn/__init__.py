@@ -35,6 +35,8 @@ _ATTRIBUTES = {
     "forecast": "ppl_dyn.predictive",
     "PredictiveBands": "ppl_dyn.predictive",
     "simulate": "ppl_dyn.simulate",
+    "backtest": "ppl_dyn.backtest",
+    "Backtest": "ppl_dyn.backtest",
     "markov": "ppl_dyn.state_space",
     "bind": "ppl_dyn.state_space",
     "StateSpace": "ppl_dyn.state_space",
@@ -56,6 +58,8 @@ __all__ = [
     "predict",
     "prediction_rmse",
     "Prediction",
+    "backtest",
+    "Backtest",
     "markov",
     "bind",
     "StateSpace",
@@ -80,13 +84,14 @@ def __dir__():
 
 
 class _Package(types.ModuleType):
-    """``ppl_dyn.predict`` and ``ppl_dyn.simulate`` are functions, although modules of
-    those names exist: loading the module must not replace the function. (Python binds
-    a submodule on its package when it first loads it; with the package's names loaded
-    on first use, that would happen after the function was bound, or before it.)"""
+    """``ppl_dyn.predict``, ``ppl_dyn.simulate`` and ``ppl_dyn.backtest`` are functions,
+    although modules of those names exist: loading the module must not replace the
+    function. (Python binds a submodule on its package when it first loads it; with the
+    package's names loaded on first use, that would happen after the function was
+    bound, or before it.)"""
 
     def __setattr__(self, name, value):
-        if name in ("predict", "simulate") and isinstance(value, types.ModuleType):
+        if name in ("predict", "simulate", "backtest") and isinstance(value, types.ModuleType):
             return  # the module stays importable by its full name (sys.modules)
         super().__setattr__(name, value)
 
@@ -97,6 +102,7 @@ sys.modules[__name__].__class__ = _Package
 if TYPE_CHECKING:  # what static tools (and readers) see
     from ppl_dyn import handlers, infer, mcmc, models  # noqa: F401
     from ppl_dyn.arviz_io import to_inference_data  # noqa: F401
+    from ppl_dyn.backtest import Backtest, backtest  # noqa: F401
     from ppl_dyn.infer._run import pad_sequences  # noqa: F401
     from ppl_dyn.predict import Prediction, predict, prediction_rmse  # noqa: F401
     from ppl_dyn.predictive import PredictiveBands, forecast, posterior_predictive  # noqa: F401

@@ -28,6 +28,7 @@ PAGES = [
     "docs/lstm.md",
     "docs/canonical.md",
     "docs/scale.md",
+    "docs/forecasting.md",
 ]
 # pages whose examples take minutes (NUTS and BlackJAX runs, compiled per call): slow tier
 SLOW_PAGES = {"docs/mcmc.md"}
