@@ -600,12 +600,165 @@ def _fit(args) -> int:
             f": log p(y) {metrics['log_marginal_initial']:.3f} (start) -> "
             f"{ll:.3f} (end, standardised data)"
         )
+    elif ll is not None:
+        msg += f": log p(y) {ll:.3f} (end, standardised data)"
     print(msg)
     what = "report.html" if not args.no_report else "metrics.json"
     print(f"report: {out / what}")
     verdict = metrics.get("verdict") or fit_verdict(metrics)
     print(verdict["line"])  # the last line: the verdict, in plain words
     return 0 if verdict["ok"] else FIT_FAILED
+
+
+def _backtest(args) -> int:
+    """``ppl-dyn backtest``: fit on all but the last ``--holdout`` steps (standardised
+    with the fitted span's statistics only), then forecast every held-out target from
+    every origin with ``ppl_dyn.backtest`` and score it against a naive forecast."""
+    _check_fit_args(args)
+    try:
+        horizons = sorted({int(h) for h in args.horizons.split(",")})
+    except ValueError:
+        raise UsageError(
+            f"--horizons must be comma-separated ints; got {args.horizons!r}"
+        ) from None
+    if not horizons or horizons[0] < 1:
+        raise UsageError("--horizons must be positive")
+    if not 0.0 < args.level < 1.0:
+        raise UsageError("--level must be in (0, 1)")
+    if args.num_paths < 2:
+        raise UsageError("--num-paths must be >= 2")
+    series, units = _load_data(args)
+    T = series.y.shape[-2]
+    train = T - args.holdout
+    min_steps = max(10, args.state_dim + 3)
+    if args.holdout < horizons[0] or train < min_steps:
+        raise UsageError(
+            f"--holdout must be in [{horizons[0]}, {T - min_steps}] for {T} time steps "
+            f"(at least {min_steps} to fit, and one target {horizons[0]} steps ahead)"
+        )
+    fit_part = series._replace(y=series.y[..., :train, :])
+    _, mean, scale = _standardise(fit_part, not args.no_standardize)
+    yz = (series.y - mean) / scale
+    out = Path(args.out)
+    _check_out_dir(out)
+    print(_data_line(series) + f"; fitted on the first {train} steps, {args.holdout} held out")
+    with staged_dir(out) as tmp:
+        scores = _backtest_into(args, series, yz, mean, scale, train, horizons, tmp)
+    print(_backtest_table(scores, horizons, args.level))
+    print(f"backtest: {out / 'backtest.json'}")
+    return 0
+
+
+def _backtest_into(args, series, yz, mean, scale, train, horizons, out: Path) -> dict:
+    jax = _enable_x64()
+    import numpy as np
+
+    import ppl_dyn
+    from ppl_dyn import plots
+    from ppl_dyn.infer import ExtendedKalmanSmoother
+
+    model = _model_fn(args.model)
+    e_name = _e_step_name(args)
+    k_fit, k_bt = jax.random.split(jax.random.key(args.seed))
+    res, kw, _, _, _ = _em_fit(args, model, yz[..., :train, :], k_fit, e_name)
+    kw = {**kw, "y": yz}
+    bt = ppl_dyn.backtest(
+        res.params,
+        model,
+        horizons=horizons,
+        start=train - 1,
+        level=args.level,
+        num_paths=args.num_paths,
+        num_particles=max(args.num_particles, 1000),
+        e_step=ExtendedKalmanSmoother() if e_name == "eks" else None,
+        rng_key=k_bt,
+        **kw,
+    )
+    y = np.asarray(series.y, float)
+    batched = y.ndim == 3
+    yb = y if batched else y[None]
+    T = yb.shape[1]
+    origins = bt.origins
+    result = {"model": args.model, "method": args.method, "objective": args.objective,
+              "e_step": e_name, "filter": bt.filter, "data": series.source,
+              "columns": list(series.names), "num_steps": T, "fitted_steps": train,
+              "holdout": args.holdout, "level": args.level, "num_paths": args.num_paths,
+              "horizons": horizons, "scores": {}, "naive": {}}  # fmt: skip
+    for k in horizons:
+        target = np.full_like(yb, np.nan)
+        target[:, : T - k] = yb[:, k:]
+        tg = target[:, origins]  # (S, n_origins, dy), original units
+
+        def orig(a):
+            a = np.asarray(a)
+            return (a if batched else a[None]) * scale + mean
+
+        m, md, lo, hi = (orig(getattr(bt, f)[k]) for f in ("mean", "median", "lower", "upper"))
+        crps = (np.asarray(bt.crps[k]) if batched else np.asarray(bt.crps[k])[None]) * scale
+        seen = np.isfinite(tg)
+        n = int(seen.sum())
+        if n == 0:
+            continue
+        err, err_md = (m - tg)[seen], (md - tg)[seen]
+        inside = ((tg >= lo) & (tg <= hi))[seen]
+        result["scores"][str(k)] = {
+            "rmse": float(np.sqrt(np.mean(err**2))),
+            "mae": float(np.mean(np.abs(err))),
+            "mae_median": float(np.mean(np.abs(err_md))),
+            "crps": float(np.mean(crps[seen])),
+            "coverage": float(np.mean(inside)),
+            "n": n,
+        }
+        # naive forecast: the last value seen at the origin (a point forecast: CRPS = MAE)
+        last = yb[:, origins]
+        ok = seen & np.isfinite(last)
+        e0 = (last - tg)[ok]
+        result["naive"][str(k)] = {
+            "rmse": float(np.sqrt(np.mean(e0**2))),
+            "mae": float(np.mean(np.abs(e0))),
+            "crps": float(np.mean(np.abs(e0))),
+            "n": int(ok.sum()),
+        }
+        if k == horizons[-1]:
+            t = np.asarray(series.time, float)
+            t_fc = np.array([t[o + k] if o + k < T else np.nan for o in origins])
+            keep = np.isfinite(t_fc)
+            tail = max(0, train - 3 * args.holdout)
+            plots.band_figure(
+                out / "backtest.png",
+                t_fc[keep],
+                m[0][keep],
+                lo[0][keep],
+                hi[0][keep],
+                list(series.names),
+                y=yb[0, tail:],
+                y_time=t[tail:],
+                time_name=series.time_name,
+                label=f"{k}-step forecast",
+                title=f"{k}-step-ahead forecasts from each origin, "
+                f"{100 * args.level:.0f}% band (fitted on the first {train} steps)",
+            )
+    _write_json(out / "backtest.json", _finite_or_none(result))
+    (out / "backtest.md").write_text(_backtest_table(result, horizons, args.level) + "\n")
+    return result
+
+
+def _backtest_table(result: dict, horizons, level: float) -> str:
+    rows = [
+        f"| horizon | RMSE | MAE | MAE (median) | CRPS | {100 * level:.0f}% coverage | n "
+        "| naive RMSE | naive MAE |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for k in horizons:
+        s, b = result["scores"].get(str(k)), result["naive"].get(str(k))
+        if s is None:
+            continue
+        rows.append(
+            f"| {k} | {s['rmse']:.4g} | {s['mae']:.4g} | {s['mae_median']:.4g} | "
+            f"{s['crps']:.4g} | {s['coverage']:.3f} | {s['n']} | {b['rmse']:.4g} | "
+            f"{b['mae']:.4g} |"
+        )
+    return "\n".join(rows)
 
 
 FIT_FAILED = 3  # exit status of a fit that ran but failed its checks (docs/cli.md)
@@ -617,8 +770,9 @@ def fit_verdict(metrics: dict) -> dict:
 
     * every number a user reads (final log-likelihood, data scale, forecast, predictive
       RMSE) is finite;
-    * EM and SGD end at least as high as they started (log p(y) of the standardised
-      data; SGD reports its best iterate);
+    * EM and SGD end at least as high as they started in what they maximise (log p(y)
+      of the standardised data, plus log p(theta) with ``--objective map``; SGD reports
+      its best iterate);
     * NUTS passes its diagnostics: split R-hat < 1.01, bulk and tail ESS >= 100 per
       chain, no divergence, E-BFMI >= 0.3 (hitting the maximum tree depth is reported,
       not failed: it costs time, not correctness).
@@ -633,11 +787,14 @@ def fit_verdict(metrics: dict) -> dict:
             if vals is None or not np.all(np.isfinite(vals)):
                 reasons.append(f"{key} is not finite")
     method = metrics.get("method")
-    start, end = metrics.get("log_marginal_initial"), metrics.get("log_marginal_final")
+    # what the fit maximised: log p(y), or log p(y) + log p(theta) with --objective map
+    start = metrics.get("objective_initial", metrics.get("log_marginal_initial"))
+    end = metrics.get("objective_final", metrics.get("log_marginal_final"))
+    name = "log p(y) + log p(theta)" if metrics.get("objective") == "map" else "log p(y)"
     if method in ("em", "sgd") and start is not None and end is not None:
         if np.isfinite(start) and np.isfinite(end) and end < start - 1e-6 * (1 + abs(start)):
             reasons.append(
-                f"log p(y) ended below its start ({start:.3f} -> {end:.3f}): the fit made the "
+                f"{name} ended below its start ({start:.3f} -> {end:.3f}): the fit made the "
                 "model worse (lower the learning rate, or use --method em)"
             )
     steps = len(metrics.get("log_marginals") or [])
@@ -656,7 +813,7 @@ def fit_verdict(metrics: dict) -> dict:
         what = {"em": "EM", "sgd": "SGD", "nuts": "NUTS"}.get(method, method)
         line = f"verdict: fit OK ({what}"
         if method in ("em", "sgd") and end is not None:
-            line += f", log p(y) {start:.3f} -> {end:.3f})"
+            line += f", {name} {start:.3f} -> {end:.3f})"
         elif method == "nuts":
             line += f", R-hat {metrics.get('max_rhat', float('nan')):.3f}, min bulk ESS "
             line += f"{metrics.get('min_ess_bulk', float('nan')):.0f}, no divergence)"
@@ -670,12 +827,14 @@ def _em_fit(args, model, yz, key, e_name):
     model; returns (result, model kwargs, curve stages, extra metrics, initial log p(y))."""
     import numpy as np
 
-    from ppl_dyn.infer import EM, KalmanSmoother, fit_nested
+    from ppl_dyn.infer import EM, KalmanSmoother, LinearGaussianMStep, fit_nested
     from ppl_dyn.infer.nested import factor_analysis_init
     from ppl_dyn.models import lds, rbf_grid
 
     dx, pb = args.state_dim, not args.quiet
     kw = {"y": yz, "state_dim": dx}
+    use_map = args.objective == "map"
+    m_step = LinearGaussianMStep(map_estimate=use_map)
     e_step = _e_step_obj(e_name, args.num_particles)
     if args.method == "sgd":
         import jax
@@ -687,7 +846,7 @@ def _em_fit(args, model, yz, key, e_name):
         stages, extra, ll0 = None, {}, None
         if args.model == "rbf":  # centres over the states of an LDS fit, start from it
             k_lds, key = jax.random.split(key)
-            lds_fit = EM(lds, KalmanSmoother()).run(
+            lds_fit = EM(lds, KalmanSmoother(), m_step).run(
                 k_lds, args.num_iters, init=init, rtol=args.rtol, progress_bar=pb, **kw
             )
             post = KalmanSmoother().smooth(lds_fit.params, lds, **kw)
@@ -695,9 +854,9 @@ def _em_fit(args, model, yz, key, e_name):
             centres, widths = rbf_grid(np.asarray(post.means), nc)
             kw.update(centres=np.asarray(centres), widths=np.asarray(widths))
             init, ll0 = lds_fit, lds_fit.log_marginals[0]
-            stages = [("LDS (EM, Kalman)", lds_fit.log_marginals)]
+            stages = [("LDS (EM, Kalman)", lds_fit.objective)]
             extra = {"num_centres": int(centres.shape[0])}
-        res = SGD(model, e_step, optax.adam(args.learning_rate)).run(
+        res = SGD(model, e_step, optax.adam(args.learning_rate), map_estimate=use_map).run(
             key, args.num_iters, init=init, rtol=args.rtol, progress_bar=pb, **kw
         )
         if stages:
@@ -714,11 +873,12 @@ def _em_fit(args, model, yz, key, e_name):
             rbf_iters=args.num_iters,
             rbf_e_step=e_step,
             progress_bar=pb,
+            map_estimate=use_map,
         )
         kw.update(centres=np.asarray(nested.centres), widths=np.asarray(nested.widths))
-        stages = [
-            ("LDS (Kalman)", nested.lds.log_marginals),
-            (f"RBF ({e_name.upper()})", nested.rbf.log_marginals),
+        stages = [  # what each stage maximised (the log posterior with MAP-EM)
+            ("LDS (Kalman)", nested.lds.objective),
+            (f"RBF ({e_name.upper()})", nested.rbf.objective),
         ]
         extra = {
             "num_centres": int(nested.centres.shape[0]),
@@ -727,7 +887,9 @@ def _em_fit(args, model, yz, key, e_name):
         return nested.rbf, kw, stages, extra, nested.lds.log_marginals[0]
     init = factor_analysis_init(yz, state_dim=dx)
     rtol = None if e_name == "particle" else args.rtol
-    res = EM(model, e_step).run(key, args.num_iters, init=init, rtol=rtol, progress_bar=pb, **kw)
+    res = EM(model, e_step, m_step).run(
+        key, args.num_iters, init=init, rtol=rtol, progress_bar=pb, **kw
+    )
     return res, kw, None, {}, res.log_marginals[0]
 
 
@@ -779,16 +941,27 @@ def _fit_into(args, series, units, yz, mean, scale, out: Path, phases: Phases) -
         smooth_e = _e_step_obj(e_name, args.num_particles)
         post = smooth_e.smooth(res.params, model, rng_key=k_sm, **kw)
         ll_final = float(np.sum(np.asarray(post.log_marginal)))
-        monotone = bool(np.all(np.diff(lls) >= -1e-8 * np.abs(lls[:-1])))
+        # EM's objective: log p(y) + log p(theta) with --objective map (SGD's curve
+        # includes the prior already)
+        obj = np.asarray(getattr(res, "objective", lls)) if args.method == "em" else lls
+        monotone = bool(np.all(np.diff(obj) >= -1e-8 * np.abs(obj[:-1])))
         it_name = "em_iterations" if args.method == "em" else "sgd_steps"
         metrics.update(
             {
                 it_name: int(res.num_iters),
                 "converged": bool(res.converged),
                 "fit_seconds": em_seconds,
-                "log_marginal_initial": float(ll_init),
+                # SGD's curve with --objective map is the log posterior: log p(y) alone
+                # at its start is not known (the verdict uses the objective)
+                "log_marginal_initial": (
+                    None if args.method == "sgd" and args.objective == "map" else float(ll_init)
+                ),
                 "log_marginal_final": ll_final,
                 "log_marginals": [float(v) for v in lls],
+                "objective": args.objective,
+                "objective_initial": float(obj[0]),
+                # at the returned parameters (SGD returns its best iterate)
+                "objective_final": float(obj[-1] if args.method == "em" else np.max(obj)),
             }
         )
         if args.method == "em":
@@ -901,12 +1074,13 @@ def _fit_into(args, series, units, yz, mean, scale, out: Path, phases: Phases) -
         label="forecast",
         title=f"forecast of {args.forecast_steps} steps, {100 * level:.0f}% band{note}",
     )
+    objective = "log p(y) + log p(θ)" if args.objective == "map" else "log p(y)"
     if args.method == "em":
         plots.em_curve_figure(
             out / "em_curve.png",
-            lls,
+            np.asarray(res.objective),
             stages=stages,
-            title=f"EM ({e_name} E-step): log marginal likelihood",
+            title=f"EM ({e_name} E-step): {objective}",
         )
     elif args.method == "sgd":
         plots.em_curve_figure(
@@ -914,7 +1088,7 @@ def _fit_into(args, series, units, yz, mean, scale, out: Path, phases: Phases) -
             lls,
             stages=stages,
             xlabel="step",
-            title=f"Adam on log p(y) ({e_name} E-step)",
+            title=f"Adam on {objective} ({e_name} E-step)",
         )
 
     phases.mark("figures")
@@ -1159,54 +1333,12 @@ def _reproduce(args) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ppl-dyn",
-        description="Learn stochastic state-space models: simulate, fit (EM or NUTS), report.",
-    )
-    sub = p.add_subparsers(dest="command", required=True)
-
-    d = sub.add_parser("demo", help="simulate an LDS, fit it by EM, write a report")
-    d.add_argument("--out", default="ppl-dyn-demo", help="output directory")
-    d.add_argument("--num-steps", type=int, default=500)
-    d.add_argument("--num-sequences", type=int, default=2)
-    d.add_argument("--num-iters", type=int, default=300)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--quiet", action="store_true", help="no progress bar")
-    d.set_defaults(func=_demo)
-
-    s = sub.add_parser("simulate", help="draw y and x from a built-in model, write CSV/NPZ")
-    s.add_argument("--model", choices=MODELS, default="lds")
-    s.add_argument("--state-dim", type=int, default=2)
-    s.add_argument("--obs-dim", type=int, default=1)
-    s.add_argument("--num-steps", type=int, default=200)
-    s.add_argument(
-        "--num-sequences",
-        type=int,
-        default=None,
-        help="several independent sequences (adds a leading axis / a 'sequence' CSV column)",
-    )
-    s.add_argument(
-        "--num-centres",
-        type=int,
-        default=None,
-        help="rbf: grid points per state coordinate over [-2, 2]",
-    )
-    s.add_argument(
-        "--params",
-        default=None,
-        help="NPZ of parameter values (e.g. a fit's params.npz); sites not "
-        "given are drawn from their priors",
-    )
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", required=True, help="output file, .csv or .npz")
-    s.set_defaults(func=_simulate)
-
-    f = sub.add_parser("fit", help="fit a model to a CSV/NPZ file or a shipped dataset")
+def _add_fit_flags(f, methods) -> None:
+    """The flags ``fit`` and ``backtest`` share: model, method, data, fitting options."""
     f.add_argument("--model", choices=MODELS, default="lds")
-    f.add_argument("--method", choices=METHODS, default="em")
+    f.add_argument("--method", choices=methods, default="em")
     src = f.add_argument_group("data")
-    src.add_argument("--data", default=None, help="a .csv (header row) or .npz file")
+    src.add_argument("--data", default=None, help="a .csv/.tsv/.txt or .npz file")
     src.add_argument(
         "--dataset",
         choices=("nile", "sunspots", "co2"),
@@ -1257,15 +1389,88 @@ def build_parser() -> argparse.ArgumentParser:
         help="rbf: centres per state coordinate (default 11, 5 for state_dim 2, else 3)",
     )
     f.add_argument("--learning-rate", type=float, default=1e-2, help="sgd: Adam's step size")
+    f.add_argument(
+        "--objective",
+        choices=("map", "ml"),
+        default="map",
+        help="map (default): maximise the log posterior with the model's priors (MAP-EM, "
+        "MAP by SGD), so a short series cannot drive a covariance to zero; ml: the "
+        "likelihood alone",
+    )
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ppl-dyn",
+        description="Learn stochastic state-space models: simulate, fit (EM or NUTS), report.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="simulate an LDS, fit it by EM, write a report")
+    d.add_argument("--out", default="ppl-dyn-demo", help="output directory")
+    d.add_argument("--num-steps", type=int, default=500)
+    d.add_argument("--num-sequences", type=int, default=2)
+    d.add_argument("--num-iters", type=int, default=300)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=_demo)
+
+    s = sub.add_parser("simulate", help="draw y and x from a built-in model, write CSV/NPZ")
+    s.add_argument("--model", choices=MODELS, default="lds")
+    s.add_argument("--state-dim", type=int, default=2)
+    s.add_argument("--obs-dim", type=int, default=1)
+    s.add_argument("--num-steps", type=int, default=200)
+    s.add_argument(
+        "--num-sequences",
+        type=int,
+        default=None,
+        help="several independent sequences (adds a leading axis / a 'sequence' CSV column)",
+    )
+    s.add_argument(
+        "--num-centres",
+        type=int,
+        default=None,
+        help="rbf: grid points per state coordinate over [-2, 2]",
+    )
+    s.add_argument(
+        "--params",
+        default=None,
+        help="NPZ of parameter values (e.g. a fit's params.npz); sites not "
+        "given are drawn from their priors",
+    )
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="output file, .csv or .npz")
+    s.set_defaults(func=_simulate)
+
+    f = sub.add_parser("fit", help="fit a model to a CSV/NPZ file or a shipped dataset")
+    _add_fit_flags(f, METHODS)
     f.add_argument("--num-warmup", type=int, default=500, help="nuts")
     f.add_argument("--num-samples", type=int, default=500, help="nuts")
     f.add_argument("--num-chains", type=int, default=2, help="nuts")
     f.add_argument("--forecast-steps", type=int, default=20)
-    f.add_argument("--seed", type=int, default=0)
     f.add_argument("--out", default="ppl-dyn-fit", help="output directory")
     f.add_argument("--no-report", action="store_true", help="do not write report.html")
-    f.add_argument("--quiet", action="store_true", help="no progress bars")
     f.set_defaults(func=_fit)
+
+    b = sub.add_parser(
+        "backtest",
+        help="fit on all but a held-out tail, then score rolling-origin forecasts on it",
+    )
+    _add_fit_flags(b, ("em", "sgd"))
+    b.add_argument(
+        "--holdout",
+        type=int,
+        required=True,
+        help="time steps at the end kept out of the fit; forecasts are made from every "
+        "origin from the end of the fitted span on",
+    )
+    b.add_argument("--horizons", default="1,5,10", help="steps ahead, comma-separated")
+    b.add_argument("--level", type=float, default=0.9, help="the prediction interval")
+    b.add_argument("--num-paths", type=int, default=1000, help="simulated paths per origin")
+    b.add_argument("--out", default="ppl-dyn-backtest", help="output directory")
+    b.set_defaults(func=_backtest, num_warmup=1, num_samples=1, num_chains=1, forecast_steps=1)
 
     rp = sub.add_parser("report", help="render DIR/report.html from a run directory")
     rp.add_argument("dir", help="a directory written by `ppl-dyn fit` or `ppl-dyn demo`")
