@@ -567,6 +567,7 @@ class Phases:
 def _fit(args) -> int:
     phases = Phases()
     _check_fit_args(args)
+    _max_spectral_radius(args)
     series, units = _load_data(args)
     yz, mean, scale = _standardise(series, not args.no_standardize)
     out = Path(args.out)
@@ -615,6 +616,7 @@ def _backtest(args) -> int:
     with the fitted span's statistics only), then forecast every held-out target from
     every origin with ``ppl_dyn.backtest`` and score it against a naive forecast."""
     _check_fit_args(args)
+    _max_spectral_radius(args)  # a bad value is a usage error before anything runs
     try:
         horizons = sorted({int(h) for h in args.horizons.split(",")})
     except ValueError:
@@ -822,6 +824,25 @@ def fit_verdict(metrics: dict) -> dict:
     return {"ok": not reasons, "line": line, "reasons": reasons}
 
 
+def _max_spectral_radius(args):
+    """``--max-spectral-radius``: ``auto`` is 0.99 for rbf (whose linear part acts
+    outside the centres) and none for lds and tanh-rnn (bounded features)."""
+    value = str(args.max_spectral_radius).strip().lower()
+    if value == "auto":
+        return 0.99 if args.model == "rbf" and args.method != "sgd" else None
+    if value == "none":
+        return None
+    try:
+        radius = float(value)
+    except ValueError:
+        radius = float("nan")
+    if not radius > 0:
+        raise UsageError(f"--max-spectral-radius must be > 0, auto or none; got {value!r}")
+    if args.method == "sgd":
+        raise UsageError("--max-spectral-radius applies to EM's M-step, not --method sgd")
+    return radius
+
+
 def _em_fit(args, model, yz, key, e_name):
     """EM (or, with ``--method sgd``, Adam on the marginal likelihood) for the chosen
     model; returns (result, model kwargs, curve stages, extra metrics, initial log p(y))."""
@@ -834,7 +855,8 @@ def _em_fit(args, model, yz, key, e_name):
     dx, pb = args.state_dim, not args.quiet
     kw = {"y": yz, "state_dim": dx}
     use_map = args.objective == "map"
-    m_step = LinearGaussianMStep(map_estimate=use_map)
+    radius = _max_spectral_radius(args)
+    m_step = LinearGaussianMStep(map_estimate=use_map, max_spectral_radius=radius)
     e_step = _e_step_obj(e_name, args.num_particles)
     if args.method == "sgd":
         import jax
@@ -846,7 +868,7 @@ def _em_fit(args, model, yz, key, e_name):
         stages, extra, ll0 = None, {}, None
         if args.model == "rbf":  # centres over the states of an LDS fit, start from it
             k_lds, key = jax.random.split(key)
-            lds_fit = EM(lds, KalmanSmoother(), m_step).run(
+            lds_fit = EM(lds, KalmanSmoother(), m_step._replace(max_spectral_radius=None)).run(
                 k_lds, args.num_iters, init=init, rtol=args.rtol, progress_bar=pb, **kw
             )
             post = KalmanSmoother().smooth(lds_fit.params, lds, **kw)
@@ -874,6 +896,7 @@ def _em_fit(args, model, yz, key, e_name):
             rbf_e_step=e_step,
             progress_bar=pb,
             map_estimate=use_map,
+            max_spectral_radius=radius,
         )
         kw.update(centres=np.asarray(nested.centres), widths=np.asarray(nested.widths))
         stages = [  # what each stage maximised (the log posterior with MAP-EM)
@@ -959,6 +982,7 @@ def _fit_into(args, series, units, yz, mean, scale, out: Path, phases: Phases) -
                 "log_marginal_final": ll_final,
                 "log_marginals": [float(v) for v in lls],
                 "objective": args.objective,
+                "max_spectral_radius": _max_spectral_radius(args),
                 "objective_initial": float(obj[0]),
                 # at the returned parameters (SGD returns its best iterate)
                 "objective_final": float(obj[-1] if args.method == "em" else np.max(obj)),
@@ -1396,6 +1420,12 @@ def _add_fit_flags(f, methods) -> None:
         help="map (default): maximise the log posterior with the model's priors (MAP-EM, "
         "MAP by SGD), so a short series cannot drive a covariance to zero; ml: the "
         "likelihood alone",
+    )
+    f.add_argument(
+        "--max-spectral-radius",
+        default="auto",
+        help="bound on the spectral radius of the dynamics' linear part in EM's M-step "
+        "(bounded forecasts): a number, none, or auto (0.99 for rbf, none otherwise)",
     )
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--quiet", action="store_true", help="no progress bars")

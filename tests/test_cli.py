@@ -695,3 +695,11 @@ def test_backtest_refuses_a_holdout_that_leaves_too_little(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "--holdout must be in [1, 90]" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "bt").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "big"])
+def test_a_bad_spectral_radius_bound_is_a_usage_error(tmp_path, capsys, value):
+    rc = cli.main(["fit", "--dataset", "nile", "--max-spectral-radius", value, "--out",
+                   str(tmp_path / "r")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "--max-spectral-radius must be > 0" in err and len(err.splitlines()) == 1

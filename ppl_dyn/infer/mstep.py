@@ -18,7 +18,7 @@ least ``covariance_floor * trace / dim``; each use of the floor is counted and r
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -181,6 +181,7 @@ def solve_regression(
     rel_floor: float,
     ridge: float = 0.0,
     priors: dict | None = None,
+    max_radius: float | None = None,
 ):
     """Maximise the expected log-likelihood of one regression; returns (updates, floors).
 
@@ -188,6 +189,10 @@ def solve_regression(
     the log prior instead, one conditional maximisation after the other (ECM: the
     weights given the current noise covariance, then the noise given the new weights),
     each in closed form, so EM increases the log posterior at every iteration.
+
+    ``max_radius`` bounds the spectral radius of the weight's linear columns (all of them
+    for linear features, the last ``dz`` for RBF features ``[rho(x); x]``): a larger
+    block is scaled back onto the bound before the noise is estimated.
 
     ``ridge > 0`` adds ``ridge * I`` to ``S_rr`` on the columns of the nonlinear
     features (RBF weights ``h``; all weight columns for tanh features), the MAP estimate
@@ -241,6 +246,10 @@ def solve_regression(
         else:
             W_f = rhs @ _pinv_psd(S_ff)
         W = W_f if not fixed_idx else W.at[:, _index(f)].set(W_f)  # f: every column
+        if max_radius is not None and reg.weight in free and reg.feature in ("linear", "rbf"):
+            a, b = next((a, b) for n, a, b in pos if n == reg.weight)
+            lin = slice(a, b) if reg.feature == "linear" else slice(b - dz, b)
+            W = W.at[:, lin].set(limit_spectral_radius(W[:, lin], max_radius))
         for n, a, b in pos:
             if n in free:
                 blk = W[:, a:b]
@@ -260,6 +269,26 @@ def solve_regression(
     has_data = stats.n > 0
     out = {n: jnp.where(has_data, v, params[n]) for n, v in out.items()}
     return out, floors
+
+
+def spectral_radius_bound(A, squarings: int = 10):
+    """An upper bound of the spectral radius of ``A``: ``||A^k||_F^(1/k) >= rho(A)`` for
+    every ``k`` (Gelfand), here ``k = 2^squarings`` by repeated squaring with the scale
+    kept in logs (no overflow), and tight as ``k`` grows (within ``cond(V)^(1/k)`` of
+    ``rho``, ``V`` the eigenvectors). Matrix products only: no eigensolver (JAX has no
+    non-symmetric one on GPU)."""
+    tiny = jnp.finfo(A.dtype).tiny
+    B, log_c = A, jnp.zeros((), A.dtype)
+    for _ in range(squarings):
+        n = jnp.maximum(jnp.linalg.norm(B), tiny)
+        B, log_c = (B / n) @ (B / n), 2.0 * (log_c + jnp.log(n))
+    return jnp.exp((log_c + jnp.log(jnp.maximum(jnp.linalg.norm(B), tiny))) / 2**squarings)
+
+
+def limit_spectral_radius(A, max_radius: float):
+    """``A`` scaled so that its spectral radius is at most ``max_radius`` (by the bound
+    :func:`spectral_radius_bound`); unchanged when it is already."""
+    return A * jnp.minimum(1.0, max_radius / spectral_radius_bound(A))
 
 
 def _map_weights(rhs, S_ff, pos, free, weight_priors, as_matrix, params, reg, dz):
@@ -345,11 +374,19 @@ class LinearGaussianMStep(NamedTuple):
             (conditional maximisation: weights given the current noise, then the
             noise); ``EMResult.objective`` is the log posterior, non-decreasing with an
             exact E-step. A prior of another family is refused by name.
+        max_spectral_radius: a bound on the spectral radius of the linear part of the
+            dynamics (``A`` of an LDS; the weights of ``x`` in RBF dynamics
+            ``A [rho(x); x]``); None: unconstrained. An update beyond it is scaled back
+            onto it (then the noise is estimated), so the noise-free dynamics decay
+            outside the RBF centres and forecasts stay bounded. The update is then not
+            the exact maximiser: the objective may dip where the bound binds
+            (``docs/eks.md``). tanh features are bounded already and are not constrained.
     """
 
     covariance_floor: float = 1e-6
     ridge: float = 0.0
     map_estimate: bool = False
+    max_spectral_radius: Optional[float] = None
 
     def check(self, structure, free_names, method: str = "EM") -> None:
         """Raise if the model has free sites this M-step cannot estimate. ``method``
@@ -437,8 +474,9 @@ class LinearGaussianMStep(NamedTuple):
             (structure.emission, stats.emission, k_emi),
         ):
             k = p - du - 1
+            bound = self.max_spectral_radius if reg is structure.dynamics else None
             o, f = solve_regression(
-                s, reg, params, free, k, du, self.covariance_floor, self.ridge, priors
+                s, reg, params, free, k, du, self.covariance_floor, self.ridge, priors, bound
             )
             new.update(o)
             floors.update(f)

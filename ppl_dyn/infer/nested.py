@@ -9,7 +9,7 @@ RBF iteration sees the LDS's posterior.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -135,6 +135,7 @@ def fit_nested(
     rbf_e_step=None,
     progress_bar: bool = True,
     map_estimate: bool = False,
+    max_spectral_radius: Optional[float] = None,
     **model_kwargs,
 ) -> NestedFit:
     """Factor analysis -> LDS by EM (Kalman) -> RBF model by EM, in one call.
@@ -144,7 +145,8 @@ def fit_nested(
     ``rbf_e_step`` (default :class:`ExtendedKalmanSmoother`) and the closed-form M-step
     with ``ridge`` on the RBF weights. ``model_kwargs`` (e.g. ``bias``,
     ``dynamics_noise``) go to both models. ``map_estimate`` runs both stages as MAP-EM
-    with the models' priors (:class:`LinearGaussianMStep`).
+    with the models' priors (:class:`LinearGaussianMStep`); ``max_spectral_radius``
+    bounds the spectral radius of the RBF dynamics' linear part (bounded forecasts).
 
     Example:
         >>> fit = fit_nested(jax.random.key(0), y=y, u=u, state_dim=1)  # doctest: +SKIP
@@ -163,7 +165,9 @@ def fit_nested(
     centres, widths = rbf_grid(np.asarray(post.means), num_centres)
     e_step = ExtendedKalmanSmoother() if rbf_e_step is None else rbf_e_step
     rbf_kw = {**kw, "centres": centres, "widths": widths}
-    m_step = LinearGaussianMStep(ridge=ridge, map_estimate=map_estimate)
+    m_step = LinearGaussianMStep(
+        ridge=ridge, map_estimate=map_estimate, max_spectral_radius=max_spectral_radius
+    )
     rbf_fit = EM(rbf, e_step, m_step).run(
         k_rbf, rbf_iters, init=lds_fit, progress_bar=progress_bar, **rbf_kw
     )
