@@ -444,7 +444,7 @@ def _load_data(args):
         if args.columns or args.time_column or args.sequence_column:
             raise UsageError("--columns/--time-column/--sequence-column apply to --data files")
         ds = datasets.load(args.dataset)
-        time_name = {"nile": "year", "sunspots": "year", "co2": "year"}[args.dataset]
+        time_name = "year"  # every shipped series (co2: decimal years)
         series = Series(
             np.asarray(ds.y, float),
             np.asarray(ds.time, float),
@@ -1365,7 +1365,7 @@ def _add_fit_flags(f, methods) -> None:
     src.add_argument("--data", default=None, help="a .csv/.tsv/.txt or .npz file")
     src.add_argument(
         "--dataset",
-        choices=("nile", "sunspots", "co2"),
+        choices=("nile", "sunspots", "co2", "lynx", "discoveries"),
         default=None,
         help="a series shipped with ppl_dyn instead of --data",
     )

@@ -32,7 +32,20 @@ def test_sunspots_and_co2():
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="available"):
         datasets.load("nope")
-    assert datasets.names() == ["co2", "nile", "sunspots"]
+    assert datasets.names() == ["co2", "discoveries", "lynx", "nile", "sunspots"]
+
+
+def test_lynx_and_discoveries():
+    """Published values: lynx 1821 = 269, 1934 = 3396, the maximum 6991 (1904)
+    (Brockwell & Davis series G); discoveries 1860 = 5, maximum 12 (1885)."""
+    lx = datasets.lynx()
+    assert lx.y.shape == (114, 1) and lx.time[0] == 1821 and lx.time[-1] == 1934
+    assert lx.y[0, 0] == 269 and lx.y[-1, 0] == 3396
+    assert lx.y.max() == 6991 and lx.time[np.argmax(lx.y)] == 1904
+    d = datasets.discoveries()
+    assert d.y.shape == (100, 1) and d.time[0] == 1860 and d.y[0, 0] == 5
+    assert d.y.max() == 12 and d.time[np.argmax(d.y)] == 1885
+    assert np.all(d.y == np.round(d.y)) and not np.isnan(d.y).any()
 
 
 def test_nile_local_level_fit_matches_dense_likelihood():

@@ -4,7 +4,7 @@ Each loader returns a :class:`Dataset` whose ``y`` has shape ``(T, 1)`` and is r
 the models (NaN marks missing values, which every E-step treats as missing data).
 
 =============  ======  ==================================================================
-name           T       source (all public domain; copied from the statsmodels datasets)
+name           T       source (nile, sunspots, co2 via the statsmodels datasets)
 =============  ======  ==================================================================
 ``nile``       100     annual flow of the Nile at Aswan, 1871-1970, in 10^8 m^3 (Cobb
                        1978, Biometrika 65(2):243-251; the classic local-level example of
@@ -14,6 +14,12 @@ name           T       source (all public domain; copied from the statsmodels da
 ``co2``        2284    weekly atmospheric CO2 at Mauna Loa, March 1958 - December 2001, ppm;
                        59 weeks missing (Keeling & Whorf 2004, CDIAC, Oak Ridge National
                        Laboratory)
+``lynx``       114     annual Canadian lynx trappings 1821-1934 (counts; the classic
+                       strongly nonlinear ~10-year cycle; Brockwell & Davis 1991, series G,
+                       via R's datasets package)
+``discoveries`` 100    yearly numbers of important discoveries and inventions 1860-1959
+                       (small counts; The World Almanac and Book of Facts 1975, via R's
+                       datasets package)
 =============  ======  ==================================================================
 """
 
@@ -25,7 +31,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Dataset", "load", "nile", "sunspots", "co2", "names"]
+__all__ = ["Dataset", "load", "nile", "sunspots", "co2", "lynx", "discoveries", "names"]
 
 
 class Dataset(NamedTuple):
@@ -66,6 +72,26 @@ _META = {
         "Time is in decimal years.",
         "Keeling, C. D. and Whorf, T. P. (2004), CDIAC, Oak Ridge National Laboratory; "
         "public domain (via statsmodels.datasets.co2).",
+    ),
+    "lynx": (
+        "lynx.csv",
+        "year",
+        "lynx",
+        "trappings per year",
+        "Annual numbers of lynx trapped in the Mackenzie River district of Canada, "
+        "1821-1934: counts with a strongly nonlinear cycle of about 10 years.",
+        "Brockwell, P. J. and Davis, R. A. (1991), Time Series and Forecasting Methods, "
+        "2nd ed., Springer, series G; after Elton and Nicholson (1942) (via R's datasets "
+        "package).",
+    ),
+    "discoveries": (
+        "discoveries.csv",
+        "year",
+        "discoveries",
+        "discoveries per year",
+        "Yearly numbers of great inventions and scientific discoveries, 1860-1959 "
+        "(small counts).",
+        "The World Almanac and Book of Facts, 1975 (via R's datasets package).",
     ),
 }
 
@@ -110,3 +136,13 @@ def sunspots() -> Dataset:
 def co2() -> Dataset:
     """Weekly Mauna Loa CO2, 1958-2001 (T = 2284, 59 missing)."""
     return load("co2")
+
+
+def lynx() -> Dataset:
+    """Annual Canadian lynx trappings, 1821-1934 (T = 114, counts)."""
+    return load("lynx")
+
+
+def discoveries() -> Dataset:
+    """Yearly numbers of great discoveries, 1860-1959 (T = 100, counts)."""
+    return load("discoveries")
