@@ -29,7 +29,9 @@ def rbf_grid(points, num_centres: int = 11, *, coverage: float = 0.98):
             ``(..., state_dim)``, e.g. the smoothed means of an LDS fit: then each
             coordinate's grid spans the central ``coverage`` fraction of the samples
             (quantiles, so outliers do not stretch it), as Ghahramani & Roweis place
-            their RBFs "from the density of points in x-space".
+            their RBFs "from the density of points in x-space". A coordinate without
+            spread (a state the fit left unused, e.g. under MAP-EM's shrinkage) gets
+            the widest coordinate's range, centred on its value.
         num_centres: grid points per state coordinate (``num_centres ** state_dim``
             centres in all).
 
@@ -49,6 +51,12 @@ def rbf_grid(points, num_centres: int = 11, *, coverage: float = 0.98):
             raise ValueError("points must hold at least two finite state samples")
         q = (1.0 - coverage) / 2.0
         lows, highs = np.quantile(flat, q, axis=0), np.quantile(flat, 1.0 - q, axis=0)
+        flat_dims = ~(highs > lows)
+        if flat_dims.any() and not flat_dims.all():
+            half = 0.5 * np.max(highs - lows)
+            mid = 0.5 * (lows + highs)
+            lows = np.where(flat_dims, mid - half, lows)
+            highs = np.where(flat_dims, mid + half, highs)
     else:
         raise ValueError(
             "points must be a range (low, high) or state samples (..., state_dim); "
