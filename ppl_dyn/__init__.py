@@ -36,6 +36,7 @@ _ATTRIBUTES = {
     "PredictiveBands": "ppl_dyn.predictive",
     "simulate": "ppl_dyn.simulate",
     "backtest": "ppl_dyn.backtest",
+    "standardize": "ppl_dyn.preprocess",
     "Backtest": "ppl_dyn.backtest",
     "markov": "ppl_dyn.state_space",
     "bind": "ppl_dyn.state_space",
@@ -60,6 +61,7 @@ __all__ = [
     "Prediction",
     "backtest",
     "Backtest",
+    "standardize",
     "markov",
     "bind",
     "StateSpace",
@@ -106,6 +108,7 @@ if TYPE_CHECKING:  # what static tools (and readers) see
     from ppl_dyn.infer._run import pad_sequences  # noqa: F401
     from ppl_dyn.predict import Prediction, predict, prediction_rmse  # noqa: F401
     from ppl_dyn.predictive import PredictiveBands, forecast, posterior_predictive  # noqa: F401
+    from ppl_dyn.preprocess import standardize  # noqa: F401
     from ppl_dyn.simulate import simulate  # noqa: F401
     from ppl_dyn.state_space import (  # noqa: F401
         LinearStructure,

@@ -479,21 +479,24 @@ def _data_line(series) -> str:
     return line + "".join(f"; {n}" for n in series.notes)
 
 
-def _standardise(series, enabled: bool):
+def _standardise(series, enabled: bool, fit_steps=None):
+    """``(y, mean, scale)``: each column centred and scaled by its first ``fit_steps``
+    steps (all by default; :func:`ppl_dyn.standardize`), or unchanged (mean 0, scale 1)
+    with ``--no-standardize``. A constant column is a usage error naming it."""
     import numpy as np
 
     from ppl_dyn.io import DataError
+    from ppl_dyn.preprocess import standardize
 
-    y = series.y
-    flat = y.reshape(-1, y.shape[-1])
-    mean = np.nanmean(flat, 0)
-    scale = np.nanstd(flat, 0)
+    span = series.y[..., : series.y.shape[-2] if fit_steps is None else fit_steps, :]
+    flat = span.reshape(-1, span.shape[-1])
     for j, name in enumerate(series.names):
-        if not scale[j] > 0:
+        if not np.nanstd(flat[:, j]) > 0:
             raise UsageError(str(DataError(series.source, f"column {name!r} is constant")))
+    st = standardize(series.y, fit_steps=fit_steps)
     if not enabled:
-        mean, scale = np.zeros_like(mean), np.ones_like(scale)
-    return (y - mean) / scale, mean, scale
+        return series.y, np.zeros_like(st.mean), np.ones_like(st.scale)
+    return st.y, st.mean, st.scale
 
 
 def _check_fit_args(args) -> None:
@@ -638,9 +641,7 @@ def _backtest(args) -> int:
             f"--holdout must be in [{horizons[0]}, {T - min_steps}] for {T} time steps "
             f"(at least {min_steps} to fit, and one target {horizons[0]} steps ahead)"
         )
-    fit_part = series._replace(y=series.y[..., :train, :])
-    _, mean, scale = _standardise(fit_part, not args.no_standardize)
-    yz = (series.y - mean) / scale
+    yz, mean, scale = _standardise(series, not args.no_standardize, fit_steps=train)
     out = Path(args.out)
     _check_out_dir(out)
     print(_data_line(series) + f"; fitted on the first {train} steps, {args.holdout} held out")
