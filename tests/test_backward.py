@@ -517,3 +517,41 @@ def test_mcmc_primitive_checks_its_arguments():
         backward_indices_mcmc(*args, jnp.zeros((N_STD,), jnp.int32), -1)
     with pytest.raises(ValueError, match="num_mcmc_steps"):
         ffbsi_mcmc(jax.random.key(0), ss, filt, jnp.zeros((T_STD, 0)), 4, 0)
+
+
+def test_hybrid_reports_its_fallback_rate_and_warns_when_it_is_high():
+    """The rate is the share of backward draws made by the exact O(N) draw, checked
+    against the low-level pass's own counts; a transition density far narrower than the
+    particle cloud (a loose rejection bound) leaves most rows to it and warns."""
+    import ppl_dyn
+    from ppl_dyn.infer.backward import ffbsi_hybrid
+
+    def run(q, trials):
+        p = {"A": np.eye(1) * 0.9, "C": np.eye(1), "Q": np.eye(1) * q, "R": np.eye(1) * 1.0,
+             "b": np.zeros(1), "d": np.zeros(1), "m0": np.zeros(1), "P0": np.eye(1)}  # fmt: skip
+        y = ppl_dyn.simulate(jax.random.key(0), lds, p, num_steps=40, state_dim=1, obs_dim=1)["y"]
+        e = ParticleSmoother(num_particles=300, mode="ffbsi-hybrid", num_trajectories=50,
+                             max_trials=trials)  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            post = e.smooth(p, lds, y=y, state_dim=1, rng_key=jax.random.key(1))
+        ss, spec = bind(lds, p, y=y, state_dim=1)
+        filt = particle_filter(jax.random.split(jax.random.key(1))[0], ss, spec.y[0],
+                               spec.u[0], 300)  # fmt: skip
+        back = ffbsi_hybrid(jax.random.key(2), ss, filt, spec.u[0], 50, trials)
+        direct = float(jnp.sum(back.info.num_fallback)) / (39 * 50)
+        msgs = [str(w.message) for w in caught if "fallback" in str(w.message)]
+        return float(post.backward_fallback_rate), direct, msgs
+
+    rate_wide, direct_wide, msgs_wide = run(1.0, 10)
+    rate_narrow, direct_narrow, msgs_narrow = run(1e-4, 2)
+    assert 0.0 <= rate_wide < 0.1 and not msgs_wide
+    assert rate_narrow > 0.5 and msgs_narrow and "ffbsi-mcmc" in msgs_narrow[0]
+    # the same order as the low-level pass on a filter of its own (other random numbers)
+    assert abs(rate_wide - direct_wide) < 0.1 and abs(rate_narrow - direct_narrow) < 0.15
+    other = ParticleSmoother(num_particles=50, mode="ffbsm")
+    y = np.zeros((10, 1))
+    pm = {"A": np.eye(1) * 0.9, "C": np.eye(1), "Q": np.eye(1), "R": np.eye(1),
+          "b": np.zeros(1), "d": np.zeros(1), "m0": np.zeros(1), "P0": np.eye(1)}  # fmt: skip
+    plain = other.smooth(pm, lds, y=y, state_dim=1, rng_key=jax.random.key(0))
+    assert plain.backward_fallback_rate is None

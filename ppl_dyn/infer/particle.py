@@ -18,10 +18,12 @@ Cholesky factor of the noise covariance per step; other transitions use their ow
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from blackjax.smc import resampling as bj_resampling
 from jax.scipy.special import logsumexp
 
@@ -72,6 +74,10 @@ class ParticlePosterior(NamedTuple):
         ess: filter effective sample sizes ``(T,)``.
         predicted_log_probs: ``log p_hat(y_t | y_{1:t-1})`` ``(T,)``, the filter's
             per-step factors (they sum to ``log_marginal``).
+        backward_fallback_rate: mode ``"ffbsi-hybrid"``: the share of the backward
+            draws that the rejection rounds did not settle and the exact ``O(N)`` draw
+            made (a high rate means a loose bound and quadratic cost: use
+            ``"ffbsi-mcmc"``); None for the other modes.
     """
 
     particles: jax.Array
@@ -82,6 +88,7 @@ class ParticlePosterior(NamedTuple):
     log_marginal: jax.Array
     ess: jax.Array
     predicted_log_probs: Optional[jax.Array] = None
+    backward_fallback_rate: Optional[jax.Array] = None
 
     @property
     def means(self):
@@ -608,7 +615,7 @@ class ParticleSmoother(NamedTuple):
                 log_weights=shard_particles(filt.log_weights, mesh, axis=1),
                 ancestors=shard_particles(filt.ancestors, mesh, axis=1),
             )
-            traj = None
+            traj = fallback = None
             if self.mode in ("ffbsm", "ffbsi"):
                 log_v, pair = ffbsm(ss, filt, u_s, feature, self.chunk_size, mask_s, mesh)
             if self.mode == "ffbsi":
@@ -617,6 +624,8 @@ class ParticleSmoother(NamedTuple):
                 back = ffbsi_mcmc(k_b, ss, filt, u_s, self.num_trajectories, self.num_mcmc_steps)
             elif self.mode == "ffbsi-hybrid":
                 back = ffbsi_hybrid(k_b, ss, filt, u_s, self.num_trajectories, self.max_trials)
+                draws = max(back.indices.shape[0] - 1, 1) * self.num_trajectories
+                fallback = jnp.sum(back.info.num_fallback) / draws
             if self.mode in ("ffbsi-mcmc", "ffbsi-hybrid"):
                 traj = back.trajectories
                 log_v, pair = path_statistics(filt.particles, back.indices, feature)
@@ -629,6 +638,7 @@ class ParticleSmoother(NamedTuple):
                 filt.log_marginal,
                 filt.ess,
                 filt.predicted_log_probs,
+                fallback,
             )
 
         if time_mask is None:
@@ -656,9 +666,30 @@ class ParticleSmoother(NamedTuple):
         make = _smooth_kernel if items is not None else _smooth_kernel.__wrapped__
         kernel = make(self, model, items if items is not None else tuple(static.items()), has_u)
         post = kernel(rng_key, params, spec.y, spec.u, dynamic, time_mask)
+        if post.backward_fallback_rate is not None:
+            warn_backward_fallback(np.asarray(post.backward_fallback_rate), stacklevel=3)
         if not spec.batched:
             post = jax.tree_util.tree_map(lambda a: a[0], post)
         return post
+
+
+#: The share of exact fallback draws above which ffbsi-hybrid warns.
+FALLBACK_WARN_RATE = 0.2
+
+
+def warn_backward_fallback(rate, stacklevel: int = 2) -> None:
+    """Warn when ffbsi-hybrid's rejection rounds left more than
+    :data:`FALLBACK_WARN_RATE` of the backward draws to the exact ``O(N)`` draw."""
+    worst = float(np.max(rate))
+    if worst > FALLBACK_WARN_RATE:
+        warnings.warn(
+            f"ffbsi-hybrid drew {100 * worst:.0f}% of its backward indices by the exact "
+            "O(N) fallback (its rejection bound is loose for this model and these "
+            "particles), so the pass costs about as much as exact FFBSi: "
+            "mode='ffbsi-mcmc' keeps a linear cost, or raise max_trials",
+            RuntimeWarning,
+            stacklevel=stacklevel + 1,
+        )
 
 
 @functools.lru_cache(maxsize=64)
