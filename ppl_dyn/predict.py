@@ -18,6 +18,7 @@ confident and are wrong; :func:`predict` warns when it happens and says what to 
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import NamedTuple, Optional, Sequence
 
@@ -28,8 +29,10 @@ from blackjax.smc import resampling as bj_resampling
 
 from ppl_dyn._validation import check_rng_key
 from ppl_dyn.infer import _linalg as la
+from ppl_dyn.infer._run import hashable_items, jit_model, split_static, validate_data
 from ppl_dyn.infer.particle import particle_filter
 from ppl_dyn.requirements import UnsupportedModelError, linear_gaussian_form
+from ppl_dyn.state_space import bind
 
 
 class Prediction(NamedTuple):
@@ -111,7 +114,41 @@ def predict(
         "kalman" if type(e_step).__name__ == "KalmanSmoother" else type(e_step).__name__
     )  # fmt: skip
 
-    def run(key, y_all, u_all):
+    dynamic, static = split_static(validate_data(dict(model_kwargs, y=y)))
+    items = hashable_items(static)
+    config = (method, K, int(num_particles), gaussian)
+    e_arg = e_step if gaussian else None
+    if items is None:
+        fn = _make_predictor(model, e_arg, tuple(static.items()), config)
+    else:
+        fn = _cached_predictor(model, e_arg, items, config)
+    m, means, lo, hi, lm, min_ess = fn(rng_key, dict(params), dynamic)
+    if not gaussian:
+        _warn_if_degenerate(np.asarray(min_ess), num_particles)
+
+    def pick(a):
+        if a is None:
+            return None
+        out = {k: a[:, k - 1] for k in horizons}  # a: (S, K, T, dy)
+        return out if spec.batched else {k: v[0] for k, v in out.items()}
+
+    if not spec.batched:
+        m, lm, min_ess = m[0], lm[0], min_ess[0]
+    return Prediction(
+        horizons, pick(means), pick(lo), pick(hi), m, lm, name, None if gaussian else min_ess
+    )
+
+
+def _make_predictor(model, e_step, static_items, config):
+    """The compiled prediction program ``(key, params, dynamic) -> filtered means,
+    forecasts (S, K, T, dy), bands or None, log-marginals, smallest ESS``: one per model,
+    filter, static arguments and sizes (JAX's cache keys the shapes)."""
+    method, K, num_particles, gaussian = config
+    static = dict(static_items)
+
+    def run(key, params, dynamic):
+        ss, spec = bind(model, params, **static, **dynamic)
+        y_all, u_all = spec.y, spec.u
         k_f, k_p = jax.random.split(key)
         if gaussian:
             post = e_step.posterior(k_f, ss, y_all, u_all)
@@ -167,21 +204,12 @@ def predict(
         keys = jax.random.split(k_p, S)
         return jax.vmap(one)(keys, y_all, u_all, jnp.arange(S))
 
-    m, means, lo, hi, lm, min_ess = jax.jit(run)(rng_key, spec.y, spec.u)
-    if not gaussian:
-        _warn_if_degenerate(np.asarray(min_ess), num_particles)
+    return jit_model(run, e_step)
 
-    def pick(a):
-        if a is None:
-            return None
-        out = {k: a[:, k - 1] for k in horizons}  # a: (S, K, T, dy)
-        return out if spec.batched else {k: v[0] for k, v in out.items()}
 
-    if not spec.batched:
-        m, lm, min_ess = m[0], lm[0], min_ess[0]
-    return Prediction(
-        horizons, pick(means), pick(lo), pick(hi), m, lm, name, None if gaussian else min_ess
-    )
+@functools.lru_cache(maxsize=32)
+def _cached_predictor(model, e_step, static_items, config):
+    return _make_predictor(model, e_step, static_items, config)
 
 
 def _warn_if_degenerate(min_ess: np.ndarray, num_particles: int) -> None:

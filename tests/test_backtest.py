@@ -140,3 +140,23 @@ def test_bad_arguments_are_named(kwargs, problem):
     y = np.zeros((30, 1))
     with pytest.raises(ValueError, match=problem):
         ppl_dyn.backtest(P, lds, y=y, state_dim=2, rng_key=jax.random.key(0), **kwargs)
+
+
+def test_predict_compiles_once_for_new_parameters_and_data():
+    """ppl_dyn.predict: one compiled program per model, filter and sizes (each call
+    used to compile again: 6-20 s)."""
+    import importlib
+
+    from ppl_dyn.infer import KalmanSmoother
+
+    pr = importlib.import_module("ppl_dyn.predict")
+    y = np.asarray(ppl_dyn.simulate(jax.random.key(8), lds, P, num_steps=30, state_dim=2,
+                                    obs_dim=1)["y"])  # fmt: skip
+    a = ppl_dyn.predict(P, lds, y=y, state_dim=2, horizons=(1, 3), rng_key=jax.random.key(0))
+    fn = pr._cached_predictor(lds, KalmanSmoother(), (("state_dim", 2),),
+                              ("rollout", 3, 1000, True))  # fmt: skip
+    before = fn._cache_size()
+    b = ppl_dyn.predict(dict(P, R=np.array([[0.6]])), lds, y=y[::-1].copy(), state_dim=2,
+                        horizons=(1, 3), rng_key=jax.random.key(1))  # fmt: skip
+    assert fn._cache_size() == before >= 1 and a.filter == b.filter == "kalman"
+    assert not np.allclose(a.mean[1], b.mean[1])
