@@ -139,7 +139,7 @@ def test_ragged_paris_em_step_equals_m_step_of_separate_runs():
     mstep = LinearGaussianMStep()
     step = _make_step(lds, PARISSmoother(N_PARIS), mstep, (("state_dim", 2),), None)
     key = jax.random.key(12)
-    new, ll, _, _ = step(jp, {"y": y_pad, "u": u_pad}, key, 0, mask)
+    new, ll, *_ = step(jp, {"y": y_pad, "u": u_pad}, key, 0, mask)
     keys = jax.random.split(iteration_keys(key, 0)[0], len(lengths))
     total, ll_sep = None, 0.0
     for s in range(len(LENGTHS)):
