@@ -291,8 +291,9 @@ def test_numpyro_and_blackjax_posteriors_agree_within_mcse(ll_runs):
     b = ppl_dyn.to_inference_data(mcmc, log_likelihood=False)
     for name in ("q", "r"):
         ma, mb = float(a.posterior[name].mean()), float(b.posterior[name].mean())
-        se = np.hypot(float(az.mcse(a, var_names=[name])[name]),
-                      float(az.mcse(b, var_names=[name])[name]))
+        # (a scalar site of a 1-state model has dims (state, state_col) of size 1)
+        se = np.hypot(np.asarray(az.mcse(a, var_names=[name])[name]).item(),
+                      np.asarray(az.mcse(b, var_names=[name])[name]).item())
         assert abs(ma - mb) < 3 * se, (name, ma, mb, se)
         # and both near the truth (0.5, 0.3) on the scale of the posterior sd
         assert abs(ma - {"q": 0.5, "r": 0.3}[name]) < 3 * float(a.posterior[name].std())
@@ -621,8 +622,9 @@ def test_numpyro_and_blackjax_agree_on_the_marginalised_lds():
     b = ppl_dyn.to_inference_data(mcmc, log_likelihood=False)
     for name in ("A", "Q", "R", "m0", "P0"):
         ma, mb = float(a.posterior[name].mean()), float(b.posterior[name].mean())
-        se = np.hypot(float(az.mcse(a, var_names=[name])[name]),
-                      float(az.mcse(b, var_names=[name])[name]))
+        # (a scalar site of a 1-state model has dims (state, state_col) of size 1)
+        se = np.hypot(np.asarray(az.mcse(a, var_names=[name])[name]).item(),
+                      np.asarray(az.mcse(b, var_names=[name])[name]).item())
         assert abs(ma - mb) < 3 * se, (name, ma, mb, se)
     for idata in (a, b):
         assert int(idata.sample_stats["diverging"].sum()) == 0
