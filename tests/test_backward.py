@@ -385,11 +385,14 @@ TANH = dict(
 )  # fmt: skip
 
 
-def test_path_statistics_equal_the_average_of_per_path_complete_data_statistics():
+@pytest.mark.parametrize("direct", [False, True])
+def test_path_statistics_equal_the_average_of_per_path_complete_data_statistics(direct):
     """The M-step statistics from ``path_statistics`` (through the public
     LinearGaussianMStep route) equal the average over the paths of the complete-data
     sufficient statistics, summed in numpy path by path (tanh-RNN: tanh features; the
-    identity holds for any set of paths, so random index paths are used)."""
+    identity holds for any set of paths, so random index paths are used). ``direct``:
+    the posterior carries the path indices, so the statistics come from the M path
+    states (O(M T)), not from path counts over all N particles."""
     _, _, filt, _ = fixed_system()  # any particles and any paths will do
     rng = np.random.default_rng(4)
     T, M = T_STD, 37
@@ -403,7 +406,8 @@ def test_path_statistics_equal_the_average_of_per_path_complete_data_statistics(
     def run(particles, indices):
         log_v, pair = path_statistics(particles, indices, ss.structure.dynamics.features)
         post = ParticlePosterior(
-            particles, filt.log_weights, log_v, pair, None, filt.log_marginal, filt.ess
+            particles, filt.log_weights, log_v, pair, None, filt.log_marginal, filt.ess,
+            path_indices=indices if direct else None,
         )
         post = jax.tree_util.tree_map(lambda a: a[None], post)
         return LinearGaussianMStep().statistics(post, ss, spec.y, spec.u)

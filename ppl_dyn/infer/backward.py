@@ -455,11 +455,15 @@ def _ffbsi_with_inputs(rng_key, filt, u, num_trajectories, draw) -> BackwardSamp
     keys = jax.random.split(k_back, max(T - 1, 0))
 
     def back(J_next, inp):
-        key, x_t, lw_t, x_next_all, anc_next, u_next = inp
-        out = draw(key, x_t, lw_t, x_next_all[J_next], anc_next[J_next], u_next)
+        # the rows t and t + 1 are read in place (scanning over the slices X[:-1] and
+        # X[1:] would copy the whole (T, N, dx) history twice)
+        key, t, u_next = inp
+        x_t, lw_t = X[t], LW[t]
+        x_next, anc_next = X[t + 1][J_next], anc[t + 1][J_next]
+        out = draw(key, x_t, lw_t, x_next, anc_next, u_next)
         return out[0], out
 
-    xs = (keys, X[:-1], LW[:-1], X[1:], anc[1:], u[1:])
+    xs = (keys, jnp.arange(max(T - 1, 0)), u[1:])
     _, (J, n_acc, n_prop, n_fall) = jax.lax.scan(back, J_T, xs, reverse=True)
     idx = jnp.concatenate([J, J_T[None]], 0)  # (T, M)
     traj = jnp.swapaxes(jnp.take_along_axis(X, idx[..., None], axis=1), 0, 1)  # (M, T, dx)

@@ -1,7 +1,8 @@
 """Particle filtering and smoothing in the log domain (the E-step for nonlinear models).
 
-* Forward: bootstrap particle filter with ESS-triggered resampling (blackjax's
-  systematic / stratified / multinomial schemes), normalised log-weights, and the
+* Forward: bootstrap particle filter with ESS-triggered resampling (BlackJAX's
+  systematic / stratified / multinomial draws; the first two in linear time,
+  :mod:`ppl_dyn.infer.resampling`), normalised log-weights, and the
   unbiased estimate of ``p(y_{1:T})`` (its log is returned).
 * Backward, mode ``"ffbsm"``: forward-filtering backward-smoothing (seed 000, eqs 17-20,
   with the eq 23 index typos corrected, ``docs/math.md``) entirely in the log domain; the
@@ -24,13 +25,13 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from blackjax.smc import resampling as bj_resampling
 from jax.scipy.special import logsumexp
 
 from ppl_dyn._malloc import keep_freed_memory
 from ppl_dyn.infer import _linalg as la
 from ppl_dyn.infer._mesh import MeshAxes, mesh_axes
 from ppl_dyn.infer.backward import DEFAULT_MAX_TRIALS, ffbsi_hybrid, ffbsi_mcmc, path_statistics
+from ppl_dyn.infer.resampling import RESAMPLERS
 from ppl_dyn.infer.stats import InitStats, LinearStats, RegressionStats, keep, sum_stats
 from ppl_dyn.requirements import additive_gaussian
 from ppl_dyn.state_space import (
@@ -40,11 +41,7 @@ from ppl_dyn.state_space import (
     masked_log_prob,
 )
 
-_RESAMPLERS = {
-    "systematic": bj_resampling.systematic,
-    "stratified": bj_resampling.stratified,
-    "multinomial": bj_resampling.multinomial,
-}
+_RESAMPLERS = RESAMPLERS
 
 
 class FilterOutput(NamedTuple):
@@ -78,6 +75,10 @@ class ParticlePosterior(NamedTuple):
             draws that the rejection rounds did not settle and the exact ``O(N)`` draw
             made (a high rate means a loose bound and quadratic cost: use
             ``"ffbsi-mcmc"``); None for the other modes.
+        path_indices: the linear-cost modes (``"ffbsi-mcmc"``, ``"ffbsi-hybrid"``): the
+            filter particle each drawn path passes through, ``(T, M)``; the M-step
+            statistics are then averages over the ``M`` paths, computed from them
+            directly in ``O(M T)`` memory. None for the other modes.
     """
 
     particles: jax.Array
@@ -89,6 +90,7 @@ class ParticlePosterior(NamedTuple):
     ess: jax.Array
     predicted_log_probs: Optional[jax.Array] = None
     backward_fallback_rate: Optional[jax.Array] = None
+    path_indices: Optional[jax.Array] = None
 
     @property
     def means(self):
@@ -249,31 +251,48 @@ def particle_filter(
     mask = ~jnp.isnan(y)
     k_init, k_rest = jax.random.split(rng_key)
     step_keys = jax.random.split(k_rest, (max(T - 1, 0), 2))
-    x1, lw1n, logZ1, ess1 = filter_init(k_init, ss, y[0], u[0], mask[0], N)
-    x1, lw1n = shard_particles(x1, mesh), shard_particles(lw1n, mesh)
+    # one scan over all T steps, the first one the initial draw (a cond on the step
+    # counter, not batched under vmap): the (T, N, ...) history is written once, where
+    # stacking the initial row onto a (T - 1, N, ...) scan output copied all of it again
+    keys = jnp.concatenate([jnp.stack([k_init, k_init])[None], step_keys], 0)
+    dtype = y.dtype
+    dx = jax.eval_shape(lambda k: ss.init.sample(k), k_init).shape[-1]
 
-    def step(carry, inp):
+    def first(carry, inp):
+        k, _, u_t, y_t, m_t = inp
+        x1, lw1n, logZ1, ess1 = filter_init(k[0], ss, y_t, u_t, m_t, N)
+        x1, lw1n = shard_particles(x1, mesh), shard_particles(lw1n, mesh)
+        idx = shard_particles(jnp.arange(N, dtype=jnp.int32), mesh)
+        return (x1, lw1n, logZ1), (x1, lw1n, idx, ess1, jnp.zeros((), bool), logZ1)
+
+    def later(carry, inp):
         x_prev, lw_prev, logZ = carry  # lw_prev normalised
-        k_res, k_mov, u_t, y_t, m_t = inp
+        k, _, u_t, y_t, m_t = inp
         degenerate = ~jnp.isfinite(logZ)
         x, lw_new, idx, step_lz, ess, do_res = filter_step(
-            ss, resampling, ess_threshold, k_res, k_mov, x_prev, lw_prev, degenerate, u_t, y_t, m_t
+            ss, resampling, ess_threshold, k[0], k[1], x_prev, lw_prev, degenerate, u_t, y_t, m_t
         )
         x, lw_new, idx = (shard_particles(a, mesh) for a in (x, lw_new, idx))
         return (x, lw_new, logZ + step_lz), (x, lw_new, idx, ess, do_res, step_lz)
 
-    xs = (step_keys[:, 0], step_keys[:, 1], u[1:], y[1:], mask[1:])
-    (_, _, logZ), (x_rest, lw_rest, anc, ess, res, lz) = jax.lax.scan(
-        step, (x1, lw1n, logZ1), xs
+    def step(carry, inp):
+        return jax.lax.cond(inp[1] == 0, first, later, carry, inp)
+
+    init = (
+        jnp.zeros((N, dx), dtype),
+        jnp.zeros((N,), dtype),
+        jnp.zeros((), dtype),
     )
+    xs = (keys, jnp.arange(T), u, y, mask)
+    (_, _, logZ), (X, LW, anc, ess, res, lz) = jax.lax.scan(step, init, xs)
     return FilterOutput(
-        particles=jnp.concatenate([x1[None], x_rest], 0),
-        log_weights=jnp.concatenate([lw1n[None], lw_rest], 0),
-        ancestors=jnp.concatenate([jnp.arange(N, dtype=jnp.int32)[None], anc], 0),
+        particles=X,
+        log_weights=LW,
+        ancestors=anc,
         log_marginal=logZ,
-        ess=jnp.concatenate([ess1[None], ess], 0),
-        resampled=jnp.concatenate([jnp.zeros((1,), bool), res], 0),
-        predicted_log_probs=jnp.concatenate([logZ1[None], lz], 0),
+        ess=ess,
+        resampled=res,
+        predicted_log_probs=lz,
     )
 
 
@@ -493,9 +512,15 @@ def particle_linear_statistics(
         return LinearStats(dyn, emi, init)
 
     mask = jnp.ones(y.shape[:2], bool) if time_mask is None else time_mask
-    per_seq = jax.vmap(one)(
-        post.particles, post.smoothed_log_weights, post.pair_moments, y, u, mask
-    )
+    X, log_v = post.particles, post.smoothed_log_weights
+    if post.path_indices is not None:
+        # equally weighted paths: the statistics from the M path states directly, never
+        # from (T, N, ...) arrays (same values: log_v counts the paths through each
+        # particle, so sum_i v_t^i f(x_t^i) = (1/M) sum_m f(x_t^{J_t^m}))
+        X = jnp.take_along_axis(X, post.path_indices[..., None], axis=-2)  # (S, T, M, dx)
+        M = post.path_indices.shape[-1]
+        log_v = jnp.full(X.shape[:-1], -jnp.log(M), X.dtype)
+    per_seq = jax.vmap(one)(X, log_v, post.pair_moments, y, u, mask)
     return sum_stats(per_seq)
 
 
@@ -615,7 +640,7 @@ class ParticleSmoother(NamedTuple):
                 log_weights=shard_particles(filt.log_weights, mesh, axis=1),
                 ancestors=shard_particles(filt.ancestors, mesh, axis=1),
             )
-            traj = fallback = None
+            traj = fallback = paths = None
             if self.mode in ("ffbsm", "ffbsi"):
                 log_v, pair = ffbsm(ss, filt, u_s, feature, self.chunk_size, mask_s, mesh)
             if self.mode == "ffbsi":
@@ -627,7 +652,7 @@ class ParticleSmoother(NamedTuple):
                 draws = max(back.indices.shape[0] - 1, 1) * self.num_trajectories
                 fallback = jnp.sum(back.info.num_fallback) / draws
             if self.mode in ("ffbsi-mcmc", "ffbsi-hybrid"):
-                traj = back.trajectories
+                traj, paths = back.trajectories, back.indices
                 log_v, pair = path_statistics(filt.particles, back.indices, feature)
             return ParticlePosterior(
                 filt.particles,
@@ -639,6 +664,7 @@ class ParticleSmoother(NamedTuple):
                 filt.ess,
                 filt.predicted_log_probs,
                 fallback,
+                paths,
             )
 
         if time_mask is None:
