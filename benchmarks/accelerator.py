@@ -178,8 +178,10 @@ def main(argv=None):
             json.dump(report, f, indent=1)
     if args.append_results:
         with open("benchmarks/results.md", "a") as f:
-            f.write(f"\n## Accelerator run ({report['device']}, {dtype_name}, JAX "
-                    f"{jax.__version__})\n\n```\n{json.dumps(report['cases'], indent=1)}\n```\n")
+            f.write(
+                f"\n## Accelerator run ({report['device']}, {dtype_name}, JAX "
+                f"{jax.__version__})\n\n```\n{json.dumps(report['cases'], indent=1)}\n```\n"
+            )
     return report
 
 

@@ -300,8 +300,12 @@ def main(argv=None):
     print(f"throughputs: {tp}", flush=True)
     result = {
         "settings": {"T": T, "dx": dx, "dy": 1, "ns": ns, "repeats": repeats},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "jax": jax.__version__, "backend": jax.default_backend()},  # fmt: skip
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "jax": jax.__version__,
+            "backend": jax.default_backend(),
+        },  # fmt: skip
         "throughputs": tp,
         "results": [],
     }

@@ -292,8 +292,11 @@ def worker_throughput(a):
     for lg in (16, 18, 20):
         n_exp = 1 << lg
         exp_detail[f"2^{lg}"] = rate(
-            exp_f, lambda k, n=n_exp: (jax.random.normal(k, (n,), dt),), n_exp,
-            (1 << (22 if a.quick else 25)) >> lg)
+            exp_f,
+            lambda k, n=n_exp: (jax.random.normal(k, (n,), dt),),
+            n_exp,
+            (1 << (22 if a.quick else 25)) >> lg,
+        )
     # exp fused into a reduction inside one program (as in the E-step): no output array
     # written, no dispatch per call; the array calls above can read 1.5x lower when the
     # machine is busy, and a bound from them alone was once beaten by our own E-step
@@ -311,14 +314,18 @@ def worker_throughput(a):
         fused_detail[f"{rows}x1024"] = rate(
             jax.jit(fused),
             lambda k, r=rows: (-5.0 * jnp.abs(jax.random.normal(k, (r, 1024), dt)),),
-            n_blk * reps, 1)
+            n_blk * reps,
+            1,
+        )
     mm_f = jax.jit(jnp.matmul)
     mm_detail = {}
-    for n in ((512, 1024) if a.quick else (1024, 2048)):
+    for n in (512, 1024) if a.quick else (1024, 2048):
         mm_detail[str(n)] = rate(
-            mm_f, lambda k, n=n: (jax.random.normal(k, (n, n), dt),
-                                  jax.random.normal(k, (n, n), dt) + 1),
-            2.0 * n**3, 2 if a.quick else 4)
+            mm_f,
+            lambda k, n=n: (jax.random.normal(k, (n, n), dt), jax.random.normal(k, (n, n), dt) + 1),
+            2.0 * n**3,
+            2 if a.quick else 4,
+        )
     json.dump(
         {
             "exp_per_s": max(
@@ -419,8 +426,14 @@ def bound_seconds(T, N, dx, tp):
     flops = P * (2 * dx + 2 * k)
     te = exps / tp["exp_per_s"]
     tf = flops / tp["flop_per_s"]
-    return {"exps": exps, "flops": flops, "exp_s": te, "flop_s": tf, "sum_s": te + tf,
-            "max_s": max(te, tf)}
+    return {
+        "exps": exps,
+        "flops": flops,
+        "exp_s": te,
+        "flop_s": tf,
+        "sum_s": te + tf,
+        "max_s": max(te, tf),
+    }
 
 
 def fmt_s(x):
@@ -444,18 +457,31 @@ def main(argv=None):
     ap.add_argument("--no-warmup", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
-        return {"ours": worker_ours, "throughput": worker_throughput,
-                "particles": worker_particles}[a.worker](a)
+        return {
+            "ours": worker_ours,
+            "throughput": worker_throughput,
+            "particles": worker_particles,
+        }[a.worker](a)
 
     cfg = QUICK if a.quick else FULL
     T = cfg["T"]
     n_large = max(cfg["ns"])
-    results = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()
-                          if k != "repeats"},
-               "repeats": {str(k): v for k, v in cfg["repeats"].items()},
-               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                           "python": sys.version.split()[0], "numpy": np.__version__},
-               "ours": [], "particles": [], "throughput": {}, "bound": []}
+    results = {
+        "config": {
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items() if k != "repeats"
+        },
+        "repeats": {str(k): v for k, v in cfg["repeats"].items()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "numpy": np.__version__,
+        },
+        "ours": [],
+        "particles": [],
+        "throughput": {},
+        "bound": [],
+    }
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as wd:
         print("simulating data ...", flush=True)
@@ -466,8 +492,9 @@ def main(argv=None):
 
         for dtype in cfg["dtypes"]:
             print(f"throughput {dtype} ...", flush=True)
-            tp = run_child(["--worker", "throughput", "--dtype", dtype, *common], 600,
-                           f"throughput {dtype}")
+            tp = run_child(
+                ["--worker", "throughput", "--dtype", dtype, *common], 600, f"throughput {dtype}"
+            )
             results["throughput"][dtype] = tp
 
         for dtype in cfg["dtypes"]:
@@ -478,29 +505,59 @@ def main(argv=None):
                     reps = cfg["repeats_large"] if large else cfg["repeats"].get(N, 3)
                     label = f"ours {dtype} dx={dx} N={N}"
                     print(f"{label} chunks={chunks} ...", flush=True)
-                    args = ["--worker", "ours", "--dtype", dtype, "--dx", str(dx), "--n", str(N),
-                            "--chunks", ",".join("none" if c is None else str(c) for c in chunks),
-                            "--repeats", str(reps), *common]
+                    args = [
+                        "--worker",
+                        "ours",
+                        "--dtype",
+                        dtype,
+                        "--dx",
+                        str(dx),
+                        "--n",
+                        str(N),
+                        "--chunks",
+                        ",".join("none" if c is None else str(c) for c in chunks),
+                        "--repeats",
+                        str(reps),
+                        *common,
+                    ]
                     if large:
                         args.append("--no-warmup")
                     r = run_child(args, cfg["case_timeout_s"], label)
                     row = {"dtype": dtype, "dx": dx, "N": N, "T": T, **(r or {"failed": True})}
                     results["ours"].append(row)
                     if r:
-                        print(f"  median {r['median_s']:.4g} s (chunk {r['best_chunk']}), "
-                              f"log p(y) ~ {r['log_marginal']:.2f}", flush=True)
+                        print(
+                            f"  median {r['median_s']:.4g} s (chunk {r['best_chunk']}), "
+                            f"log p(y) ~ {r['log_marginal']:.2f}",
+                            flush=True,
+                        )
 
         if not a.skip_particles:
             for N in cfg["particles_ns"]:
                 label = f"particles dx={cfg['particles_dx']} N={N}"
                 print(f"{label} ...", flush=True)
-                r = run_child(["--worker", "particles", "--dx", str(cfg["particles_dx"]),
-                               "--n", str(N), *common], cfg["particles_timeout_s"], label)
-                results["particles"].append({"dx": cfg["particles_dx"], "N": N, "T": T,
-                                             **(r or {"failed": True})})
+                r = run_child(
+                    [
+                        "--worker",
+                        "particles",
+                        "--dx",
+                        str(cfg["particles_dx"]),
+                        "--n",
+                        str(N),
+                        *common,
+                    ],
+                    cfg["particles_timeout_s"],
+                    label,
+                )
+                results["particles"].append(
+                    {"dx": cfg["particles_dx"], "N": N, "T": T, **(r or {"failed": True})}
+                )
                 if r:
-                    print(f"  total {r['total_s']:.4g} s (filter {r['filter_s']:.3g} s, "
-                          f"backward {r['backward_s']:.4g} s)", flush=True)
+                    print(
+                        f"  total {r['total_s']:.4g} s (filter {r['filter_s']:.3g} s, "
+                        f"backward {r['backward_s']:.4g} s)",
+                        flush=True,
+                    )
 
     # bound and ratios
     for dtype in cfg["dtypes"]:
@@ -509,52 +566,94 @@ def main(argv=None):
             continue
         for dx in cfg["dxs"]:
             b = bound_seconds(T, n_large, dx, tp)
-            ours = next((r for r in results["ours"] if r["dtype"] == dtype and r["dx"] == dx
-                         and r["N"] == n_large and "median_s" in r), None)
-            b.update(dtype=dtype, dx=dx, N=n_large, T=T,
-                     ours_s=ours["median_s"] if ours else None,
-                     ratio_ours_over_bound=ours["median_s"] / b["sum_s"] if ours else None,
-                     ratio_ours_over_max_bound=ours["median_s"] / b["max_s"] if ours else None)
+            ours = next(
+                (
+                    r
+                    for r in results["ours"]
+                    if r["dtype"] == dtype
+                    and r["dx"] == dx
+                    and r["N"] == n_large
+                    and "median_s" in r
+                ),
+                None,
+            )
+            b.update(
+                dtype=dtype,
+                dx=dx,
+                N=n_large,
+                T=T,
+                ours_s=ours["median_s"] if ours else None,
+                ratio_ours_over_bound=ours["median_s"] / b["sum_s"] if ours else None,
+                ratio_ours_over_max_bound=ours["median_s"] / b["max_s"] if ours else None,
+            )
             results["bound"].append(b)
-    ours_cmp = next((r for r in results["ours"] if r["dtype"] == "float64"
-                     and r["dx"] == cfg["particles_dx"] and r["N"] == cfg["compare_n"]
-                     and "median_s" in r), None)
-    part_cmp = next((r for r in results["particles"] if r["N"] == cfg["compare_n"]
-                     and "total_s" in r), None)
+    ours_cmp = next(
+        (
+            r
+            for r in results["ours"]
+            if r["dtype"] == "float64"
+            and r["dx"] == cfg["particles_dx"]
+            and r["N"] == cfg["compare_n"]
+            and "median_s" in r
+        ),
+        None,
+    )
+    part_cmp = next(
+        (r for r in results["particles"] if r["N"] == cfg["compare_n"] and "total_s" in r), None
+    )
     results["ratio_particles_over_ours"] = (
-        part_cmp["total_s"] / ours_cmp["median_s"] if ours_cmp and part_cmp else None)
+        part_cmp["total_s"] / ours_cmp["median_s"] if ours_cmp and part_cmp else None
+    )
     results["ratio_particles_backward_over_ours"] = (
-        part_cmp["backward_s"] / ours_cmp["median_s"] if ours_cmp and part_cmp else None)
+        part_cmp["backward_s"] / ours_cmp["median_s"] if ours_cmp and part_cmp else None
+    )
     results["total_wall_s"] = time.perf_counter() - t_start
 
     # report
-    lines = ["", f"## Particle E-step, tanh-RNN, T = {T}, dy = 1 (wall-clock seconds per E-step)",
-             "", "| implementation | dtype | dx | N | chunk | median s | runs | log p(y) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        f"## Particle E-step, tanh-RNN, T = {T}, dy = 1 (wall-clock seconds per E-step)",
+        "",
+        "| implementation | dtype | dx | N | chunk | median s | runs | log p(y) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results["ours"]:
         if "median_s" not in r:
             lines.append(f"| ppl_dyn | {r['dtype']} | {r['dx']} | {r['N']} | - | FAILED | | |")
             continue
         sweep = ""
         if len(r["chunks"]) > 1:
-            sweep = " (" + ", ".join(f"{c}: {min(v['times_s']):.3g}"
-                                     for c, v in r["chunks"].items()) + ")"
-        lines.append(f"| ppl_dyn | {r['dtype']} | {r['dx']} | {r['N']} | {r['best_chunk']}{sweep}"
-                     f" | {fmt_s(r['median_s'])} | {len(r['times_s'])} | {r['log_marginal']:.2f} |")
+            sweep = (
+                " ("
+                + ", ".join(f"{c}: {min(v['times_s']):.3g}" for c, v in r["chunks"].items())
+                + ")"
+            )
+        lines.append(
+            f"| ppl_dyn | {r['dtype']} | {r['dx']} | {r['N']} | {r['best_chunk']}{sweep}"
+            f" | {fmt_s(r['median_s'])} | {len(r['times_s'])} | {r['log_marginal']:.2f} |"
+        )
     for r in results["particles"]:
         if "total_s" not in r:
             lines.append(f"| particles | float64 | {r['dx']} | {r['N']} | - | FAILED | | |")
             continue
-        lines.append(f"| particles (SMC + backward_sampling_ON2; filter {fmt_s(r['filter_s'])}"
-                     f" + backward {fmt_s(r['backward_s'])}) | float64 | {r['dx']} | {r['N']} |"
-                     f" - | {fmt_s(r['total_s'])} | 1 | {r['log_marginal']:.2f} |")
+        lines.append(
+            f"| particles (SMC + backward_sampling_ON2; filter {fmt_s(r['filter_s'])}"
+            f" + backward {fmt_s(r['backward_s'])}) | float64 | {r['dx']} | {r['N']} |"
+            f" - | {fmt_s(r['total_s'])} | 1 | {r['log_marginal']:.2f} |"
+        )
     if not a.skip_particles:
-        lines.append(f"| particles | float64 | {cfg['particles_dx']} | {n_large} | - | skipped "
-                     "(~16x the N=1000 time) | | |")
-    lines += ["", "## Lower bound for the FFBSm backward pass (measured throughput)", "",
-              "| dtype | exp/s | matmul flop/s | dx | N | exps | flops | exp s | flop s |"
-              " bound (sum) s | ours s | ours / bound | ours / max-bound |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| particles | float64 | {cfg['particles_dx']} | {n_large} | - | skipped "
+            "(~16x the N=1000 time) | | |"
+        )
+    lines += [
+        "",
+        "## Lower bound for the FFBSm backward pass (measured throughput)",
+        "",
+        "| dtype | exp/s | matmul flop/s | dx | N | exps | flops | exp s | flop s |"
+        " bound (sum) s | ours s | ours / bound | ours / max-bound |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for b in results["bound"]:
         tp = results["throughput"][b["dtype"]]
         rb = b["ratio_ours_over_bound"]
@@ -563,23 +662,34 @@ def main(argv=None):
             f"| {b['dtype']} | {tp['exp_per_s']:.3g} | {tp['flop_per_s']:.3g} | {b['dx']} |"
             f" {b['N']} | {b['exps']:.3g} | {b['flops']:.3g} | {fmt_s(b['exp_s'])} |"
             f" {fmt_s(b['flop_s'])} | {fmt_s(b['sum_s'])} | {fmt_s(b['ours_s'])} |"
-            f" {'-' if rb is None else f'{rb:.2f}x'} | {'-' if rm is None else f'{rm:.2f}x'} |")
+            f" {'-' if rb is None else f'{rb:.2f}x'} | {'-' if rm is None else f'{rm:.2f}x'} |"
+        )
     lines += ["", "## Ratios", ""]
     rp = results["ratio_particles_over_ours"]
-    lines.append(f"* particles / ours at N = {cfg['compare_n']} (dx = {cfg['particles_dx']}, "
-                 f"float64, whole E-step): "
-                 + ("n/a" if rp is None else f"**{rp:.0f}x** (target >= 100x; backward pass "
-                    f"alone: {results['ratio_particles_backward_over_ours']:.0f}x)"))
+    lines.append(
+        f"* particles / ours at N = {cfg['compare_n']} (dx = {cfg['particles_dx']}, "
+        f"float64, whole E-step): "
+        + (
+            "n/a"
+            if rp is None
+            else f"**{rp:.0f}x** (target >= 100x; backward pass "
+            f"alone: {results['ratio_particles_backward_over_ours']:.0f}x)"
+        )
+    )
     for b in results["bound"]:
         rb = b["ratio_ours_over_bound"]
-        lines.append(f"* ours / bound at N = {b['N']}, dx = {b['dx']}, {b['dtype']}: "
-                     + ("n/a" if rb is None else f"**{rb:.2f}x** (target <= 3x)"))
+        lines.append(
+            f"* ours / bound at N = {b['N']}, dx = {b['dx']}, {b['dtype']}: "
+            + ("n/a" if rb is None else f"**{rb:.2f}x** (target <= 3x)")
+        )
     if ours_cmp and part_cmp:
-        lines.append(f"* cross-check at N = {cfg['compare_n']}: log p(y) ours "
-                     f"{ours_cmp['log_marginal']:.2f}, particles {part_cmp['log_marginal']:.2f};"
-                     f" pair moment sum_t E[x_t tanh(x_(t-1))^T]: ours "
-                     f"{np.round(ours_cmp['pair_moment'], 2).tolist()}, particles "
-                     f"{np.round(part_cmp['pair_moment'], 2).tolist()}")
+        lines.append(
+            f"* cross-check at N = {cfg['compare_n']}: log p(y) ours "
+            f"{ours_cmp['log_marginal']:.2f}, particles {part_cmp['log_marginal']:.2f};"
+            f" pair moment sum_t E[x_t tanh(x_(t-1))^T]: ours "
+            f"{np.round(ours_cmp['pair_moment'], 2).tolist()}, particles "
+            f"{np.round(part_cmp['pair_moment'], 2).tolist()}"
+        )
     lines.append(f"* total wall time {results['total_wall_s']:.0f} s")
     print("\n".join(lines), flush=True)
     if a.out:

@@ -153,24 +153,70 @@ def rows_lds_em(data: dict) -> list[Row]:
             continue
         o, d, p = r.get("ours", {}), r.get("dynamax", {}), r.get("pykalman")
         dyn = f"dynamax {d.get('model', '')}".strip()
-        rows.append(make_row(bench, f"{name}: one EM iteration", o.get("per_iter_s"), dyn,
-                             d.get("per_iter_s"), target=1.0))
+        rows.append(
+            make_row(
+                bench,
+                f"{name}: one EM iteration",
+                o.get("per_iter_s"),
+                dyn,
+                d.get("per_iter_s"),
+                target=1.0,
+            )
+        )
         if p is None:
-            rows.append(make_row(bench, f"{name}: one EM iteration", o.get("per_iter_s"),
-                                 "pykalman", None, note="pykalman has no batch EM"))
+            rows.append(
+                make_row(
+                    bench,
+                    f"{name}: one EM iteration",
+                    o.get("per_iter_s"),
+                    "pykalman",
+                    None,
+                    note="pykalman has no batch EM",
+                )
+            )
         else:
-            rows.append(make_row(bench, f"{name}: one EM iteration", o.get("per_iter_s"),
-                                 "pykalman", p.get("per_iter_s"), target=50.0))
-        rows.append(make_row(bench, f"{name}: whole fit, {fit_iters} iterations, fresh process",
-                             o.get("fit_s"), dyn, d.get("fit_s"), target=2.0))
+            rows.append(
+                make_row(
+                    bench,
+                    f"{name}: one EM iteration",
+                    o.get("per_iter_s"),
+                    "pykalman",
+                    p.get("per_iter_s"),
+                    target=50.0,
+                )
+            )
+        rows.append(
+            make_row(
+                bench,
+                f"{name}: whole fit, {fit_iters} iterations, fresh process",
+                o.get("fit_s"),
+                dyn,
+                d.get("fit_s"),
+                target=2.0,
+            )
+        )
         if "second_fit_s" in o:
-            rows.append(make_row(
-                bench, f"{name}: whole fit, second fit in the same process (new data)",
-                o.get("second_fit_s"), dyn, d.get("second_fit_s"), target=2.0))
+            rows.append(
+                make_row(
+                    bench,
+                    f"{name}: whole fit, second fit in the same process (new data)",
+                    o.get("second_fit_s"),
+                    dyn,
+                    d.get("second_fit_s"),
+                    target=2.0,
+                )
+            )
         if "fit_warm_cache_s" in o:
-            rows.append(make_row(
-                bench, f"{name}: whole fit, fresh process, warm JAX compilation cache (both)",
-                o.get("fit_warm_cache_s"), dyn, d.get("fit_warm_cache_s"), target=2.0))
+            rows.append(
+                make_row(
+                    bench,
+                    f"{name}: whole fit, fresh process, warm JAX compilation cache (both)",
+                    o.get("fit_warm_cache_s"),
+                    dyn,
+                    d.get("fit_warm_cache_s"),
+                    target=2.0,
+                )
+            )
     return rows
 
 
@@ -183,19 +229,37 @@ def rows_particle_smoother(data: dict) -> list[Row]:
     rows = []
     for p in data.get("particles", []):
         dx, N = p.get("dx"), p.get("N")
-        ours = next((o for o in data.get("ours", []) if o.get("dtype") == "float64"
-                     and o.get("dx") == dx and o.get("N") == N), {})
-        rows.append(make_row(
-            bench, f"tanh-RNN, T={T}, dx={dx}, N={N}, float64: filter + FFBSm + statistics",
-            ours.get("median_s"), "particles (SMC + O(N²) backward sampling)",
-            p.get("total_s"), target=100.0 if N == compare_n else None,
-            note="failed" if p.get("failed") or ours.get("failed") else None))
+        ours = next(
+            (
+                o
+                for o in data.get("ours", [])
+                if o.get("dtype") == "float64" and o.get("dx") == dx and o.get("N") == N
+            ),
+            {},
+        )
+        rows.append(
+            make_row(
+                bench,
+                f"tanh-RNN, T={T}, dx={dx}, N={N}, float64: filter + FFBSm + statistics",
+                ours.get("median_s"),
+                "particles (SMC + O(N²) backward sampling)",
+                p.get("total_s"),
+                target=100.0 if N == compare_n else None,
+                note="failed" if p.get("failed") or ours.get("failed") else None,
+            )
+        )
     for b in data.get("bound", []):
-        rows.append(make_row(
-            bench, f"tanh-RNN, T={b.get('T', T)}, dx={b.get('dx')}, N={b.get('N')}, "
-            f"{b.get('dtype')}: FFBSm vs an arithmetic lower bound",
-            b.get("ours_s"), "lower bound (measured exp/s and flop/s)", b.get("sum_s"),
-            target=1 / 3))
+        rows.append(
+            make_row(
+                bench,
+                f"tanh-RNN, T={b.get('T', T)}, dx={b.get('dx')}, N={b.get('N')}, "
+                f"{b.get('dtype')}: FFBSm vs an arithmetic lower bound",
+                b.get("ours_s"),
+                "lower bound (measured exp/s and flop/s)",
+                b.get("sum_s"),
+                target=1 / 3,
+            )
+        )
     return rows
 
 
@@ -203,9 +267,13 @@ def rows_eks_rbf(data: dict) -> list[Row]:
     """``eks_rbf.py --out``: one RBF EM iteration, EKS vs the particle E-step."""
     n = data.get("meta", {}).get("num_particles", "?")
     return [
-        make_row("EM, RBF model", f"T={r.get('T')}, I={r.get('I')}, dx={r.get('dx')}: "
-                 "one EM iteration with the EKS", r.get("eks_s"),
-                 f"ppl_dyn particle E-step (FFBSm, N={n})", r.get("particle_s"))
+        make_row(
+            "EM, RBF model",
+            f"T={r.get('T')}, I={r.get('I')}, dx={r.get('dx')}: one EM iteration with the EKS",
+            r.get("eks_s"),
+            f"ppl_dyn particle E-step (FFBSm, N={n})",
+            r.get("particle_s"),
+        )
         for r in data.get("rows", [])
     ]
 
@@ -244,24 +312,46 @@ def rows_nuts(data: dict) -> list[Row]:
             m, lat = get(f"marginal/{backend}/T={T}"), get(f"latent/{backend}/T={T}")
             if m is None and lat is None:
                 continue
-            rows.append(make_row(
-                bench, f"T={T}, {backend}: s per effective draw, states integrated out "
-                "(Kalman) vs sampled", _per_ess(m or {}), "latent states, non-centred",
-                _per_ess(lat or {}), target=5.0 if big else None, note=note(m, lat)))
+            rows.append(
+                make_row(
+                    bench,
+                    f"T={T}, {backend}: s per effective draw, states integrated out "
+                    "(Kalman) vs sampled",
+                    _per_ess(m or {}),
+                    "latent states, non-centred",
+                    _per_ess(lat or {}),
+                    target=5.0 if big else None,
+                    note=note(m, lat),
+                )
+            )
         m, dyn = get(f"marginal/blackjax/T={T}"), get(f"dynamax/blackjax/T={T}")
         if m is not None or dyn is not None:
-            rows.append(make_row(
-                bench, f"T={T}, blackjax: s per effective draw, our Kalman marginal",
-                _per_ess(m or {}), "dynamax lgssm_filter marginal", _per_ess(dyn or {}),
-                target=3.0 if big else None, note=note(m, dyn)))
+            rows.append(
+                make_row(
+                    bench,
+                    f"T={T}, blackjax: s per effective draw, our Kalman marginal",
+                    _per_ess(m or {}),
+                    "dynamax lgssm_filter marginal",
+                    _per_ess(dyn or {}),
+                    target=3.0 if big else None,
+                    note=note(m, dyn),
+                )
+            )
         for form in ("marginal", "latent"):
             bj, npy = get(f"{form}/blackjax/T={T}"), get(f"{form}/numpyro/T={T}")
             if bj is None and npy is None:
                 continue
-            rows.append(make_row(
-                bench, f"T={T}, {form}: wall time, ppl_dyn.mcmc.run_blackjax",
-                (bj or {}).get("wall_s"), "NumPyro MCMC(NUTS)", (npy or {}).get("wall_s"),
-                target=1.0, note=note(bj, npy)))
+            rows.append(
+                make_row(
+                    bench,
+                    f"T={T}, {form}: wall time, ppl_dyn.mcmc.run_blackjax",
+                    (bj or {}).get("wall_s"),
+                    "NumPyro MCMC(NUTS)",
+                    (npy or {}).get("wall_s"),
+                    target=1.0,
+                    note=note(bj, npy),
+                )
+            )
     return rows
 
 
@@ -285,8 +375,17 @@ def rows_smoothers(data: dict) -> list[Row]:
             f"LDS, T={T}, dx={dx}, {where}: {name} at the EM-statistics error of FFBSm "
             f"with N=1e4 (N* = {t.get('N_star', 0):.0f})"
         )
-        rows.append(make_row(bench, case, t.get("seconds"), "FFBSm (O(N²)), N=1e4",
-                             ref.get("seconds"), target=20.0, note=note))
+        rows.append(
+            make_row(
+                bench,
+                case,
+                t.get("seconds"),
+                "FFBSm (O(N²)), N=1e4",
+                ref.get("seconds"),
+                target=20.0,
+                note=note,
+            )
+        )
     return rows
 
 
@@ -345,11 +444,15 @@ def describe_file(path: str) -> str:
     """Where a table's rows came from: file name, modification time, quick or full."""
     with open(path) as f:
         data = json.load(f)
-    quick = any(isinstance(data.get(k), dict) and data[k].get("quick")
-                for k in ("environment", "meta", "config"))
+    quick = any(
+        isinstance(data.get(k), dict) and data[k].get("quick")
+        for k in ("environment", "meta", "config")
+    )
     when = datetime.datetime.fromtimestamp(os.path.getmtime(path), datetime.timezone.utc)
-    return (f"from {os.path.basename(path)} ({'quick' if quick else 'full'} run, "
-            f"{when:%Y-%m-%d %H:%M} UTC)")
+    return (
+        f"from {os.path.basename(path)} ({'quick' if quick else 'full'} run, "
+        f"{when:%Y-%m-%d %H:%M} UTC)"
+    )
 
 
 def merge_kept(table: str, old_text: str) -> str:
@@ -359,8 +462,11 @@ def merge_kept(table: str, old_text: str) -> str:
     the old table go at the end. For rebuilding the table when only some scripts ran."""
 
     def rows_of(text):
-        return [ln for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith(
-            ("| benchmark |", "|---"))]
+        return [
+            ln
+            for ln in text.splitlines()
+            if ln.startswith("| ") and not ln.startswith(("| benchmark |", "|---"))
+        ]
 
     def label(line):
         return line.split("|")[1].strip()
@@ -384,15 +490,20 @@ def kept_status(old_text: str) -> dict[str, str]:
     """Each script's status from the 'Scripts:' line of an earlier results.md."""
     line = next((ln for ln in old_text.splitlines() if ln.startswith("Scripts: ")), "")
     status = {}
-    for part in line[len("Scripts: "):].rstrip(".").split(", `"):
+    for part in line[len("Scripts: ") :].rstrip(".").split(", `"):
         name, _, state = part.lstrip("`").partition("` ")
         if name in BENCHMARKS and state and state != "not run":
             status[name] = state
     return status
 
 
-def render(rows: list[Row], status: dict[str, str], quick: bool, from_json: bool = False,
-           keep_text: Optional[str] = None) -> str:
+def render(
+    rows: list[Row],
+    status: dict[str, str],
+    quick: bool,
+    from_json: bool = False,
+    keep_text: Optional[str] = None,
+) -> str:
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     how = "--from-json ..." if from_json else ("--quick" if quick else "")
     lines = [
@@ -407,9 +518,7 @@ def render(rows: list[Row], status: dict[str, str], quick: bool, from_json: bool
         "",
         build_table(rows) if keep_text is None else merge_kept(build_table(rows), keep_text),
         "",
-        "Scripts: "
-        + ", ".join(f"`{n}` {status.get(n, 'not run')}" for n in BENCHMARKS)
-        + ".",
+        "Scripts: " + ", ".join(f"`{n}` {status.get(n, 'not run')}" for n in BENCHMARKS) + ".",
         "",
     ]
     return "\n".join(lines)
@@ -418,18 +527,35 @@ def render(rows: list[Row], status: dict[str, str], quick: bool, from_json: bool
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="pass --quick to every script")
-    ap.add_argument("--out", default=os.path.join(HERE, "results.md"),
-                    help="Markdown file to write (default: benchmarks/results.md)")
-    ap.add_argument("--timeout", type=float, default=None,
-                    help="seconds per script (default: 1200 with --quick, 5400 without)")
-    ap.add_argument("--only", default=None,
-                    help="comma-separated subset of " + ", ".join(BENCHMARKS))
+    ap.add_argument(
+        "--out",
+        default=os.path.join(HERE, "results.md"),
+        help="Markdown file to write (default: benchmarks/results.md)",
+    )
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds per script (default: 1200 with --quick, 5400 without)",
+    )
+    ap.add_argument(
+        "--only", default=None, help="comma-separated subset of " + ", ".join(BENCHMARKS)
+    )
     ap.add_argument("--json-dir", default=None, help="keep each script's JSON here")
-    ap.add_argument("--from-json", action="append", default=[], metavar="NAME=PATH",
-                    help="use a JSON file written earlier by a script's --out; no run")
-    ap.add_argument("--keep-rows", default=None, metavar="FILE",
-                    help="an earlier results.md: keep its rows (and script status) for the "
-                    "benchmarks not run or given now")
+    ap.add_argument(
+        "--from-json",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="use a JSON file written earlier by a script's --out; no run",
+    )
+    ap.add_argument(
+        "--keep-rows",
+        default=None,
+        metavar="FILE",
+        help="an earlier results.md: keep its rows (and script status) for the "
+        "benchmarks not run or given now",
+    )
     args = ap.parse_args(argv)
 
     names = list(BENCHMARKS)
@@ -471,8 +597,7 @@ def main(argv=None) -> int:
     if args.keep_rows:
         with open(args.keep_rows) as f:
             keep_text = f.read()
-        status = {**{k: v for k, v in kept_status(keep_text).items() if k not in status},
-                  **status}
+        status = {**{k: v for k, v in kept_status(keep_text).items() if k not in status}, **status}
     text = render(rows, status, args.quick, from_json=bool(given), keep_text=keep_text)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

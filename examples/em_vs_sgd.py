@@ -84,8 +84,9 @@ for lr in rates:
     )
     name = f"Adam lr={lr:g}"
     res, seconds[name] = timed(
-        lambda state=state: sgd.run(jax.random.key(2), sgd_steps, init_state=state,
-                                    progress_bar=False, **data)
+        lambda state=state: sgd.run(
+            jax.random.key(2), sgd_steps, init_state=state, progress_bar=False, **data
+        )
     )
     histories[name] = res.log_marginals
 
@@ -107,8 +108,10 @@ def iterations_to_stay(h, target):
 
 
 summary = {}
-print(f"T={T}, S={S}: best log-marginal {best:.3f}; iterations to come within {TOL} nats"
-      " (first time, and for good):")
+print(
+    f"T={T}, S={S}: best log-marginal {best:.3f}; iterations to come within {TOL} nats"
+    " (first time, and for good):"
+)
 for name, h in histories.items():
     k = iterations_to(h, best - TOL)
     k_stay = iterations_to_stay(h, best - TOL)
@@ -123,8 +126,10 @@ for name, h in histories.items():
     }
     reached = f"{k:>6d}" if k is not None else f"{'>' + str(len(h)):>6s}"
     stays = f"{k_stay:>6d}" if k_stay is not None else f"{'>' + str(len(h)):>6s}"
-    print(f"  {name:<14s} first {reached}, for good {stays}   final {h[-1]:11.3f}"
-          f"   {per_iter:6.2f} ms/iteration")
+    print(
+        f"  {name:<14s} first {reached}, for good {stays}   final {h[-1]:11.3f}"
+        f"   {per_iter:6.2f} ms/iteration"
+    )
 
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
 for name, h in histories.items():
@@ -132,11 +137,21 @@ for name, h in histories.items():
     style = dict(lw=2.2, color="k") if name == "EM" else dict(lw=1.4)
     ax1.plot(it, h, label=name, **style)
     ax2.plot(it, np.maximum(best - h, 1e-4), label=name, **style)
-ax1.set(xscale="log", xlabel="iteration", ylabel="log-marginal likelihood (nats)",
-        ylim=(best - 50 * max(1.0, T * S / 800), best + 5), title="log p(y | theta_k)")
+ax1.set(
+    xscale="log",
+    xlabel="iteration",
+    ylabel="log-marginal likelihood (nats)",
+    ylim=(best - 50 * max(1.0, T * S / 800), best + 5),
+    title="log p(y | theta_k)",
+)
 ax2.axhline(TOL, color="grey", ls=":", lw=1)
-ax2.set(xscale="log", yscale="log", xlabel="iteration", ylabel="best - log-marginal (nats)",
-        title=f"gap to the best value (dotted: {TOL} nats; floor 1e-4)")
+ax2.set(
+    xscale="log",
+    yscale="log",
+    xlabel="iteration",
+    ylabel="best - log-marginal (nats)",
+    title=f"gap to the best value (dotted: {TOL} nats; floor 1e-4)",
+)
 ax1.legend(loc="lower right")
 fig.suptitle(f"EM vs Adam on the exact Kalman log-marginal (LDS, T={T}, S={S})")
 fig.tight_layout()

@@ -28,8 +28,11 @@ true = {
     "m0": jnp.zeros(2),
     "P0": jnp.eye(2),
 }
-y = np.array(ppl_dyn.simulate(random.key(0), lds, true, num_steps=T, num_sequences=4,
-                              state_dim=2, obs_dim=3)["y"])
+y = np.array(
+    ppl_dyn.simulate(
+        random.key(0), lds, true, num_steps=T, num_sequences=4, state_dim=2, obs_dim=3
+    )["y"]
+)
 y[:, 10:15, 1] = np.nan  # missing entries are fine
 result = EM(lds, KalmanSmoother()).run(random.key(1), iters, y=y, state_dim=2, rtol=1e-9)
 post = KalmanSmoother().smooth(result.params, lds, y=y, state_dim=2)

@@ -49,24 +49,45 @@ print("persistence RMSE:", test_rmse(_Naive))
 for cell in ("tanh", "lstm"):
     net = baselines.Baseline(cell, hidden)
     t0 = time.perf_counter()
-    fit = baselines.fit_bptt(random.key(0), net, y=y[:split], num_steps=steps,
-                             learning_rate=5e-3, clip_norm=1.0, washout=5,
-                             progress_bar=not small)
+    fit = baselines.fit_bptt(
+        random.key(0),
+        net,
+        y=y[:split],
+        num_steps=steps,
+        learning_rate=5e-3,
+        clip_norm=1.0,
+        washout=5,
+        progress_bar=not small,
+    )
     secs = time.perf_counter() - t0
     pred = baselines.predict(fit.params, net, y=y, horizons=horizons)
-    print(f"BPTT {cell:4s} (H={hidden}): train loss {fit.losses[0]:.3f} -> {fit.final_loss:.4f} "
-          f"in {secs:.1f} s; test RMSE {test_rmse(pred)}")
+    print(
+        f"BPTT {cell:4s} (H={hidden}): train loss {fit.losses[0]:.3f} -> {fit.final_loss:.4f} "
+        f"in {secs:.1f} s; test RMSE {test_rmse(pred)}"
+    )
 
 if not small:
     from ppl_dyn.infer import EM, GradientMStep, ParticleSmoother
     from ppl_dyn.models.lstm import lstm
 
     t0 = time.perf_counter()
-    em = EM(lstm, ParticleSmoother(num_particles=200, mode="ffbsi", num_trajectories=50),
-            GradientMStep(num_steps=50, learning_rate=0.02))
+    em = EM(
+        lstm,
+        ParticleSmoother(num_particles=200, mode="ffbsi", num_trajectories=50),
+        GradientMStep(num_steps=50, learning_rate=0.02),
+    )
     res = em.run(random.key(1), 60, y=y[:split], state_dim=3)
     secs = time.perf_counter() - t0
-    pred = ppl_dyn.predict(res.params, lstm, y=y, horizons=horizons, state_dim=3,
-                           rng_key=random.key(2), num_particles=1000)
-    print(f"stochastic LSTM, particle EM (H=3): log-lik {res.log_marginals[0]:.1f} -> "
-          f"{res.log_marginals[-1]:.1f} in {secs:.0f} s; test RMSE {test_rmse(pred)}")
+    pred = ppl_dyn.predict(
+        res.params,
+        lstm,
+        y=y,
+        horizons=horizons,
+        state_dim=3,
+        rng_key=random.key(2),
+        num_particles=1000,
+    )
+    print(
+        f"stochastic LSTM, particle EM (H=3): log-lik {res.log_marginals[0]:.1f} -> "
+        f"{res.log_marginals[-1]:.1f} in {secs:.0f} s; test RMSE {test_rmse(pred)}"
+    )

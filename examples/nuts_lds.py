@@ -47,12 +47,24 @@ y = (nile.y - shift) / scale  # the built-in priors expect data of unit scale
 
 local_level = condition(
     lds,
-    data={"A": jnp.ones((1, 1)), "C": jnp.ones((1, 1)), "b": jnp.zeros(1),
-          "d": jnp.zeros(1), "P0": jnp.ones((1, 1))},
+    data={
+        "A": jnp.ones((1, 1)),
+        "C": jnp.ones((1, 1)),
+        "b": jnp.zeros(1),
+        "d": jnp.zeros(1),
+        "P0": jnp.ones((1, 1)),
+    },
 )
 run = ppl_dyn.mcmc.run_blackjax(
-    random.key(0), ppl_dyn.handlers.marginalize(local_level), num_warmup=num_warmup,
-    num_samples=num_samples, num_chains=2, print_summary=False, y=y, state_dim=1)
+    random.key(0),
+    ppl_dyn.handlers.marginalize(local_level),
+    num_warmup=num_warmup,
+    num_samples=num_samples,
+    num_chains=2,
+    print_summary=False,
+    y=y,
+    state_dim=1,
+)
 
 # the one-step-ahead log-densities (for az.loo) cost one more compilation: full run only
 idata = ppl_dyn.to_inference_data(run, log_likelihood=not args.small)
@@ -69,8 +81,10 @@ mean = np.asarray(fc.mean)[:, 0] * scale + shift
 lower = np.asarray(fc.lower)[:, 0] * scale + shift
 upper = np.asarray(fc.upper)[:, 0] * scale + shift
 last = int(nile.time[-1])
-print("forecast for %d: %.0f (%d %% band %.0f to %.0f) %s"
-      % (last + horizon, mean[-1], round(100 * fc.level), lower[-1], upper[-1], nile.units))
+print(
+    "forecast for %d: %.0f (%d %% band %.0f to %.0f) %s"
+    % (last + horizon, mean[-1], round(100 * fc.level), lower[-1], upper[-1], nile.units)
+)
 
 out = pathlib.Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
@@ -78,8 +92,9 @@ future = last + np.arange(1, horizon + 1)
 fig, ax = plt.subplots(figsize=(7, 3.5))
 ax.plot(nile.time, nile.y[:, 0], "k.", label="Nile flow at Aswan")
 ax.plot(future, mean, "C0-", label="forecast mean")
-ax.fill_between(future, lower, upper, color="C0", alpha=0.3,
-                label=f"{round(100 * fc.level)} % band")
+ax.fill_between(
+    future, lower, upper, color="C0", alpha=0.3, label=f"{round(100 * fc.level)} % band"
+)
 ax.set_xlabel("year")
 ax.set_ylabel(nile.units)
 ax.legend(loc="lower left", ncol=3, fontsize="small")

@@ -32,7 +32,10 @@ def stochastic_volatility(y=None, *, num_steps=None, num_sequences=None):
         init,
         lambda x, u: dist.Normal(mu + phi * (x - mu), sigma).to_event(1),
         lambda x, u: dist.Normal(0.0, jnp.exp(x / 2)).to_event(1),
-        y=y, num_steps=num_steps, num_sequences=num_sequences, obs_dim=1,
+        y=y,
+        num_steps=num_steps,
+        num_sequences=num_sequences,
+        obs_dim=1,
     )
 
 
@@ -40,11 +43,14 @@ small = "--small" in sys.argv
 T, iters, N = (60, 3, 32) if small else (1000, 80, 200)
 true = {"mu": -1.0, "phi": 0.95, "sigma": 0.3}
 y = ppl_dyn.simulate(random.key(0), stochastic_volatility, true, num_steps=T)["y"]
-em = EM(stochastic_volatility,
-        ParticleSmoother(num_particles=N, mode="ffbsi", num_trajectories=N // 4),
-        GradientMStep(num_steps=25, learning_rate=0.02))
-result = em.run(random.key(1), iters, y=y, init_params={"mu": 0.0, "phi": 0.5, "sigma": 1.0},
-                smoothing_window=5)
+em = EM(
+    stochastic_volatility,
+    ParticleSmoother(num_particles=N, mode="ffbsi", num_trajectories=N // 4),
+    GradientMStep(num_steps=25, learning_rate=0.02),
+)
+result = em.run(
+    random.key(1), iters, y=y, init_params={"mu": 0.0, "phi": 0.5, "sigma": 1.0}, smoothing_window=5
+)
 print("true:  ", true)
 print("fitted:", {k: round(float(v), 3) for k, v in result.params.items()})
 print("particle log-likelihood, first and last:", result.log_marginals[[0, -1]])

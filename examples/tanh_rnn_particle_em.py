@@ -22,7 +22,16 @@ kw = dict(state_dim=2, obs_dim=1, bias=False)
 y_train = ppl_dyn.simulate(random.key(0), tanh_rnn, true_params(), num_steps=T, **kw)["y"]
 y_test = ppl_dyn.simulate(random.key(1), tanh_rnn, true_params(), num_steps=T, **kw)["y"]
 result = EM(tanh_rnn, ParticleSmoother(num_particles=N)).run(
-    random.key(2), iters, y=y_train, state_dim=3, bias=False)
-pred = ppl_dyn.predict(result.params, tanh_rnn, y=y_test, horizons=(1, 5, 10), state_dim=3,
-                       bias=False, rng_key=random.key(3), num_particles=4 * N)
+    random.key(2), iters, y=y_train, state_dim=3, bias=False
+)
+pred = ppl_dyn.predict(
+    result.params,
+    tanh_rnn,
+    y=y_test,
+    horizons=(1, 5, 10),
+    state_dim=3,
+    bias=False,
+    rng_key=random.key(3),
+    num_particles=4 * N,
+)
 print("test RMSE by horizon:", ppl_dyn.prediction_rmse(pred, y_test))

@@ -42,9 +42,7 @@ def check_observations(y, name: str = "y") -> None:
     bad = np.isinf(arr)
     if bad.any():
         idx = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(
-            f"{name} contains {arr[idx]} at index {idx}; use NaN for missing values"
-        )
+        raise ValueError(f"{name} contains {arr[idx]} at index {idx}; use NaN for missing values")
     # squares (variances, Kalman gains) must stay finite in the data's precision
     limit = float(np.sqrt(np.finfo(arr.dtype).max)) * 1e-4
     with np.errstate(invalid="ignore"):

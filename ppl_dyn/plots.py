@@ -118,8 +118,20 @@ def data_figure(path, time, y, names, time_name: str = "t", title: str = "data")
     _save(plt, fig, path)
 
 
-def band_figure(path, time, mean, lower, upper, names, *, y=None, y_time=None,
-                time_name: str = "t", title: str = "", label: str = "fit") -> None:
+def band_figure(
+    path,
+    time,
+    mean,
+    lower,
+    upper,
+    names,
+    *,
+    y=None,
+    y_time=None,
+    time_name: str = "t",
+    title: str = "",
+    label: str = "fit",
+) -> None:
     """Mean with a band per panel, observations as points (all arrays ``(n, k)``)."""
     mean, lower, upper = (np.asarray(a) for a in (mean, lower, upper))
     plt, fig, axes = _panels(mean.shape[1], title)
@@ -127,8 +139,9 @@ def band_figure(path, time, mean, lower, upper, names, *, y=None, y_time=None,
         if y is not None:
             ax.plot(y_time, np.asarray(y)[:, i], ".", ms=3, color="0.3", label="observed")
         (ln,) = ax.plot(time, mean[:, i], lw=1.2, color="C0", label=f"{label} mean")
-        ax.fill_between(time, lower[:, i], upper[:, i], color=ln.get_color(), alpha=0.25,
-                        label=f"{label} band")
+        ax.fill_between(
+            time, lower[:, i], upper[:, i], color=ln.get_color(), alpha=0.25, label=f"{label} band"
+        )
         ax.set_ylabel(names[i])
         ax.grid(True, alpha=0.3)
     axes[0].legend(loc="upper left", fontsize=8)
@@ -136,8 +149,14 @@ def band_figure(path, time, mean, lower, upper, names, *, y=None, y_time=None,
     _save(plt, fig, path)
 
 
-def em_curve_figure(path, log_marginals, *, title: str = "EM: log marginal likelihood",
-                    stages=None, xlabel: str = "EM iteration") -> None:
+def em_curve_figure(
+    path,
+    log_marginals,
+    *,
+    title: str = "EM: log marginal likelihood",
+    stages=None,
+    xlabel: str = "EM iteration",
+) -> None:
     """EM's log-marginal per iteration; ``stages`` = ``[(label, values), ...]`` draws
     several EM stages (e.g. LDS then RBF) one after another."""
     plt = _plt()

@@ -32,8 +32,7 @@ FIGURE_CAPTIONS = {
     "given all observations; original units).",
     "states.png": "Smoothed latent states with ±2 sd bands (standardised units).",
     "forecast.png": "Forecast beyond the data with its predictive band (original units).",
-    "em_curve.png": "EM: the log marginal likelihood of the parameters entering each "
-    "iteration.",
+    "em_curve.png": "EM: the log marginal likelihood of the parameters entering each iteration.",
     "sgd_curve.png": "SGD: the log marginal likelihood at each optimiser step.",
     "trace.png": "MCMC trace plot (marginal posteriors and draws per chain).",
 }
@@ -102,8 +101,10 @@ def _fmt(v) -> str:
         if len(flat) > 8:
             nums = [x for x in flat if isinstance(x, (int, float)) and x is not None]
             if len(nums) == len(flat):
-                return (f"{len(flat)} values: first {_fmt(flat[0])}, last {_fmt(flat[-1])}, "
-                        f"min {_fmt(min(nums))}, max {_fmt(max(nums))}")
+                return (
+                    f"{len(flat)} values: first {_fmt(flat[0])}, last {_fmt(flat[-1])}, "
+                    f"min {_fmt(min(nums))}, max {_fmt(max(nums))}"
+                )
             return f"{len(flat)} values"
         return "[" + ", ".join(_fmt(x) for x in v) + "]"
     if isinstance(v, dict):
@@ -149,8 +150,7 @@ def _array_text(a: np.ndarray, max_entries: int = 36) -> str:
     a = np.asarray(a)
     if a.size > max_entries:
         flat = a.ravel()
-        return (f"shape {a.shape}: " + ", ".join(f"{x:.4g}" for x in flat[:max_entries])
-                + ", ...")
+        return f"shape {a.shape}: " + ", ".join(f"{x:.4g}" for x in flat[:max_entries]) + ", ..."
     with np.printoptions(precision=4, suppress=True, linewidth=100):
         return np.array2string(a)
 
@@ -169,8 +169,10 @@ def _params_table(d: Path) -> str:
         "</pre></td></tr>"
         for k, v in params.items()
     ]
-    return ("<h2>Fitted parameters</h2>\n<table><tr><th>site</th><th>shape</th>"
-            "<th>value</th></tr>\n" + "\n".join(rows) + "\n</table>")
+    return (
+        "<h2>Fitted parameters</h2>\n<table><tr><th>site</th><th>shape</th>"
+        "<th>value</th></tr>\n" + "\n".join(rows) + "\n</table>"
+    )
 
 
 def _idata_section(d: Path, metrics: dict) -> str:
@@ -192,7 +194,8 @@ def _idata_section(d: Path, metrics: dict) -> str:
     n_draws = int(post.sizes.get("chain", 1)) * int(post.sizes.get("draw", 1))
     skip = {"x", "x_innovations"}
     var_names = [
-        v for v in post.data_vars
+        v
+        for v in post.data_vars
         if v not in skip and not str(v).startswith("y_") and post[v].size / n_draws <= 64
     ]
     if n_draws > 1 and var_names:
@@ -230,20 +233,24 @@ def _mcmc_diagnostics(idata, metrics: dict) -> str:
         rows.append(("mean acceptance rate", f"{float(np.mean(stats['acceptance_rate'])):.3f}"))
     if stats is not None and "tree_depth" in stats:
         rows.append(("max tree depth", str(int(np.max(stats["tree_depth"])))))
-    for key, label in (("max_rhat", "max R-hat"), ("min_ess_bulk", "min bulk ESS"),
-                       ("min_ess_tail", "min tail ESS")):
+    for key, label in (
+        ("max_rhat", "max R-hat"),
+        ("min_ess_bulk", "min bulk ESS"),
+        ("min_ess_tail", "min tail ESS"),
+    ):
         if key in metrics:
             rows.append((label, _fmt(metrics[key])))
     out = ["<h3>Sampler diagnostics</h3>", "<table>"]
-    out += [f"<tr><th>{_esc(a)}</th><td class=\"num\">{_esc(b)}</td></tr>" for a, b in rows]
+    out += [f'<tr><th>{_esc(a)}</th><td class="num">{_esc(b)}</td></tr>' for a, b in rows]
     out.append("</table>")
     problems = metrics.get("diagnostic_problems")
     if problems:
-        out.append('<ul class="warn">' + "".join(f"<li>{_esc(p)}</li>" for p in problems)
-                   + "</ul>")
+        out.append('<ul class="warn">' + "".join(f"<li>{_esc(p)}</li>" for p in problems) + "</ul>")
     elif problems is not None:
-        out.append('<p class="ok">All checks passed (R-hat &lt; 1.01, ESS ≥ 100 per chain, '
-                   "no divergences).</p>")
+        out.append(
+            '<p class="ok">All checks passed (R-hat &lt; 1.01, ESS ≥ 100 per chain, '
+            "no divergences).</p>"
+        )
     return "\n".join(out)
 
 

@@ -406,7 +406,13 @@ def test_path_statistics_equal_the_average_of_per_path_complete_data_statistics(
     def run(particles, indices):
         log_v, pair = path_statistics(particles, indices, ss.structure.dynamics.features)
         post = ParticlePosterior(
-            particles, filt.log_weights, log_v, pair, None, filt.log_marginal, filt.ess,
+            particles,
+            filt.log_weights,
+            log_v,
+            pair,
+            None,
+            filt.log_marginal,
+            filt.ess,
             path_indices=indices if direct else None,
         )
         post = jax.tree_util.tree_map(lambda a: a[None], post)

@@ -255,8 +255,13 @@ def fragile_lds(y=None, *, state_dim, num_steps=None, obs_dim=None, threshold=1.
         init_cov="P0",
     )
     return ppl_dyn.markov(
-        dist.MultivariateNormal(m0, covariance_matrix=P0), transition, emission,
-        y=y, num_steps=num_steps, obs_dim=obs_dim, structure=structure,
+        dist.MultivariateNormal(m0, covariance_matrix=P0),
+        transition,
+        emission,
+        y=y,
+        num_steps=num_steps,
+        obs_dim=obs_dim,
+        structure=structure,
     )
 
 
@@ -269,8 +274,13 @@ def test_nan_arising_mid_fit_raises_floating_point_error_naming_iteration():
 
     def run(n, threshold):
         return EM(fragile_lds, KalmanSmoother()).run(
-            jax.random.key(0), n, y=y, state_dim=DX, init_params=start,
-            progress_bar=False, threshold=threshold,
+            jax.random.key(0),
+            n,
+            y=y,
+            state_dim=DX,
+            init_params=start,
+            progress_bar=False,
+            threshold=threshold,
         )
 
     # with a harmless threshold, find the first iteration entered with Q[0, 0] < 2.5
@@ -336,7 +346,11 @@ def test_misspelled_init_params_key_is_refused_by_name():
     y = np.zeros((20, DY))
     with pytest.raises(ValueError, match=r"no site of the model: \['Aa'\]"):
         EM(lds, KalmanSmoother()).run(
-            jax.random.key(0), 2, y=y, state_dim=DX, init_params={"Aa": np.eye(DX)},
+            jax.random.key(0),
+            2,
+            y=y,
+            state_dim=DX,
+            init_params={"Aa": np.eye(DX)},
             progress_bar=False,
         )
 

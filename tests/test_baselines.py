@@ -46,24 +46,37 @@ def test_bptt_gradient_matches_central_finite_differences(cell):
 def test_loss_matches_hand_computed_tiny_case():
     # one hidden unit, T = 3: x_t = a tanh(x_{t-1}) + w y_{t-1} + c, yhat_t = g tanh(x_t) + e
     a, w, c, g, e = 0.5, -0.7, 0.1, 2.0, 0.3
-    p = {"A": jnp.array([[a]]), "B": jnp.array([[w]]), "b": jnp.array([c]),
-         "C": jnp.array([[g]]), "d": jnp.array([e])}
+    p = {
+        "A": jnp.array([[a]]),
+        "B": jnp.array([[w]]),
+        "b": jnp.array([c]),
+        "C": jnp.array([[g]]),
+        "d": jnp.array([e]),
+    }
     y = np.array([[0.4], [-0.2], [0.9]])
     x, y_prev, sq = 0.0, 0.0, 0.0
     for t in range(3):
         x = a * np.tanh(x) + w * y_prev + c
         sq += (y[t, 0] - (g * np.tanh(x) + e)) ** 2
         y_prev = y[t, 0]
-    np.testing.assert_allclose(float(baselines.loss(p, Baseline("tanh", 1), y)), 0.5 * sq / 3,
-                               rtol=1e-13)
+    np.testing.assert_allclose(
+        float(baselines.loss(p, Baseline("tanh", 1), y)), 0.5 * sq / 3, rtol=1e-13
+    )
 
 
 @pytest.mark.parametrize("cell", ["tanh", "lstm"])
 def test_bptt_fits_noiseless_rnn_sequence(cell):
     y = _noiseless_rnn_sequence()
     net = Baseline(cell, 4)
-    fit = baselines.fit_bptt(jax.random.key(0), net, y=y, num_steps=1000, learning_rate=0.02,
-                             progress_bar=False, washout=5)
+    fit = baselines.fit_bptt(
+        jax.random.key(0),
+        net,
+        y=y,
+        num_steps=1000,
+        learning_rate=0.02,
+        progress_bar=False,
+        washout=5,
+    )
     assert fit.losses.shape == (1000,)
     assert fit.final_loss < 1e-3 * fit.losses[0], (fit.losses[0], fit.final_loss)
     pred = baselines.predict(fit.params, net, y=y, horizons=(1, 5))

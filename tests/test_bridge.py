@@ -94,7 +94,8 @@ def test_condition_marks_sites_observed_and_bind_keeps_conditioned_value():
     x = np.array([0.3, -1.2])
     np.testing.assert_allclose(
         np.asarray(ss.transition_mean(jnp.asarray(x), jnp.zeros(0))),
-        A_frozen @ x + params["b"], rtol=1e-14,
+        A_frozen @ x + params["b"],
+        rtol=1e-14,
     )
     # and the smoother uses it: equals the dense oracle at the conditioned A
     post = KalmanSmoother().smooth({**params, "A": np.eye(2) * 7.0}, model, y=y, state_dim=2)
@@ -128,13 +129,20 @@ def local_level(y=None, *, num_steps=None, num_sequences=None):
     def emission(x_t, u_t):
         return dist.Normal(x_t, jnp.sqrt(r)).to_event(1)
 
-    return ppl_dyn.markov(init, transition, emission, y=y, num_steps=num_steps,
-                          num_sequences=num_sequences, obs_dim=1)
+    return ppl_dyn.markov(
+        init, transition, emission, y=y, num_steps=num_steps, num_sequences=num_sequences, obs_dim=1
+    )
 
 
 def _local_level_as_lds(q, r, level0):
-    return dict(A=np.eye(1), C=np.eye(1), Q=np.array([[q]]), R=np.array([[r]]),
-                m0=np.array([level0]), P0=np.array([[9.0]]))
+    return dict(
+        A=np.eye(1),
+        C=np.eye(1),
+        Q=np.array([[q]]),
+        R=np.array([[r]]),
+        m0=np.array([level0]),
+        P0=np.array([[9.0]]),
+    )
 
 
 def test_user_local_level_model_smoothed_matches_dense_oracle():
@@ -152,8 +160,13 @@ def test_user_local_level_model_smoothed_matches_dense_oracle():
 
 
 def test_user_model_simulates_through_numpyro():
-    out = ppl_dyn.simulate(jax.random.key(2), local_level, {"q": 0.3, "r": 0.8, "level0": 1.5},
-                           num_steps=7, num_sequences=4)
+    out = ppl_dyn.simulate(
+        jax.random.key(2),
+        local_level,
+        {"q": 0.3, "r": 0.8, "level0": 1.5},
+        num_steps=7,
+        num_sequences=4,
+    )
     assert out["x"].shape == (4, 7, 1) and out["y"].shape == (4, 7, 1)
     assert set(out["params"]) == {"q", "r", "level0"}
     assert float(out["params"]["q"]) == 0.3
@@ -168,14 +181,14 @@ def test_simulate_shapes_and_given_params():
     rng = np.random.default_rng(4)
     params = O.random_lds_params(rng, 2, 3, 0.8, du=1)
     u = rng.normal(size=(6, 1))
-    one = ppl_dyn.simulate(jax.random.key(0), lds, params, num_steps=6, state_dim=2, obs_dim=3,
-                           u=u)
+    one = ppl_dyn.simulate(jax.random.key(0), lds, params, num_steps=6, state_dim=2, obs_dim=3, u=u)
     assert one["x"].shape == (6, 2) and one["y"].shape == (6, 3)
     assert set(one["params"]) == set(params)
     for k, v in params.items():
         np.testing.assert_array_equal(np.asarray(one["params"][k]), v)
-    many = ppl_dyn.simulate(jax.random.key(0), lds, params, num_steps=6, num_sequences=5,
-                            state_dim=2, obs_dim=3, u=u)
+    many = ppl_dyn.simulate(
+        jax.random.key(0), lds, params, num_steps=6, num_sequences=5, state_dim=2, obs_dim=3, u=u
+    )
     assert many["x"].shape == (5, 6, 2) and many["y"].shape == (5, 6, 3)
     # prior draws for the sites not given
     prior = ppl_dyn.simulate(jax.random.key(1), lds, num_steps=6, state_dim=2, obs_dim=3)
@@ -188,11 +201,13 @@ def test_simulated_moments_match_dense_joint_gaussian():
     T, S = 3, 4000
     params = O.random_lds_params(rng, 1, 2, 0.8, du=1)
     u = rng.normal(size=(T, 1))
-    sim = ppl_dyn.simulate(jax.random.key(11), lds, params, num_steps=T, num_sequences=S,
-                           state_dim=1, obs_dim=2, u=u)
+    sim = ppl_dyn.simulate(
+        jax.random.key(11), lds, params, num_steps=T, num_sequences=S, state_dim=1, obs_dim=2, u=u
+    )
     mu, Sigma, dx, dy = O.dense_joint(params, T, u)
-    z = np.concatenate([np.asarray(sim["x"]).reshape(S, -1), np.asarray(sim["y"]).reshape(S, -1)],
-                       axis=1)  # same (x_1..x_T, y_1..y_T) ordering as the oracle
+    z = np.concatenate(
+        [np.asarray(sim["x"]).reshape(S, -1), np.asarray(sim["y"]).reshape(S, -1)], axis=1
+    )  # same (x_1..x_T, y_1..y_T) ordering as the oracle
     var = np.diag(Sigma)
     mean_err = np.abs(z.mean(0) - mu) / np.sqrt(var / S)
     assert np.all(mean_err < 5), mean_err
@@ -211,7 +226,11 @@ def test_import_does_not_enable_x64():
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
     out = subprocess.run(
         [sys.executable, "-c", "import ppl_dyn, jax; print(jax.config.jax_enable_x64)"],
-        capture_output=True, text=True, env=env, timeout=120, check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=True,
     )
     assert out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr
 
@@ -225,12 +244,22 @@ def test_explosive_parameters_give_a_non_finite_potential_not_an_exception():
     from ppl_dyn.handlers import noncentered
 
     T = 400
-    params = {"A": 10.0 * np.eye(2), "C": np.ones((1, 2)), "Q": np.eye(2), "R": np.eye(1),
-              "b": np.zeros(2), "d": np.zeros(1), "m0": np.zeros(2), "P0": np.eye(2),
-              "x_innovations": np.ones((T, 2))}
+    params = {
+        "A": 10.0 * np.eye(2),
+        "C": np.ones((1, 2)),
+        "Q": np.eye(2),
+        "R": np.eye(1),
+        "b": np.zeros(2),
+        "d": np.zeros(1),
+        "m0": np.zeros(2),
+        "P0": np.eye(2),
+        "x_innovations": np.ones((T, 2)),
+    }
     pd = biject_to(dist.constraints.positive_definite)
-    z = {k: pd.inv(jnp.asarray(v)) if k in ("Q", "R", "P0") else jnp.asarray(v)
-         for k, v in params.items()}
+    z = {
+        k: pd.inv(jnp.asarray(v)) if k in ("Q", "R", "P0") else jnp.asarray(v)
+        for k, v in params.items()
+    }
     pe = potential_energy(noncentered(lds), (), {"y": np.zeros((T, 1)), "state_dim": 2}, z)
     assert not np.isfinite(float(pe))
 
@@ -261,6 +290,17 @@ def test_jitted_entry_points_trace_without_numpyro_validation_and_restore_it():
     # invalid values given eagerly are still rejected, by name
     with pytest.raises(ValueError, match="Q"):
         KalmanSmoother().smooth(
-            {"A": np.eye(2), "C": np.ones((1, 2)), "Q": -np.eye(2), "R": np.eye(1),
-             "b": np.zeros(2), "d": np.zeros(1), "m0": np.zeros(2), "P0": np.eye(2)},
-            lds, y=np.zeros((5, 1)), state_dim=2)
+            {
+                "A": np.eye(2),
+                "C": np.ones((1, 2)),
+                "Q": -np.eye(2),
+                "R": np.eye(1),
+                "b": np.zeros(2),
+                "d": np.zeros(1),
+                "m0": np.zeros(2),
+                "P0": np.eye(2),
+            },
+            lds,
+            y=np.zeros((5, 1)),
+            state_dim=2,
+        )

@@ -20,8 +20,13 @@ def lds_data():
     th = 2 * np.pi / 12
     params = dict(
         A=0.95 * np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]]),
-        b=np.array([0.1, 0.0]), C=np.array([[1.0, 0.5]]), d=np.array([0.3]),
-        Q=0.1 * np.eye(2), R=np.array([[0.2]]), m0=np.zeros(2), P0=np.eye(2),
+        b=np.array([0.1, 0.0]),
+        C=np.array([[1.0, 0.5]]),
+        d=np.array([0.3]),
+        Q=0.1 * np.eye(2),
+        R=np.array([[0.2]]),
+        m0=np.zeros(2),
+        P0=np.eye(2),
     )
     rng = np.random.default_rng(3)
     x = rng.multivariate_normal(params["m0"], params["P0"])
@@ -79,8 +84,9 @@ def test_particle_forecasts_match_exact_kalman_on_an_lds(lds_data):
     """The particle predictive (used for the nonlinear models) against the exact one."""
     params, y = lds_data
     exact = comparison.kalman_forecasts(params, lds, y=y, state_dim=2)
-    pf = comparison.particle_forecasts(jax.random.key(0), params, lds, y=y, state_dim=2,
-                                       num_particles=3000)
+    pf = comparison.particle_forecasts(
+        jax.random.key(0), params, lds, y=y, state_dim=2, num_particles=3000
+    )
     se = exact, comparison.score(exact, y, 20)
     sp = comparison.score(pf, y, 20)
     assert abs(sp["loglik_per_step"] - se[1]["loglik_per_step"]) < 0.03

@@ -22,7 +22,10 @@ def local_level(y=None, *, num_steps=None, num_sequences=None):
         dist.Normal(0.0, 1.0).expand([1]).to_event(1),
         lambda x, u: dist.Normal(x, q).to_event(1),
         lambda x, u: dist.Normal(x, r).to_event(1),
-        y=y, num_steps=num_steps, num_sequences=num_sequences, obs_dim=1,
+        y=y,
+        num_steps=num_steps,
+        num_sequences=num_sequences,
+        obs_dim=1,
     )
 
 
@@ -36,8 +39,7 @@ def test_gradient_mstep_reaches_closed_form_maximiser_of_trajectory_q():
     )
     m = GradientMStep(num_steps=600, learning_rate=0.05)
     stats = m.statistics(post, ss, spec.y, spec.u)
-    new, floors = m.update(stats, ss, frozenset(params), model=local_level,
-                           model_kwargs={"y": y})
+    new, floors = m.update(stats, ss, frozenset(params), model=local_level, model_kwargs={"y": y})
     # closed form: q^2 = mean squared increment, r^2 = mean squared residual
     X = np.asarray(post.trajectories[0, :, :, 0])  # (M, T)
     q_hat = np.sqrt(np.mean(np.diff(X, axis=1) ** 2))
@@ -51,16 +53,18 @@ def test_gradient_mstep_requires_trajectories():
     y = np.zeros((10, 1))
     with pytest.raises(ValueError, match="ffbsi"):
         EM(local_level, ParticleSmoother(num_particles=8), GradientMStep()).run(
-            jax.random.key(0), 2, y=y, progress_bar=False)
+            jax.random.key(0), 2, y=y, progress_bar=False
+        )
 
 
 def test_gradient_em_increases_likelihood_and_honours_frozen_site():
-    y = ppl_dyn.simulate(jax.random.key(3), local_level, {"q": 0.3, "r": 0.5},
-                         num_steps=150)["y"]
+    y = ppl_dyn.simulate(jax.random.key(3), local_level, {"q": 0.3, "r": 0.5}, num_steps=150)["y"]
     frozen = numpyro.handlers.condition(local_level, data={"r": 0.5})
-    res = EM(frozen, ParticleSmoother(num_particles=100, mode="ffbsi", num_trajectories=25),
-             GradientMStep(num_steps=50, learning_rate=0.05)).run(
-        jax.random.key(4), 15, y=y, init_params={"q": 2.0}, progress_bar=False)
+    res = EM(
+        frozen,
+        ParticleSmoother(num_particles=100, mode="ffbsi", num_trajectories=25),
+        GradientMStep(num_steps=50, learning_rate=0.05),
+    ).run(jax.random.key(4), 15, y=y, init_params={"q": 2.0}, progress_bar=False)
     assert float(res.params["r"]) == 0.5
     lls = res.log_marginals
     assert np.mean(lls[-5:]) > lls[0] + 5.0
@@ -69,9 +73,14 @@ def test_gradient_em_increases_likelihood_and_honours_frozen_site():
 
 def _lds_params():
     return {
-        "A": jnp.array([[0.9, 0.2], [-0.2, 0.9]]), "C": jnp.array([[1.0, 0.5]]),
-        "Q": 0.1 * jnp.eye(2), "R": 0.2 * jnp.eye(1), "b": jnp.array([0.1, 0.0]),
-        "d": jnp.array([0.3]), "m0": jnp.zeros(2), "P0": jnp.eye(2),
+        "A": jnp.array([[0.9, 0.2], [-0.2, 0.9]]),
+        "C": jnp.array([[1.0, 0.5]]),
+        "Q": 0.1 * jnp.eye(2),
+        "R": 0.2 * jnp.eye(1),
+        "b": jnp.array([0.1, 0.0]),
+        "d": jnp.array([0.3]),
+        "m0": jnp.zeros(2),
+        "P0": jnp.eye(2),
     }
 
 
@@ -82,8 +91,16 @@ def test_lds_forecasts_match_kalman_exact_forecasts(method):
     post = KalmanSmoother().smooth(p, lds, y=y, state_dim=2)
     m = np.asarray(post.filtered_means)
     A, C, b, d = (np.asarray(p[k]) for k in ("A", "C", "b", "d"))
-    pred = ppl_dyn.predict(p, lds, y=y, horizons=(1, 3), state_dim=2, method=method,
-                           rng_key=jax.random.key(1), num_particles=4000)
+    pred = ppl_dyn.predict(
+        p,
+        lds,
+        y=y,
+        horizons=(1, 3),
+        state_dim=2,
+        method=method,
+        rng_key=jax.random.key(1),
+        num_particles=4000,
+    )
     for k in (1, 3):
         x = m.copy()
         for _ in range(k):
@@ -123,8 +140,16 @@ def test_windowed_convergence_and_spread_for_particle_em():
         return ParticleSmoother(num_particles=n)
 
     res = EM(lds, ParticleSmoother(num_particles=32)).run(
-        jax.random.key(6), 40, y=y, state_dim=2, rtol=1e-2, smoothing_window=3,
-        e_step_schedule=schedule, init_params=p, progress_bar=False)
+        jax.random.key(6),
+        40,
+        y=y,
+        state_dim=2,
+        rtol=1e-2,
+        smoothing_window=3,
+        e_step_schedule=schedule,
+        init_params=p,
+        progress_bar=False,
+    )
     assert res.converged and res.num_iters < 40
     assert res.num_iters >= 6  # two full windows are needed
     assert res.log_marginal_sd is not None and res.log_marginal_sd > 0

@@ -48,8 +48,9 @@ def test_canonical_parameters_keep_the_exact_likelihood_and_the_form():
 
 def test_identified_form_needs_as_many_observations_as_states():
     with pytest.raises(ValueError, match="obs_dim >= state_dim"):
-        ppl_dyn.simulate(jax.random.key(0), lds, num_steps=5, state_dim=2, obs_dim=1,
-                         identified=True)
+        ppl_dyn.simulate(
+            jax.random.key(0), lds, num_steps=5, state_dim=2, obs_dim=1, identified=True
+        )
 
 
 @pytest.mark.slow

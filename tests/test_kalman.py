@@ -124,8 +124,7 @@ def _pattern(y, name, rng):
 
 @pytest.mark.parametrize(
     "pattern",
-    ["one_element", "whole_step", "first_step", "last_step", "random_30pct",
-     "all_but_one_entry"],
+    ["one_element", "whole_step", "first_step", "last_step", "random_30pct", "all_but_one_entry"],
 )
 def test_missing_data_matches_dense_oracle_on_observed_entries(pattern):
     rng = np.random.default_rng(7)
@@ -139,10 +138,15 @@ def test_missing_data_matches_dense_oracle_on_observed_entries(pattern):
     assert np.all(np.abs(np.asarray(post.predicted_log_probs)[empty]) <= 1e-12)
     ref = O.dense_posterior(params, ym, u)
     upto = np.arange(MED["T"])[:, None]
-    steps = [O.dense_log_marginal(params, np.where(upto <= t, ym, np.nan), u)
-             for t in range(MED["T"])]
-    assert_close(post.predicted_log_probs, np.diff(np.concatenate([[0.0], steps])), TOL,
-                 "per-step log p(y_t | y_{1:t-1})")
+    steps = [
+        O.dense_log_marginal(params, np.where(upto <= t, ym, np.nan), u) for t in range(MED["T"])
+    ]
+    assert_close(
+        post.predicted_log_probs,
+        np.diff(np.concatenate([[0.0], steps])),
+        TOL,
+        "per-step log p(y_t | y_{1:t-1})",
+    )
     del ref
 
 
@@ -334,8 +338,7 @@ def _check_psd(P, what):
     assert np.all(lam >= -1e-12 * norm), f"{what}: lambda_min/||P|| = {worst:.3g}"
 
 
-STRESS = ["tiny_R_huge_P0", "spectral_radius_0.9999", "Q_condition_1e8",
-          "all_at_once_with_missing"]
+STRESS = ["tiny_R_huge_P0", "spectral_radius_0.9999", "Q_condition_1e8", "all_at_once_with_missing"]
 
 
 # (dx, dy) = (3, 2): covariance-form filter; (2, 3): information-form filter
@@ -441,4 +444,3 @@ def test_batch_shared_covariance_path_matches_dense(same_pattern):
         assert_matches_dense(jax.tree_util.tree_map(lambda a, s=s: a[s], post), params, ys[s], u)
         ref = O.dense_posterior(params, ys[s], u)
         assert_close(post.cross_covs[s], ref["cross"], TOL, "cross")
-

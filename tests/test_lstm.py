@@ -23,7 +23,12 @@ def _sigmoid(z):
 def _numpy_lstm_step(p, c, h, u):
     """The LSTM equations written out entrywise (seed 003: gates i, f, g, o)."""
     z = p["W"] @ u + p["U"] @ h + p["b"]
-    i, f, g, o = _sigmoid(z[:H]), _sigmoid(z[H:2 * H]), np.tanh(z[2 * H:3 * H]), _sigmoid(z[3 * H:])
+    i, f, g, o = (
+        _sigmoid(z[:H]),
+        _sigmoid(z[H : 2 * H]),
+        np.tanh(z[2 * H : 3 * H]),
+        _sigmoid(z[3 * H :]),
+    )
     c_new = f * c + i * g
     return c_new, o * np.tanh(c_new)
 
@@ -31,9 +36,14 @@ def _numpy_lstm_step(p, c, h, u):
 def _params(seed=0):
     rng = np.random.default_rng(seed)
     return {
-        "W": rng.normal(size=(4 * H, 1)), "U": 0.8 * rng.normal(size=(4 * H, H)),
-        "b": 0.5 * rng.normal(size=4 * H), "C": np.array([[1.5, -1.0]]), "d": np.array([0.2]),
-        "Q": np.full(2 * H, 0.01), "R": np.array([0.05]), "m0": np.zeros(2 * H),
+        "W": rng.normal(size=(4 * H, 1)),
+        "U": 0.8 * rng.normal(size=(4 * H, H)),
+        "b": 0.5 * rng.normal(size=4 * H),
+        "C": np.array([[1.5, -1.0]]),
+        "d": np.array([0.2]),
+        "Q": np.full(2 * H, 0.01),
+        "R": np.array([0.05]),
+        "m0": np.zeros(2 * H),
         "P0": np.full(2 * H, 0.1),
     }
 
@@ -48,14 +58,18 @@ def test_transition_mean_matches_handwritten_lstm_cell_and_emission_reads_h():
     for n in range(3):
         c, h = _numpy_lstm_step(p, x[n, :H], x[n, H:], u[1])
         np.testing.assert_allclose(got[n], np.concatenate([c, h]), rtol=1e-12)
-    np.testing.assert_allclose(np.asarray(ss.emission_mean(jnp.asarray(x), jnp.asarray(u[1]))),
-                               x[:, H:] @ p["C"].T + p["d"], rtol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(ss.emission_mean(jnp.asarray(x), jnp.asarray(u[1]))),
+        x[:, H:] @ p["C"].T + p["d"],
+        rtol=1e-12,
+    )
     assert ss.state_dim == 2 * H
 
 
 def test_simulate_shapes_and_prior_draws():
-    out = ppl_dyn.simulate(jax.random.key(0), lstm, num_steps=12, num_sequences=2,
-                           state_dim=H, obs_dim=1)
+    out = ppl_dyn.simulate(
+        jax.random.key(0), lstm, num_steps=12, num_sequences=2, state_dim=H, obs_dim=1
+    )
     assert out["x"].shape == (2, 12, 2 * H) and out["y"].shape == (2, 12, 1)
     assert set(out["params"]) == {"U", "C", "b", "d", "Q", "R", "m0", "P0"}  # no W without u
     assert np.all(np.isfinite(out["y"]))
@@ -87,14 +101,15 @@ def test_particle_em_with_gradient_mstep_increases_log_marginal():
     p = {k: jnp.asarray(v) for k, v in _params().items()}
     T = 30
     u = np.asarray(jax.random.normal(jax.random.key(3), (T, 1)))
-    y = ppl_dyn.simulate(jax.random.key(4), lstm, p, num_steps=T, u=u, state_dim=H,
-                        obs_dim=1)["y"]
+    y = ppl_dyn.simulate(jax.random.key(4), lstm, p, num_steps=T, u=u, state_dim=H, obs_dim=1)["y"]
     # start away from the truth: read-out shrunk, noises inflated
     init = dict(p, C=0.3 * p["C"], d=jnp.zeros(1), R=jnp.array([0.5]), Q=jnp.full(2 * H, 0.05))
-    em = EM(lstm, ParticleSmoother(num_particles=64, mode="ffbsi", num_trajectories=16),
-            GradientMStep(num_steps=20, learning_rate=0.05))
-    res = em.run(jax.random.key(5), 4, y=y, u=u, state_dim=H, init_params=init,
-                 progress_bar=False)
+    em = EM(
+        lstm,
+        ParticleSmoother(num_particles=64, mode="ffbsi", num_trajectories=16),
+        GradientMStep(num_steps=20, learning_rate=0.05),
+    )
+    res = em.run(jax.random.key(5), 4, y=y, u=u, state_dim=H, init_params=init, progress_bar=False)
     assert np.all(np.isfinite(res.log_marginals))
     params_after = {k: res.params[k] for k in init}
     (before, se0), (after, se1) = _log_marginals([init, params_after], y, u, jax.random.key(6))
@@ -126,8 +141,10 @@ def test_lstm_from_lds_reproduces_lds_output_with_error_quadratic_in_input_scale
     assert _rel_err(w, A, B, C, D, u) < 1e-4  # s^2 = 1e-6 times a system constant
     # derived: h = s[x; u] + O(s^3) and the read-out divides by s -> error ~ s^2
     scales = np.logspace(-3.5, -1.5, 5)
-    errs = [_rel_err(lstm_from_lds(A, B, C, D, input_scale=s, method=method), A, B, C, D, u)
-            for s in scales]
+    errs = [
+        _rel_err(lstm_from_lds(A, B, C, D, input_scale=s, method=method), A, B, C, D, u)
+        for s in scales
+    ]
     slope = np.polyfit(np.log(scales), np.log(errs), 1)[0]
     assert abs(slope - 2.0) < 0.05, (slope, errs)
 
@@ -136,8 +153,7 @@ def test_lstm_from_lds_error_cubic_in_input_amplitude():
     A, B, C, D, u = _lds()
     w = lstm_from_lds(A, B, C, D, input_scale=1e-3)
     amps = np.logspace(-1, 1, 5)
-    abs_errs = [np.linalg.norm(lstm_output(w, a * u) - lds_output(A, B, C, D, a * u))
-                for a in amps]
+    abs_errs = [np.linalg.norm(lstm_output(w, a * u) - lds_output(A, B, C, D, a * u)) for a in amps]
     slope = np.polyfit(np.log(amps), np.log(abs_errs), 1)[0]
     assert abs(slope - 3.0) < 0.05, (slope, abs_errs)  # linear up to a cubic distortion
 
@@ -145,8 +161,10 @@ def test_lstm_from_lds_error_cubic_in_input_amplitude():
 def test_gate_saturation_error_decays_like_exp_minus_gate_bias():
     A, B, C, D, u = _lds()
     betas = np.array([6.0, 8.0, 10.0, 12.0])
-    errs = [_rel_err(lstm_from_lds(A, B, C, D, input_scale=1e-6, gate_bias=b), A, B, C, D, u)
-            for b in betas]
+    errs = [
+        _rel_err(lstm_from_lds(A, B, C, D, input_scale=1e-6, gate_bias=b), A, B, C, D, u)
+        for b in betas
+    ]
     slope = np.polyfit(betas, np.log(errs), 1)[0]
     assert abs(slope + 1.0) < 0.1, (slope, errs)
 
@@ -161,8 +179,9 @@ def test_normalize_states_keeps_the_map_and_shrinks_error_for_a_companion_form()
     B, C, D = np.eye(4)[:, :1], num[None, :], np.zeros((1, 1))
     u = np.asarray(jax.random.normal(jax.random.key(1), (51, 1)))
     raw = _rel_err(lstm_from_lds(A, B, C, D, input_scale=1e-3), A, B, C, D, u)
-    norm = _rel_err(lstm_from_lds(A, B, C, D, input_scale=1e-3, normalize_states=True),
-                    A, B, C, D, u)
+    norm = _rel_err(
+        lstm_from_lds(A, B, C, D, input_scale=1e-3, normalize_states=True), A, B, C, D, u
+    )
     assert norm < 1e-4 and norm < raw / 100, (raw, norm)
 
 
@@ -170,12 +189,18 @@ def test_lstm_from_lds_weights_drive_the_stochastic_model():
     A, B, C, D, u = _lds()
     w = lstm_from_lds(A, B, C, D, input_scale=1e-3)
     Hn = w.U.shape[1]
-    p = dict(w.as_params(), Q=jnp.full(2 * Hn, 1e-30), R=jnp.full(1, 1e-30),
-             m0=jnp.zeros(2 * Hn), P0=jnp.full(2 * Hn, 1e-30))
+    p = dict(
+        w.as_params(),
+        Q=jnp.full(2 * Hn, 1e-30),
+        R=jnp.full(1, 1e-30),
+        m0=jnp.zeros(2 * Hn),
+        P0=jnp.full(2 * Hn, 1e-30),
+    )
     p["C"], p["d"] = jnp.asarray(w.C), jnp.asarray(w.d)
     # x_1 ~ N(m0 = 0, tiny): the model's first state is h_0 = 0, so shift the inputs
-    out = ppl_dyn.simulate(jax.random.key(0), lstm, p, num_steps=u.shape[0], u=u,
-                           state_dim=Hn, obs_dim=1)
+    out = ppl_dyn.simulate(
+        jax.random.key(0), lstm, p, num_steps=u.shape[0], u=u, state_dim=Hn, obs_dim=1
+    )
     ref = lstm_output(w, u[1:])  # the model's step t consumes u_t, from x_1 = 0
     np.testing.assert_allclose(np.asarray(out["y"])[1:], ref, atol=1e-6)
 

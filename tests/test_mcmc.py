@@ -48,8 +48,11 @@ def _potential(model, y, params):
     ``params`` at their values, the state sites, if any, at zero)."""
     kw = dict(y=y, state_dim=DX)
     T = y.shape[0]
-    states = {"x_1": jnp.zeros((1, DX)), "x": jnp.zeros((T - 1, 1, DX)),
-              "x_innovations": jnp.zeros((T, DX))}
+    states = {
+        "x_1": jnp.zeros((1, DX)),
+        "x": jnp.zeros((T - 1, 1, DX)),
+        "x_innovations": jnp.zeros((T, DX)),
+    }
     values = {k: jnp.asarray(v) for k, v in params.items()}
     # (jitted: one compile instead of hundreds of eager ones; unknown names are ignored)
     z0 = jax.jit(lambda v: unconstrain_fn(model, (), kw, v))({**values, **states})
@@ -85,8 +88,9 @@ def test_potential_and_gradient_match_dense_oracle_and_finite_differences(small_
     pts = rng.uniform(-1.5, 1.5, size=(n, k))
     # central differences (h = 1e-5) at the first three points, in the same batch
     shifts = h * np.eye(k)
-    fd_pts = np.concatenate([(pts[:3, None] + shifts).reshape(-1, k),
-                             (pts[:3, None] - shifts).reshape(-1, k)])
+    fd_pts = np.concatenate(
+        [(pts[:3, None] + shifts).reshape(-1, k), (pts[:3, None] - shifts).reshape(-1, k)]
+    )
     f = jax.jit(jax.vmap(lambda v: potential_fn(unravel(v))))
     vals = np.asarray(f(jnp.asarray(np.concatenate([pts, fd_pts]))))
     ours, plus, minus = vals[:n], vals[n : n + 3 * k], vals[n + 3 * k :]
@@ -160,8 +164,9 @@ def test_fisher_identity_gradient_equals_autodiff_through_the_filter(small_data)
         model = marginalize(lds, fisher_gradient=fisher)
         z = jax.jit(lambda v, m=model: unconstrain_fn(m, (), kw, v))(values)
         z = jax.tree_util.tree_map(lambda a: a + 0.2, z)
-        grads.append(jax.jit(jax.value_and_grad(
-            lambda z, m=model: potential_energy(m, (), kw, z)))(z))
+        grads.append(
+            jax.jit(jax.value_and_grad(lambda z, m=model: potential_energy(m, (), kw, z)))(z)
+        )
     np.testing.assert_allclose(float(grads[0][0]), float(grads[1][0]), rtol=1e-12)
     for k in grads[1][1]:
         np.testing.assert_allclose(grads[0][1][k], grads[1][1][k], rtol=1e-8, atol=1e-10)
@@ -261,8 +266,14 @@ def local_level(y=None, *, num_steps=None, num_sequences=None, obs_dim=1):
 
 def local_level_as_lds(q, r):
     """The same model in the dense oracle's parametrisation."""
-    return dict(A=np.array([[LL_PHI]]), C=np.array([[1.0]]), Q=np.array([[q**2]]),
-                R=np.array([[r**2]]), m0=np.zeros(1), P0=np.array([[LL_P0]]))
+    return dict(
+        A=np.array([[LL_PHI]]),
+        C=np.array([[1.0]]),
+        Q=np.array([[q**2]]),
+        R=np.array([[r**2]]),
+        m0=np.zeros(1),
+        P0=np.array([[LL_P0]]),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -270,10 +281,23 @@ def ll_runs():
     rng = np.random.default_rng(3)
     _, y = O.sample_lds(rng, local_level_as_lds(0.5, 0.3), 50)
     model = marginalize(local_level)
-    run = ppl_dyn.mcmc.run_blackjax(jax.random.key(1), model, num_warmup=300, num_samples=300,
-                                    num_chains=2, print_summary=False, y=y)
-    mcmc = MCMC(NUTS(model), num_warmup=300, num_samples=300, num_chains=2,
-                chain_method="vectorized", progress_bar=False)
+    run = ppl_dyn.mcmc.run_blackjax(
+        jax.random.key(1),
+        model,
+        num_warmup=300,
+        num_samples=300,
+        num_chains=2,
+        print_summary=False,
+        y=y,
+    )
+    mcmc = MCMC(
+        NUTS(model),
+        num_warmup=300,
+        num_samples=300,
+        num_chains=2,
+        chain_method="vectorized",
+        progress_bar=False,
+    )
     mcmc.run(jax.random.key(2), y=y, extra_fields=ppl_dyn.mcmc.EXTRA_FIELDS)
     return y, run, mcmc
 
@@ -281,8 +305,9 @@ def ll_runs():
 def test_blackjax_lp_equals_numpyro_potential_energy(ll_runs):
     y, run, _ = ll_runs
     pe = jax.jit(jax.vmap(jax.vmap(lambda z: potential_energy(run.model, (), {"y": y}, z))))
-    np.testing.assert_allclose(np.asarray(run.stats["lp"]), -np.asarray(pe(run.positions)),
-                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(run.stats["lp"]), -np.asarray(pe(run.positions)), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_numpyro_and_blackjax_posteriors_agree_within_mcse(ll_runs):
@@ -292,8 +317,10 @@ def test_numpyro_and_blackjax_posteriors_agree_within_mcse(ll_runs):
     for name in ("q", "r"):
         ma, mb = float(a.posterior[name].mean()), float(b.posterior[name].mean())
         # (a scalar site of a 1-state model has dims (state, state_col) of size 1)
-        se = np.hypot(np.asarray(az.mcse(a, var_names=[name])[name]).item(),
-                      np.asarray(az.mcse(b, var_names=[name])[name]).item())
+        se = np.hypot(
+            np.asarray(az.mcse(a, var_names=[name])[name]).item(),
+            np.asarray(az.mcse(b, var_names=[name])[name]).item(),
+        )
         assert abs(ma - mb) < 3 * se, (name, ma, mb, se)
         # and both near the truth (0.5, 0.3) on the scale of the posterior sd
         assert abs(ma - {"q": 0.5, "r": 0.3}[name]) < 3 * float(a.posterior[name].std())
@@ -315,9 +342,18 @@ def test_inference_data_contract(ll_runs, backend, tmp_path):
         assert k in st, k
     assert st["diverging"].dtype == bool
     # lp is minus the potential energy at the draws
-    pe = jax.jit(jax.vmap(jax.vmap(lambda p: potential_energy(
-        source.model if backend == "blackjax" else mcmc.sampler.model, (), {"y": y},
-        unconstrain_fn(marginalize(local_level), (), {"y": y}, p)))))
+    pe = jax.jit(
+        jax.vmap(
+            jax.vmap(
+                lambda p: potential_energy(
+                    source.model if backend == "blackjax" else mcmc.sampler.model,
+                    (),
+                    {"y": y},
+                    unconstrain_fn(marginalize(local_level), (), {"y": y}, p),
+                )
+            )
+        )
+    )
     draws = {k: jnp.asarray(post[k].values) for k in ("q", "r")}
     np.testing.assert_allclose(st["lp"].values, -np.asarray(pe(draws)), rtol=1e-10, atol=1e-9)
     # log_likelihood: one-step-ahead log-densities per time step, summing to the dense
@@ -369,8 +405,9 @@ def test_diagnostics_report_matches_sample_stats(ll_runs, capsys):
 
 def test_forecast_and_posterior_predictive_from_draws(ll_runs):
     y, run, _ = ll_runs
-    idata = ppl_dyn.to_inference_data(run, posterior_predictive=True, forecast_steps=4,
-                                      rng_key=jax.random.key(2))
+    idata = ppl_dyn.to_inference_data(
+        run, posterior_predictive=True, forecast_steps=4, rng_key=jax.random.key(2)
+    )
     pp, fc = idata.posterior_predictive["y"], idata.predictions["y"]
     assert pp.dims == ("chain", "draw", "time", "obs_dim") and pp.sizes["time"] == 50
     assert fc.dims == ("chain", "draw", "forecast_time", "obs_dim")
@@ -385,9 +422,18 @@ def test_forecast_and_posterior_predictive_from_draws(ll_runs):
 def test_hmc_without_adaptation_and_a_huge_step_flags_every_transition_divergent(ll_runs):
     # G21 (NumPyro's test_diverging style): step size 10, adaptation off
     y, _, _ = ll_runs
-    run = ppl_dyn.mcmc.run_blackjax(jax.random.key(5), marginalize(local_level), algorithm="hmc",
-                                    num_integration_steps=5, num_warmup=0, step_size=10.0,
-                                    num_samples=20, num_chains=2, print_summary=False, y=y)
+    run = ppl_dyn.mcmc.run_blackjax(
+        jax.random.key(5),
+        marginalize(local_level),
+        algorithm="hmc",
+        num_integration_steps=5,
+        num_warmup=0,
+        step_size=10.0,
+        num_samples=20,
+        num_chains=2,
+        print_summary=False,
+        y=y,
+    )
     assert run.stats["diverging"].shape == (2, 20)
     assert bool(np.all(run.stats["diverging"]))
     d = ppl_dyn.mcmc.diagnose(run)
@@ -403,9 +449,14 @@ def test_em_result_exports_point_estimate_with_convergence_trace(small_data):
     from ppl_dyn.infer import EMResult
 
     params, y = small_data
-    res = EMResult(params={k: jnp.asarray(v) for k, v in params.items()}, state=None,
-                   log_marginals=np.array([-20.0, -15.0, -14.5]), floor_counts={},
-                   converged=False, num_iters=3)
+    res = EMResult(
+        params={k: jnp.asarray(v) for k, v in params.items()},
+        state=None,
+        log_marginals=np.array([-20.0, -15.0, -14.5]),
+        floor_counts={},
+        converged=False,
+        num_iters=3,
+    )
     with pytest.raises(ValueError, match="model"):
         ppl_dyn.to_inference_data(res)
     idata = ppl_dyn.to_inference_data(res, model=lds, y=y, state_dim=DX)
@@ -415,8 +466,9 @@ def test_em_result_exports_point_estimate_with_convergence_trace(small_data):
     assert post["C"].dims == ("chain", "draw", "obs_dim", "state")
     assert post["Q"].dims == ("chain", "draw", "state", "state_col")
     assert post["d"].dims == ("chain", "draw", "obs_dim")
-    np.testing.assert_array_equal(idata.sample_stats["log_marginal"].values[0, 0],
-                                  res.log_marginals)
+    np.testing.assert_array_equal(
+        idata.sample_stats["log_marginal"].values[0, 0], res.log_marginals
+    )
     # a point estimate: the one-step-ahead terms in sample_stats, and az.loo refuses it
     # by name instead of failing inside PSIS (one draw)
     ll = idata.sample_stats["y_one_step_log_prob"].values[0, 0]
@@ -438,8 +490,7 @@ def test_latent_state_draws_of_several_sequences_are_joined_over_time(small_data
     draws = {k: np.broadcast_to(np.asarray(v), (C, D) + np.shape(v)) for k, v in params.items()}
     x1 = rng.normal(size=(C, D, S, DX))
     xr = rng.normal(size=(C, D, T_SMALL - 1, S, DX))
-    idata = ppl_dyn.to_inference_data({**draws, "x_1": x1, "x": xr}, model=lds, y=yb,
-                                      state_dim=DX)
+    idata = ppl_dyn.to_inference_data({**draws, "x_1": x1, "x": xr}, model=lds, y=yb, state_dim=DX)
     x = idata.posterior["x"]
     assert x.dims == ("chain", "draw", "sequence", "time", "state")
     np.testing.assert_array_equal(x.values[:, :, :, 0], x1)
@@ -451,16 +502,21 @@ def test_latent_state_draws_of_several_sequences_are_joined_over_time(small_data
     x_s = np.concatenate([x1[1, 2][None], xr[1, 2]], 0)  # (T, S, dx)
     Cm, R, d = (np.asarray(params[k]) for k in ("C", "R", "d"))
     for s in range(S):
-        cond = [sps.multivariate_normal.logpdf(yb[s, t], Cm @ x_s[t, s] + d, R)
-                for t in range(T_SMALL)]
+        cond = [
+            sps.multivariate_normal.logpdf(yb[s, t], Cm @ x_s[t, s] + d, R) for t in range(T_SMALL)
+        ]
         np.testing.assert_allclose(ll.values[1, 2, s], cond, rtol=1e-10)
     assert idata.observed_data["y"].dims == ("sequence", "time", "obs_dim")
     # an explicit E-step gives the one-step-ahead predictive densities instead
-    idata = ppl_dyn.to_inference_data({**draws, "x_1": x1, "x": xr}, model=lds, y=yb,
-                                      state_dim=DX, e_step=KalmanSmoother())
+    idata = ppl_dyn.to_inference_data(
+        {**draws, "x_1": x1, "x": xr}, model=lds, y=yb, state_dim=DX, e_step=KalmanSmoother()
+    )
     for s in range(S):
-        np.testing.assert_allclose(idata.log_likelihood["y"].values[1, 2, s].sum(),
-                                   O.dense_log_marginal(params, yb[s]), rtol=1e-10)
+        np.testing.assert_allclose(
+            idata.log_likelihood["y"].values[1, 2, s].sum(),
+            O.dense_log_marginal(params, yb[s]),
+            rtol=1e-10,
+        )
 
 
 def test_point_forecast_and_predictive_match_dense_gaussian(small_data):
@@ -475,8 +531,9 @@ def test_point_forecast_and_predictive_match_dense_gaussian(small_data):
     assert np.all(np.abs(sims.mean(0) - mean) / np.sqrt(var / n) < 4.5)
     assert np.all(np.abs(sims.var(0) / var - 1) < 4.5 * np.sqrt(2 / n))
     # posterior predictive: y_rep_t = C x_t + d + noise with x_t ~ p(x_t | y)
-    pp = ppl_dyn.posterior_predictive(jax.random.key(1), one, model=lds, num_paths=n, y=y,
-                                      state_dim=DX)
+    pp = ppl_dyn.posterior_predictive(
+        jax.random.key(1), one, model=lds, num_paths=n, y=y, state_dim=DX
+    )
     post = O.dense_posterior(params, y)
     Cm, R = params["C"], params["R"]
     mean = post["means"] @ Cm.T + params["d"]
@@ -503,16 +560,20 @@ def test_point_forecast_and_predictive_match_dense_gaussian(small_data):
 
 
 def _fake_run(samples, stats):
-    return ppl_dyn.mcmc.BlackJAXRun(samples, samples, stats, None, None, "nuts", local_level,
-                                    {"y": np.zeros((5, 1))}, None)
+    return ppl_dyn.mcmc.BlackJAXRun(
+        samples, samples, stats, None, None, "nuts", local_level, {"y": np.zeros((5, 1))}, None
+    )
 
 
 def test_diagnostics_flag_disagreeing_chains_divergences_and_low_bfmi():
     rng = np.random.default_rng(0)
     C, D = 4, 500
     good = {"q": np.abs(rng.normal(size=(C, D))) + 0.1, "r": np.abs(rng.normal(size=(C, D)))}
-    stats = {"diverging": np.zeros((C, D), bool), "energy": rng.normal(size=(C, D)),
-             "lp": rng.normal(size=(C, D))}
+    stats = {
+        "diverging": np.zeros((C, D), bool),
+        "energy": rng.normal(size=(C, D)),
+        "lp": rng.normal(size=(C, D)),
+    }
     d = ppl_dyn.mcmc.diagnose(_fake_run(good, stats))
     assert d.ok and d.max_rhat < 1.01 and d.num_divergent == 0
     bad = dict(good, q=good["q"] + np.arange(C)[:, None])  # chains in different places
@@ -591,14 +652,27 @@ def test_latent_state_posterior_with_known_parameters_matches_rts(form):
     ref = O.dense_posterior(params, y)
     truth, sd = ref["means"].ravel(), np.sqrt(np.diagonal(ref["covs"], axis1=1, axis2=2)).ravel()
     if form == "centred-numpyro":
-        mcmc = MCMC(NUTS(known), num_warmup=1000, num_samples=2000, num_chains=4,
-                    chain_method="vectorized", progress_bar=False)
+        mcmc = MCMC(
+            NUTS(known),
+            num_warmup=1000,
+            num_samples=2000,
+            num_chains=4,
+            chain_method="vectorized",
+            progress_bar=False,
+        )
         mcmc.run(jax.random.key(0), y=y, state_dim=DX)
         s = mcmc.get_samples(group_by_chain=True)
     else:
-        run = ppl_dyn.mcmc.run_blackjax(jax.random.key(0), noncentered(known), num_warmup=1000,
-                                        num_samples=2000, num_chains=4, print_summary=False,
-                                        y=y, state_dim=DX)
+        run = ppl_dyn.mcmc.run_blackjax(
+            jax.random.key(0),
+            noncentered(known),
+            num_warmup=1000,
+            num_samples=2000,
+            num_chains=4,
+            print_summary=False,
+            y=y,
+            state_dim=DX,
+        )
         s = run.samples
     xs = np.concatenate([np.asarray(s["x_1"])[:, :, None, 0], np.asarray(s["x"])[:, :, :, 0]], 2)
     _mcse_check(xs.reshape(4, 2000, -1), truth, sd, form)
@@ -613,18 +687,33 @@ def test_numpyro_and_blackjax_agree_on_the_marginalised_lds():
     _, y = O.sample_lds(rng, params, 200)
     model = marginalize(handlers.condition(lds, data={"C": jnp.ones((1, 1))}))
     kw = dict(y=y, state_dim=1, bias=False)
-    run = ppl_dyn.mcmc.run_blackjax(jax.random.key(1), model, num_warmup=1000,
-                                    num_samples=1000, num_chains=4, print_summary=False, **kw)
-    mcmc = MCMC(NUTS(model), num_warmup=1000, num_samples=1000, num_chains=4,
-                chain_method="vectorized", progress_bar=False)
+    run = ppl_dyn.mcmc.run_blackjax(
+        jax.random.key(1),
+        model,
+        num_warmup=1000,
+        num_samples=1000,
+        num_chains=4,
+        print_summary=False,
+        **kw,
+    )
+    mcmc = MCMC(
+        NUTS(model),
+        num_warmup=1000,
+        num_samples=1000,
+        num_chains=4,
+        chain_method="vectorized",
+        progress_bar=False,
+    )
     mcmc.run(jax.random.key(2), extra_fields=ppl_dyn.mcmc.EXTRA_FIELDS, **kw)
     a = ppl_dyn.to_inference_data(run, log_likelihood=False)
     b = ppl_dyn.to_inference_data(mcmc, log_likelihood=False)
     for name in ("A", "Q", "R", "m0", "P0"):
         ma, mb = float(a.posterior[name].mean()), float(b.posterior[name].mean())
         # (a scalar site of a 1-state model has dims (state, state_col) of size 1)
-        se = np.hypot(np.asarray(az.mcse(a, var_names=[name])[name]).item(),
-                      np.asarray(az.mcse(b, var_names=[name])[name]).item())
+        se = np.hypot(
+            np.asarray(az.mcse(a, var_names=[name])[name]).item(),
+            np.asarray(az.mcse(b, var_names=[name])[name]).item(),
+        )
         assert abs(ma - mb) < 3 * se, (name, ma, mb, se)
     for idata in (a, b):
         assert int(idata.sample_stats["diverging"].sum()) == 0
@@ -644,15 +733,15 @@ def _sbc_ranks(model, prior_model, names, T, model_kwargs, num_reps, seed):
 
     key = jax.random.key(seed)
     k_prior, k_run = jax.random.split(key)
-    prior = Predictive(prior_model, num_samples=num_reps)(
-        k_prior, num_steps=T, **model_kwargs)
+    prior = Predictive(prior_model, num_samples=num_reps)(k_prior, num_steps=T, **model_kwargs)
     y = np.concatenate([np.asarray(prior["y_1"])[:, None, 0], np.asarray(prior["y"])[:, :, 0]], 1)
     params = {k: v for k, v in prior.items() if k not in ("y_1", "y", "x_1", "x")}
     # unconstrained shapes of every latent site of the sampled model
     first = {k: jnp.asarray(v[0]) for k, v in params.items()}
     first["x_innovations"] = jnp.zeros((T, model_kwargs["state_dim"]))
     shapes = jax.eval_shape(
-        lambda p: unconstrain_fn(model, (), {**model_kwargs, "y": y[0]}, p), first)
+        lambda p: unconstrain_fn(model, (), {**model_kwargs, "y": y[0]}, p), first
+    )
     shapes = {k: v.shape for k, v in shapes.items()}
     params = {k: v for k, v in params.items() if k in shapes}
 
@@ -662,10 +751,13 @@ def _sbc_ranks(model, prior_model, names, T, model_kwargs, num_reps, seed):
 
         k0, k1, k2 = jax.random.split(key, 3)
         ks = jax.random.split(k0, len(shapes))
-        z0 = {k: jax.random.uniform(kk, s, minval=-2, maxval=2)
-              for kk, (k, s) in zip(ks, sorted(shapes.items()), strict=True)}
-        warm = blackjax.window_adaptation(blackjax.nuts, logdensity,
-                                          adaptation_info_fn=get_filter_adapt_info_fn())
+        z0 = {
+            k: jax.random.uniform(kk, s, minval=-2, maxval=2)
+            for kk, (k, s) in zip(ks, sorted(shapes.items()), strict=True)
+        }
+        warm = blackjax.window_adaptation(
+            blackjax.nuts, logdensity, adaptation_info_fn=get_filter_adapt_info_fn()
+        )
         (state, tuned), _ = warm.run(k1, z0, num_steps=300)
         kernel = blackjax.nuts(logdensity, **tuned)
 
@@ -719,8 +811,14 @@ def test_sbc_tanh_rnn_latent_noncentred():
     from ppl_dyn.models import tanh_rnn
 
     base = handlers.condition(tanh_rnn, data={"C": jnp.eye(2)})
-    kw = dict(state_dim=2, obs_dim=2, bias=False, dynamics_noise="diag",
-              emission_noise="diag", init_noise="diag")
+    kw = dict(
+        state_dim=2,
+        obs_dim=2,
+        bias=False,
+        dynamics_noise="diag",
+        emission_noise="diag",
+        init_noise="diag",
+    )
     names = [("A", (i, j)) for i in range(2) for j in range(2)]
     names += [(s, (i,)) for s in ("Q", "R", "m0", "P0") for i in range(2)]
     ranks, div = _sbc_ranks(noncentered(base), base, names, 25, kw, _sbc_replications(), 1)

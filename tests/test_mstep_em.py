@@ -48,8 +48,16 @@ def make_data(name, seed):
     else:
         y_arg = np.stack(ys)
         u_arg = None if du == 0 else np.stack(us)
-    return dict(y=y_arg, u=u_arg, ys=ys, us=us, truth=truth, start=start, dx=dx,
-                kw=dict(noise_kwargs(kind), bias=bias))
+    return dict(
+        y=y_arg,
+        u=u_arg,
+        ys=ys,
+        us=us,
+        truth=truth,
+        start=start,
+        dx=dx,
+        kw=dict(noise_kwargs(kind), bias=bias),
+    )
 
 
 def run_em(data, num_iters, init_params=None, model=lds, seed=0):
@@ -59,8 +67,14 @@ def run_em(data, num_iters, init_params=None, model=lds, seed=0):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # floor warnings are checked
         return EM(model, KalmanSmoother()).run(
-            jax.random.key(seed), num_iters, y=data["y"], state_dim=data["dx"],
-            init_params=init_params, progress_bar=False, rtol=None, **kw,
+            jax.random.key(seed),
+            num_iters,
+            y=data["y"],
+            state_dim=data["dx"],
+            init_params=init_params,
+            progress_bar=False,
+            rtol=None,
+            **kw,
         )
 
 
@@ -231,8 +245,7 @@ def test_frozen_sites_unchanged_and_free_sites_zero_restricted_q_gradient(which)
         # one (Q given a fixed A; P0 around a fixed m0): the freezing must be honoured
         unconstrained = run_em(data, 1, init_params=old)
         assert any(
-            not np.allclose(np.asarray(unconstrained.params[k]), new[k], rtol=1e-6)
-            for k in free
+            not np.allclose(np.asarray(unconstrained.params[k]), new[k], rtol=1e-6) for k in free
         )
     # many iterations: still exactly frozen, still ascending
     res50 = run_em(data, 30, init_params=old, model=model)
@@ -248,8 +261,9 @@ def test_frozen_sites_unchanged_and_free_sites_zero_restricted_q_gradient(which)
 
 def _first_step_moments(params, data):
     kw = dict(data["kw"])
-    post = KalmanSmoother().smooth(params, lds, y=data["y"], u=data["u"],
-                                   state_dim=data["dx"], **kw)
+    post = KalmanSmoother().smooth(
+        params, lds, y=data["y"], u=data["u"], state_dim=data["dx"], **kw
+    )
     return np.asarray(post.means[:, 0]), np.asarray(post.covs[:, 0])
 
 
@@ -294,13 +308,22 @@ def test_em_log_likelihood_trajectory_matches_pykalman():
     _, y = O.sample_lds(rng, truth, T)
     start = O.random_lds_params(rng, dx, dy, 0.5, bias=False)
     kf = pykalman.KalmanFilter(
-        transition_matrices=start["A"], observation_matrices=start["C"],
-        transition_covariance=start["Q"], observation_covariance=start["R"],
-        initial_state_mean=start["m0"], initial_state_covariance=start["P0"],
+        transition_matrices=start["A"],
+        observation_matrices=start["C"],
+        transition_covariance=start["Q"],
+        observation_covariance=start["R"],
+        initial_state_mean=start["m0"],
+        initial_state_covariance=start["P0"],
     )
     # every parameter our LDS (bias=False) learns, updated from one smoother pass
-    em_vars = ["transition_matrices", "observation_matrices", "transition_covariance",
-               "observation_covariance", "initial_state_mean", "initial_state_covariance"]
+    em_vars = [
+        "transition_matrices",
+        "observation_matrices",
+        "transition_covariance",
+        "observation_covariance",
+        "initial_state_mean",
+        "initial_state_covariance",
+    ]
     ref = []
     for _ in range(5):
         ref.append(kf.loglikelihood(y))
@@ -310,11 +333,17 @@ def test_em_log_likelihood_trajectory_matches_pykalman():
     np.testing.assert_allclose(res.log_marginals, np.asarray(ref), rtol=1e-8)
     # and the parameters after 5 iterations
     res6 = run_em(data, 5, init_params=start)
-    for ours, theirs in [("A", kf.transition_matrices), ("C", kf.observation_matrices),
-                         ("Q", kf.transition_covariance), ("R", kf.observation_covariance),
-                         ("m0", kf.initial_state_mean), ("P0", kf.initial_state_covariance)]:
-        np.testing.assert_allclose(np.asarray(res6.params[ours]), theirs, rtol=1e-6,
-                                   atol=1e-9, err_msg=ours)
+    for ours, theirs in [
+        ("A", kf.transition_matrices),
+        ("C", kf.observation_matrices),
+        ("Q", kf.transition_covariance),
+        ("R", kf.observation_covariance),
+        ("m0", kf.initial_state_mean),
+        ("P0", kf.initial_state_covariance),
+    ]:
+        np.testing.assert_allclose(
+            np.asarray(res6.params[ours]), theirs, rtol=1e-6, atol=1e-9, err_msg=ours
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -325,8 +354,18 @@ def test_em_log_likelihood_trajectory_matches_pykalman():
 def test_fit_em_equals_em_run():
     data = make_data("single_full", 500)
     a = run_em(data, 7, init_params=data["start"], seed=3)
-    b = fit_em(lds, KalmanSmoother(), jax.random.key(3), 7, y=data["y"], state_dim=data["dx"],
-               init_params=data["start"], progress_bar=False, rtol=None, **data["kw"])
+    b = fit_em(
+        lds,
+        KalmanSmoother(),
+        jax.random.key(3),
+        7,
+        y=data["y"],
+        state_dim=data["dx"],
+        init_params=data["start"],
+        progress_bar=False,
+        rtol=None,
+        **data["kw"],
+    )
     np.testing.assert_array_equal(a.log_marginals, b.log_marginals)
     assert sorted(a.params) == sorted(b.params)
     for k in a.params:
@@ -334,8 +373,16 @@ def test_fit_em_equals_em_run():
     assert a.num_iters == b.num_iters == 7
     # and the prior-initialised version (same key -> same draws)
     c = run_em(data, 3, seed=4)
-    d = fit_em(lds, KalmanSmoother(), jax.random.key(4), 3, y=data["y"], state_dim=data["dx"],
-               progress_bar=False, **data["kw"])
+    d = fit_em(
+        lds,
+        KalmanSmoother(),
+        jax.random.key(4),
+        3,
+        y=data["y"],
+        state_dim=data["dx"],
+        progress_bar=False,
+        **data["kw"],
+    )
     np.testing.assert_array_equal(c.log_marginals, d.log_marginals)
 
 
@@ -348,8 +395,9 @@ def test_em_update_continues_run_and_returns_old_log_marginal():
     assert abs(float(ll) - ll_ref) <= 1e-9 * abs(ll_ref)
     cont = run_em(data, 4, init_params=data["start"])
     for k in state.params:
-        np.testing.assert_allclose(np.asarray(state.params[k]), np.asarray(cont.state.params[k]),
-                                   rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(
+            np.asarray(state.params[k]), np.asarray(cont.state.params[k]), rtol=1e-12, atol=1e-14
+        )
 
 
 def test_rtol_stops_early_and_reports_converged():
@@ -358,8 +406,13 @@ def test_rtol_stops_early_and_reports_converged():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         res = EM(lds, KalmanSmoother()).run(
-            jax.random.key(0), 500, y=data["y"], state_dim=2, init_params=data["truth"],
-            progress_bar=False, rtol=1e-4,
+            jax.random.key(0),
+            500,
+            y=data["y"],
+            state_dim=2,
+            init_params=data["truth"],
+            progress_bar=False,
+            rtol=1e-4,
         )
     lls = res.log_marginals
     assert res.converged and res.num_iters == len(lls) < 500

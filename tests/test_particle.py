@@ -28,8 +28,14 @@ SCHEMES = ["systematic", "stratified", "multinomial"]
 def lds_1d(T, seed=0, A=0.9, Q=0.5, R=0.5):
     """A scalar LDS and one simulated sequence."""
     params = dict(
-        A=np.array([[A]]), C=np.array([[1.0]]), Q=np.array([[Q]]), R=np.array([[R]]),
-        m0=np.array([0.3]), P0=np.array([[1.0]]), b=np.array([0.1]), d=np.array([-0.2]),
+        A=np.array([[A]]),
+        C=np.array([[1.0]]),
+        Q=np.array([[Q]]),
+        R=np.array([[R]]),
+        m0=np.array([0.3]),
+        P0=np.array([[1.0]]),
+        b=np.array([0.1]),
+        d=np.array([-0.2]),
     )
     _, y = O.sample_lds(np.random.default_rng(seed), params, T)
     return params, y
@@ -168,10 +174,10 @@ def test_public_smoother_equals_dense_oracle_and_ignores_chunk_size():
     np.testing.assert_allclose(np.asarray(p7.smoothed_log_weights), lv, atol=1e-10)
     np.testing.assert_allclose(np.asarray(p7.pair_moments), pr, atol=1e-10)
     filt = run_filter(jax.random.key(0), params, y, 0.5, dx=2, n=N_STD)._replace(
-        particles=p7.particles, log_weights=p7.filter_log_weights)
+        particles=p7.particles, log_weights=p7.filter_log_weights
+    )
     ref_v, ref_pair = run_ffbsm(params, y, filt, dx=2, chunk=None)
-    np.testing.assert_allclose(np.asarray(p7.smoothed_log_weights), np.asarray(ref_v),
-                               atol=1e-13)
+    np.testing.assert_allclose(np.asarray(p7.smoothed_log_weights), np.asarray(ref_v), atol=1e-13)
     np.testing.assert_allclose(np.asarray(p7.pair_moments), np.asarray(ref_pair), atol=1e-13)
     # means / covs properties are the v-weighted moments
     v = np.exp(lv)
@@ -219,9 +225,7 @@ def test_smoother_agrees_with_rts_within_monte_carlo_error():
     assert np.max(np.abs(z)) < 4.0, np.max(np.abs(z))
     assert np.mean(z**2) < 2.0, np.mean(z**2)
     # power: one replicate is visibly off at N = 1000, the average is much closer
-    assert np.sqrt(np.mean((est.mean(0) - truth) ** 2)) < 0.3 * np.sqrt(
-        np.mean((est - truth) ** 2)
-    )
+    assert np.sqrt(np.mean((est.mean(0) - truth) ** 2)) < 0.3 * np.sqrt(np.mean((est - truth) ** 2))
 
 
 @pytest.mark.slow
@@ -344,8 +348,9 @@ def test_float32_inputs_give_float32_posterior():
     the default float dtype). Demonstrates the inconsistency."""
     params, y = lds_1d(10)
     p32 = {k: np.asarray(v, np.float32) for k, v in params.items()}
-    post = ParticleSmoother(16).smooth(p32, lds, y=y.astype(np.float32), state_dim=1,
-                                       rng_key=jax.random.key(0))
+    post = ParticleSmoother(16).smooth(
+        p32, lds, y=y.astype(np.float32), state_dim=1, rng_key=jax.random.key(0)
+    )
     dtypes = {f: getattr(post, f).dtype for f in post._fields if getattr(post, f) is not None}
     assert all(d == jnp.float32 for d in dtypes.values()), dtypes
 
@@ -406,8 +411,9 @@ def test_missing_step_contributes_zero_increment():
     f = run_filter(jax.random.key(5), params, y, 0.0, dx=1, n=N_STD)
     assert float(f.log_marginal) > -np.inf
     # never resampling: the weights after the missing step equal the weights before it
-    np.testing.assert_allclose(np.asarray(f.log_weights[4]), np.asarray(f.log_weights[3]),
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(f.log_weights[4]), np.asarray(f.log_weights[3]), atol=1e-12
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -415,10 +421,14 @@ def test_missing_step_contributes_zero_increment():
 # --------------------------------------------------------------------------------------
 
 TANH_TRUTH = dict(
-    A=np.array([[1.2, -0.4], [0.5, 0.9]]), b=np.array([0.1, -0.2]),
-    C=np.array([[1.0, -0.7]]), d=np.array([0.3]),
-    Q=np.array([[0.1, 0.02], [0.02, 0.08]]), R=np.array([[0.05]]),
-    m0=np.array([0.2, -0.1]), P0=np.eye(2),
+    A=np.array([[1.2, -0.4], [0.5, 0.9]]),
+    b=np.array([0.1, -0.2]),
+    C=np.array([[1.0, -0.7]]),
+    d=np.array([0.3]),
+    Q=np.array([[0.1, 0.02], [0.02, 0.08]]),
+    R=np.array([[0.05]]),
+    m0=np.array([0.2, -0.1]),
+    P0=np.eye(2),
 )
 
 
@@ -427,10 +437,16 @@ def _simulate_tanh(params, T, seed):
     x = np.zeros((T, 2))
     x[0] = rng.multivariate_normal(params["m0"], params["P0"])
     for t in range(1, T):
-        x[t] = params["A"] @ np.tanh(x[t - 1]) + params["b"] + rng.multivariate_normal(
-            np.zeros(2), params["Q"])
-    y = np.tanh(x) @ params["C"].T + params["d"] + rng.multivariate_normal(
-        np.zeros(1), params["R"], size=T)
+        x[t] = (
+            params["A"] @ np.tanh(x[t - 1])
+            + params["b"]
+            + rng.multivariate_normal(np.zeros(2), params["Q"])
+        )
+    y = (
+        np.tanh(x) @ params["C"].T
+        + params["d"]
+        + rng.multivariate_normal(np.zeros(1), params["R"], size=T)
+    )
     return y
 
 
@@ -462,30 +478,52 @@ def tanh_mstep():
 def tanh_mstep_setup():
     y = _simulate_tanh(TANH_TRUTH, 60, seed=0)
     old = dict(TANH_TRUTH)
-    old.update(A=0.7 * TANH_TRUTH["A"], b=TANH_TRUTH["b"] + 0.2, C=0.8 * TANH_TRUTH["C"],
-               d=TANH_TRUTH["d"] - 0.1, Q=1.5 * TANH_TRUTH["Q"], R=2.0 * TANH_TRUTH["R"],
-               m0=TANH_TRUTH["m0"] + 0.3, P0=0.7 * TANH_TRUTH["P0"])
+    old.update(
+        A=0.7 * TANH_TRUTH["A"],
+        b=TANH_TRUTH["b"] + 0.2,
+        C=0.8 * TANH_TRUTH["C"],
+        d=TANH_TRUTH["d"] - 0.1,
+        Q=1.5 * TANH_TRUTH["Q"],
+        R=2.0 * TANH_TRUTH["R"],
+        m0=TANH_TRUTH["m0"] + 0.3,
+        P0=0.7 * TANH_TRUTH["P0"],
+    )
     ss, spec = bind(tanh_rnn, old, y=y, state_dim=2, obs_dim=1)
-    post = jax.jit(lambda k: ParticleSmoother(200, chunk_size=None).posterior(
-        k, ss, spec.y, spec.u))(jax.random.key(0))
+    post = jax.jit(
+        lambda k: ParticleSmoother(200, chunk_size=None).posterior(k, ss, spec.y, spec.u)
+    )(jax.random.key(0))
     ms = LinearGaussianMStep()
     stats = ms.statistics(post, ss, spec.y, spec.u)
     new, floors = ms.update(stats, ss, frozenset(old))
     X = np.asarray(post.particles[0])
     LW = np.asarray(post.filter_log_weights[0])
     log_v, W, _ = PO.dense_ffbsm(X, LW, old, feature=np.tanh)
-    return dict(y=y, old=old, new={k: np.asarray(v) for k, v in new.items()}, floors=floors,
-                X=X, LW=LW, log_v=log_v, W=W, post=post)
+    return dict(
+        y=y,
+        old=old,
+        new={k: np.asarray(v) for k, v in new.items()},
+        floors=floors,
+        X=X,
+        LW=LW,
+        log_v=log_v,
+        W=W,
+        post=post,
+    )
 
 
 def test_tanh_mstep_zeroes_the_gradient_of_the_particle_q_function(tanh_mstep):
     s = tanh_mstep
     assert not any(int(f) for f in s["floors"].values())
     # the library's smoothed weights are the ones the dense oracle recomputes
-    np.testing.assert_allclose(np.asarray(s["post"].smoothed_log_weights[0]), s["log_v"],
-                               atol=1e-10)
-    args = (jnp.asarray(s["X"]), jnp.asarray(np.exp(s["log_v"])), jnp.asarray(s["W"]),
-            jnp.asarray(s["y"]))
+    np.testing.assert_allclose(
+        np.asarray(s["post"].smoothed_log_weights[0]), s["log_v"], atol=1e-10
+    )
+    args = (
+        jnp.asarray(s["X"]),
+        jnp.asarray(np.exp(s["log_v"])),
+        jnp.asarray(s["W"]),
+        jnp.asarray(s["y"]),
+    )
     q = jax.jit(particle_q)
     grad = jax.jit(jax.grad(particle_q))
     th_old = {k: jnp.asarray(v) for k, v in s["old"].items()}
@@ -536,9 +574,16 @@ def test_literal_seed_eq23_gives_a_different_dynamics_matrix(tanh_mstep):
 def test_particle_em_reaches_exact_em_likelihood():
     params, y = lds_1d(100, seed=8)
     start = dict(params)
-    start.update(A=np.array([[0.3]]), C=np.array([[0.6]]), Q=np.array([[1.5]]),
-                 R=np.array([[1.2]]), b=np.array([0.5]), d=np.array([0.4]),
-                 m0=np.array([0.0]), P0=np.array([[2.0]]))
+    start.update(
+        A=np.array([[0.3]]),
+        C=np.array([[0.6]]),
+        Q=np.array([[1.5]]),
+        R=np.array([[1.2]]),
+        b=np.array([0.5]),
+        d=np.array([0.4]),
+        m0=np.array([0.0]),
+        P0=np.array([[2.0]]),
+    )
     kw = dict(y=y, state_dim=1, init_params=start, progress_bar=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -565,19 +610,20 @@ def test_one_particle_and_one_step_run():
     np.testing.assert_allclose(np.asarray(post.smoothed_log_weights), 0.0, atol=1e-12)
     assert np.isfinite(float(post.log_marginal))
     # with one particle every trajectory is the particle path
-    np.testing.assert_array_equal(np.asarray(post.trajectories[1]),
-                                  np.asarray(post.particles[:, 0]))
-    post = ParticleSmoother(16, mode="ffbsi", num_trajectories=3).smooth(
-        params, lds, y=y[:1], **kw)
+    np.testing.assert_array_equal(
+        np.asarray(post.trajectories[1]), np.asarray(post.particles[:, 0])
+    )
+    post = ParticleSmoother(16, mode="ffbsi", num_trajectories=3).smooth(params, lds, y=y[:1], **kw)
     assert post.particles.shape == (1, 16, 2) and post.pair_moments.shape == (0, 2, 2)
     assert post.trajectories.shape == (3, 1, 2)
-    np.testing.assert_allclose(np.asarray(post.smoothed_log_weights),
-                               np.asarray(post.filter_log_weights))
+    np.testing.assert_allclose(
+        np.asarray(post.smoothed_log_weights), np.asarray(post.filter_log_weights)
+    )
     # T = 1: log Z_hat = log mean_i p(y_1 | x_1^i), computed here from the particles
-    ll = PO.gauss_logpdf_rows(np.asarray(y[:1]), np.asarray(post.particles[0]) @ params["C"].T
-                              + params["d"], params["R"])[0]
-    np.testing.assert_allclose(float(post.log_marginal),
-                               np.log(np.mean(np.exp(ll))), rtol=1e-10)
+    ll = PO.gauss_logpdf_rows(
+        np.asarray(y[:1]), np.asarray(post.particles[0]) @ params["C"].T + params["d"], params["R"]
+    )[0]
+    np.testing.assert_allclose(float(post.log_marginal), np.log(np.mean(np.exp(ll))), rtol=1e-10)
 
 
 @pytest.mark.parametrize(
@@ -591,8 +637,7 @@ def test_one_particle_and_one_step_run():
 def test_bad_arguments_raise(kwargs, match):
     params, y = lds_1d(5)
     with pytest.raises(ValueError, match=match):
-        ParticleSmoother(**kwargs).smooth(params, lds, y=y, state_dim=1,
-                                          rng_key=jax.random.key(0))
+        ParticleSmoother(**kwargs).smooth(params, lds, y=y, state_dim=1, rng_key=jax.random.key(0))
 
 
 def test_missing_rng_key_raises():

@@ -30,8 +30,9 @@ def test_data_pattern():
 # information-form filter's one-factor-of-R path against the general one
 @pytest.mark.parametrize("pattern, obs_dim", [(SHARED, 2), (MIXED, 2), (COMPLETE, 3)])
 def test_hinted_step_equals_unhinted(pattern, obs_dim):
-    sim = ppl_dyn.simulate(jax.random.key(0), lds, num_steps=30, num_sequences=3,
-                           state_dim=2, obs_dim=obs_dim)
+    sim = ppl_dyn.simulate(
+        jax.random.key(0), lds, num_steps=30, num_sequences=3, state_dim=2, obs_dim=obs_dim
+    )
     y = np.array(sim["y"])
     if pattern != COMPLETE:
         y[:, 4:7, 0] = np.nan

@@ -23,7 +23,10 @@ def _mc_close(samples, expected, z=5.0):
     """Sample mean within z standard errors of the expected mean, entry by entry."""
     se = samples.std(0) / np.sqrt(samples.shape[0])
     assert np.all(np.abs(samples.mean(0) - expected) <= z * se + 1e-12), (
-        samples.mean(0), expected, se)
+        samples.mean(0),
+        expected,
+        se,
+    )
 
 
 def test_inverse_wishart_mean_and_variance():

@@ -30,14 +30,34 @@ def em_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("em")
     rng = np.random.default_rng(0)
     x = np.cumsum(rng.normal(size=40)) * 0.3
-    rows = [f"{1900 + t},{x[t] + 0.3 * rng.normal():.5f},{-x[t] + 0.3 * rng.normal():.5f}"
-            for t in range(40)]
+    rows = [
+        f"{1900 + t},{x[t] + 0.3 * rng.normal():.5f},{-x[t] + 0.3 * rng.normal():.5f}"
+        for t in range(40)
+    ]
     rows[7] = rows[7].split(",")[0] + ",," + rows[7].split(",")[2]  # one missing cell
     (d / "flow.csv").write_text("year,north,south\n" + "\n".join(rows) + "\n")
     out = d / "run"
-    rc = cli.main(["fit", "--data", str(d / "flow.csv"), "--time-column", "year",
-                   "--model", "lds", "--state-dim", "1", "--num-iters", "3",
-                   "--forecast-steps", "4", "--out", str(out), "--quiet", "--no-report"])
+    rc = cli.main(
+        [
+            "fit",
+            "--data",
+            str(d / "flow.csv"),
+            "--time-column",
+            "year",
+            "--model",
+            "lds",
+            "--state-dim",
+            "1",
+            "--num-iters",
+            "3",
+            "--forecast-steps",
+            "4",
+            "--out",
+            str(out),
+            "--quiet",
+            "--no-report",
+        ]
+    )
     assert rc == 0 and not (out / "report.html").exists()
     return out
 
@@ -63,18 +83,30 @@ def mcmc_run(tmp_path_factory):
     diverging = np.zeros((c, n), bool)
     diverging[1, 5] = diverging[0, 40] = True
     idata = az.from_dict(
-        posterior={"A": 0.9 + 0.01 * rng.normal(size=(c, n, 1, 1)),
-                   "R": np.exp(0.1 * rng.normal(size=(c, n, 1, 1)))},
-        sample_stats={"diverging": diverging, "energy": rng.normal(size=(c, n)),
-                      "lp": rng.normal(size=(c, n)),
-                      "acceptance_rate": rng.uniform(0.6, 1.0, size=(c, n))},
+        posterior={
+            "A": 0.9 + 0.01 * rng.normal(size=(c, n, 1, 1)),
+            "R": np.exp(0.1 * rng.normal(size=(c, n, 1, 1))),
+        },
+        sample_stats={
+            "diverging": diverging,
+            "energy": rng.normal(size=(c, n)),
+            "lp": rng.normal(size=(c, n)),
+            "acceptance_rate": rng.uniform(0.6, 1.0, size=(c, n)),
+        },
         observed_data={"y": rng.normal(size=(30, 1))},
     )
     idata.to_netcdf(str(d / "idata.nc"))
-    metrics = {"model": "lds", "method": "nuts", "data": "<b>x</b>.csv", "num_divergent": 2,
-               "max_rhat": 1.002, "min_ess_bulk": 110.0, "min_ess_tail": 95.0,
-               "diagnostic_problems": ["2 of 120 transitions diverged"],
-               "log_marginals": list(np.linspace(-50, -40, 30))}
+    metrics = {
+        "model": "lds",
+        "method": "nuts",
+        "data": "<b>x</b>.csv",
+        "num_divergent": 2,
+        "max_rhat": 1.002,
+        "min_ess_bulk": 110.0,
+        "min_ess_tail": 95.0,
+        "diagnostic_problems": ["2 of 120 transitions diverged"],
+        "log_marginals": list(np.linspace(-50, -40, 30)),
+    }
     (d / "metrics.json").write_text(json.dumps(metrics))
     _png(d / "trace.png", "C1")
     _png(d / "fit.png", "C2")
@@ -182,8 +214,10 @@ def _chromium():
         if path:
             return path
     if os.environ.get("CI"):
-        pytest.fail("chromium is not installed: CI must install it (.ci/run runs "
-                    "`apt-get install -y chromium`); the report test needs a real browser")
+        pytest.fail(
+            "chromium is not installed: CI must install it (.ci/run runs "
+            "`apt-get install -y chromium`); the report test needs a real browser"
+        )
     pytest.skip("chromium not installed (apt-get install -y chromium); required under CI")
 
 
@@ -191,10 +225,21 @@ def _browser_image_states(page: str, tmp_path) -> dict:
     wrapper = tmp_path / "probe.html"
     wrapper.write_text(page.replace("</body>", _PROBE + "</body>"))
     profile = tmp_path / "chromium-profile"
-    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           "--no-first-run", "--disable-extensions", f"--user-data-dir={profile}",
-           "--virtual-time-budget=10000", "--dump-dom", wrapper.as_uri()]
+    cmd = [
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-extensions",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=10000",
+        "--dump-dom",
+        wrapper.as_uri(),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     found = re.search(r"IMGPROBE (.*?) END", proc.stdout)

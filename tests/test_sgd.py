@@ -67,8 +67,9 @@ def value_and_grad(sgd, y):
 
 @pytest.fixture(scope="module")
 def em_fit(y):
-    return EM(lds, KalmanSmoother()).run(jax.random.key(1), 2000, rtol=1e-12, y=y,
-                                         state_dim=DX, progress_bar=False)
+    return EM(lds, KalmanSmoother()).run(
+        jax.random.key(1), 2000, rtol=1e-12, y=y, state_dim=DX, progress_bar=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def unflat(vec, like):
     out, i = {}, 0
     for k in sorted(like):
         n = np.size(like[k])
-        out[k] = jnp.asarray(vec[i:i + n]).reshape(np.shape(like[k]))
+        out[k] = jnp.asarray(vec[i : i + n]).reshape(np.shape(like[k]))
         i += n
     return out
 
@@ -122,8 +123,9 @@ def test_objective_is_dense_log_marginal_and_gradient_matches_finite_differences
     assert abs(float(value) - ref) <= 1e-9 * abs(ref)
     # the gradient (Fisher's identity through the unconstraining transforms)
     assert sorted(grad) == sorted(state.params)
-    assert_gradient_matches_central_differences(lambda z: value_and_grad(z, EVERY)[0], grad,
-                                                state.unconstrained)
+    assert_gradient_matches_central_differences(
+        lambda z: value_and_grad(z, EVERY)[0], grad, state.unconstrained
+    )
 
 
 @pytest.mark.slow  # one more large compilation (reverse mode through the EKS)
@@ -206,14 +208,16 @@ def test_fit_sgd_is_sgd_run_and_update_continues_it(sgd, y):
     c = sgd.run(jax.random.key(6), 6, **kw)
     np.testing.assert_allclose(float(obj), c.log_marginals[-1], rtol=1e-12)
     for k in state.params:
-        np.testing.assert_allclose(np.asarray(state.params[k]), np.asarray(c.state.params[k]),
-                                   rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(
+            np.asarray(state.params[k]), np.asarray(c.state.params[k]), rtol=1e-12, atol=1e-14
+        )
     # init_state= continues with the optimiser state (Adam's moments) too
     e = sgd.run(jax.random.key(0), 1, init_state=a.state, **kw)
     np.testing.assert_allclose(e.log_marginals[0], c.log_marginals[-1], rtol=1e-12)
     for k in e.state.params:
-        np.testing.assert_allclose(np.asarray(e.state.params[k]),
-                                   np.asarray(c.state.params[k]), rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(
+            np.asarray(e.state.params[k]), np.asarray(c.state.params[k]), rtol=1e-12, atol=1e-14
+        )
     # continue from a result: init= takes its parameters
     d = sgd.run(jax.random.key(7), 1, init=c, **kw)
     np.testing.assert_allclose(d.log_marginals[0], dense_total(c.params, y), rtol=1e-9)
@@ -259,15 +263,15 @@ def test_non_finite_objective_stops_with_the_step_named(sgd, y):
 def test_non_finite_parameters_stop_with_the_sites_named(y):
     poison = optax.stateless(lambda g, p: jax.tree_util.tree_map(lambda x: x * jnp.nan, g))
     with pytest.raises(FloatingPointError, match=r"SGD step 0: .*non-finite values for \['A'"):
-        SGD(lds, optimizer=poison).run(jax.random.key(1), 3, y=y, state_dim=DX,
-                                       progress_bar=False)
+        SGD(lds, optimizer=poison).run(jax.random.key(1), 3, y=y, state_dim=DX, progress_bar=False)
 
 
 def test_to_inference_data_accepts_an_sgd_result(sgd_fit, y):
     idata = ppl_dyn.to_inference_data(sgd_fit, model=lds, y=y, state_dim=DX)
     assert idata.posterior["A"].shape == (1, 1, DX, DX)
-    np.testing.assert_array_equal(idata.sample_stats["log_marginal"].values[0, 0],
-                                  sgd_fit.log_marginals)
+    np.testing.assert_array_equal(
+        idata.sample_stats["log_marginal"].values[0, 0], sgd_fit.log_marginals
+    )
     # the one-step-ahead terms sum to the log-marginal at the fitted parameters; a point
     # estimate keeps them in sample_stats (no log_likelihood group: az.loo refuses it)
     assert "log_likelihood" not in idata.groups()
@@ -303,22 +307,38 @@ def test_bad_constructor_arguments_raise_value_error(make, match):
         (lambda s, y: s.run(jax.random.key(0), 2.0, y=y, state_dim=DX), "num_steps"),
         (lambda s, y: s.run(None, 2, y=y, state_dim=DX), "rng_key"),
         (lambda s, y: s.run(jax.random.key(0), 2, rtol=-1.0, y=y, state_dim=DX), "rtol"),
-        (lambda s, y: s.run(jax.random.key(0), 2, smoothing_window=0, y=y, state_dim=DX),
-         "smoothing_window"),
-        (lambda s, y: s.run(jax.random.key(0), 2, init={}, init_params={}, y=y,
-                            state_dim=DX), "init"),
-        (lambda s, y: s.run(jax.random.key(0), 2, init_params=[1.0], y=y, state_dim=DX),
-         "init_params"),
-        (lambda s, y: s.run(jax.random.key(0), 2, init_state={}, y=y, state_dim=DX),
-         "init_state"),
-        (lambda s, y: s.run(jax.random.key(0), 2, init_params={"A": jnp.ones((2, 2))}, y=y,
-                            state_dim=DX), "A"),
-        (lambda s, y: SGD(lds, optimizer=ADAM, batch_size=S + 1).run(
-            jax.random.key(0), 2, y=y, state_dim=DX), "batch_size"),
-        (lambda s, y: SGD(lds, optimizer=ADAM, batch_size=2).run(
-            jax.random.key(0), 2, y=y[0], state_dim=DX), "batch_size"),
-        (lambda s, y: s.run(jax.random.key(0), 2, y=np.full_like(y, np.nan), state_dim=DX),
-         "y"),
+        (
+            lambda s, y: s.run(jax.random.key(0), 2, smoothing_window=0, y=y, state_dim=DX),
+            "smoothing_window",
+        ),
+        (
+            lambda s, y: s.run(jax.random.key(0), 2, init={}, init_params={}, y=y, state_dim=DX),
+            "init",
+        ),
+        (
+            lambda s, y: s.run(jax.random.key(0), 2, init_params=[1.0], y=y, state_dim=DX),
+            "init_params",
+        ),
+        (lambda s, y: s.run(jax.random.key(0), 2, init_state={}, y=y, state_dim=DX), "init_state"),
+        (
+            lambda s, y: s.run(
+                jax.random.key(0), 2, init_params={"A": jnp.ones((2, 2))}, y=y, state_dim=DX
+            ),
+            "A",
+        ),
+        (
+            lambda s, y: SGD(lds, optimizer=ADAM, batch_size=S + 1).run(
+                jax.random.key(0), 2, y=y, state_dim=DX
+            ),
+            "batch_size",
+        ),
+        (
+            lambda s, y: SGD(lds, optimizer=ADAM, batch_size=2).run(
+                jax.random.key(0), 2, y=y[0], state_dim=DX
+            ),
+            "batch_size",
+        ),
+        (lambda s, y: s.run(jax.random.key(0), 2, y=np.full_like(y, np.nan), state_dim=DX), "y"),
     ],
 )
 def test_bad_run_arguments_raise_value_error(sgd, y, call, match):

@@ -354,8 +354,9 @@ def test_joint_emission_with_partly_missing_rows_is_refused_by_name():
     y = np.zeros((5, 2))
     y[2, 1] = np.nan
     with pytest.raises(ValueError, match=r"y\[0, 2\] is partly missing.*MultivariateStudentT"):
-        log_density(model, (), {"y": y}, {"s": 1.0, "x_1": jnp.zeros((1, 2)),
-                                          "x": jnp.zeros((4, 1, 2))})
+        log_density(
+            model, (), {"y": y}, {"s": 1.0, "x_1": jnp.zeros((1, 2)), "x": jnp.zeros((4, 1, 2))}
+        )
 
 
 # --------------------------------------------------------------------------------------

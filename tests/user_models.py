@@ -85,7 +85,11 @@ def local_level_input(y=None, *, u=None, num_steps=None, num_sequences=None):
         dist.Normal(m0, s0).expand([2]).to_event(1),
         lambda x, u_t: dist.Normal(x @ F.T + u_t @ B.T, q).to_event(1),
         lambda x, u_t: dist.Normal(x[..., :1] + x[..., 1:], r).to_event(1),
-        y=y, u=u, num_steps=num_steps, num_sequences=num_sequences, obs_dim=1,
+        y=y,
+        u=u,
+        num_steps=num_steps,
+        num_sequences=num_sequences,
+        obs_dim=1,
     )
 
 
@@ -105,7 +109,11 @@ def dynamic_regression(y=None, *, u=None, num_steps=None, num_sequences=None):
         dist.Normal(m0, 1.0).to_event(1),
         lambda x, u_t: dist.Normal(x, q).to_event(1),
         lambda x, u_t: dist.Normal(jnp.sum(x * u_t, -1, keepdims=True), r).to_event(1),
-        y=y, u=u, num_steps=num_steps, num_sequences=num_sequences, obs_dim=1,
+        y=y,
+        u=u,
+        num_steps=num_steps,
+        num_sequences=num_sequences,
+        obs_dim=1,
     )
 
 
@@ -123,7 +131,11 @@ def poisson_counts(y=None, *, u=None, num_steps=None, num_sequences=None):
         init,
         lambda x, u_t: dist.Normal(mu + phi * (x - mu), sigma).to_event(1),
         lambda x, u_t: dist.Poisson(jnp.exp(x)).to_event(1),
-        y=y, u=u, num_steps=num_steps, num_sequences=num_sequences, obs_dim=1,
+        y=y,
+        u=u,
+        num_steps=num_steps,
+        num_sequences=num_sequences,
+        obs_dim=1,
     )
 
 
@@ -141,7 +153,11 @@ def bernoulli_series(y=None, *, u=None, num_steps=None, num_sequences=None):
         init,
         lambda x, u_t: dist.Normal(mu + phi * (x - mu), sigma).to_event(1),
         lambda x, u_t: dist.Bernoulli(logits=x).to_event(1),
-        y=y, u=u, num_steps=num_steps, num_sequences=num_sequences, obs_dim=1,
+        y=y,
+        u=u,
+        num_steps=num_steps,
+        num_sequences=num_sequences,
+        obs_dim=1,
     )
 
 
@@ -159,7 +175,11 @@ def stochastic_volatility(y=None, *, u=None, num_steps=None, num_sequences=None)
         init,
         lambda x, u_t: dist.Normal(mu + phi * (x - mu), sigma).to_event(1),
         lambda x, u_t: dist.Normal(0.0, jnp.exp(x / 2)).to_event(1),
-        y=y, u=u, num_steps=num_steps, num_sequences=num_sequences, obs_dim=1,
+        y=y,
+        u=u,
+        num_steps=num_steps,
+        num_sequences=num_sequences,
+        obs_dim=1,
     )
 
 
@@ -182,7 +202,11 @@ def pendulum(y=None, *, u=None, num_steps=None, num_sequences=None, dt=0.05):
         dist.Normal(jnp.array([1.0, 0.0]), jnp.array([0.3, 0.3])).to_event(1),
         transition,
         lambda x, u_t: dist.Normal(jnp.sin(x[..., :1]), r).to_event(1),
-        y=y, u=u, num_steps=num_steps, num_sequences=num_sequences, obs_dim=1,
+        y=y,
+        u=u,
+        num_steps=num_steps,
+        num_sequences=num_sequences,
+        obs_dim=1,
     )
 
 
@@ -208,7 +232,11 @@ def expand_broadcast(y=None, *, u=None, num_steps=None, num_sequences=None):
         dist.MultivariateNormal(m0, scale_tril=jnp.diag(l0)),
         lambda x, u_t: dist.Normal(x @ A.T, q).to_event(1),
         emission,
-        y=y, u=u, num_steps=num_steps, num_sequences=num_sequences, obs_dim=2,
+        y=y,
+        u=u,
+        num_steps=num_steps,
+        num_sequences=num_sequences,
+        obs_dim=2,
     )
 
 
@@ -230,7 +258,11 @@ def time_varying_B(y=None, *, u=None, num_steps=None, num_sequences=None):
         dist.Normal(jnp.zeros(1), 1.0).to_event(1),
         lambda x, u_t: dist.Normal((a + b * u_t) * x + B * u_t, q).to_event(1),
         lambda x, u_t: dist.Normal(x, r).to_event(1),
-        y=y, u=u, num_steps=num_steps, num_sequences=num_sequences, obs_dim=1,
+        y=y,
+        u=u,
+        num_steps=num_steps,
+        num_sequences=num_sequences,
+        obs_dim=1,
     )
 
 
@@ -249,7 +281,11 @@ def state_dependent_noise(y=None, *, u=None, num_steps=None, num_sequences=None)
         dist.Normal(jnp.zeros(1), 1.0).to_event(1),
         lambda x, u_t: dist.Normal(phi * x, jnp.sqrt(s0**2 + s1**2 * x**2)).to_event(1),
         lambda x, u_t: dist.Normal(x, r).to_event(1),
-        y=y, u=u, num_steps=num_steps, num_sequences=num_sequences, obs_dim=1,
+        y=y,
+        u=u,
+        num_steps=num_steps,
+        num_sequences=num_sequences,
+        obs_dim=1,
     )
 
 
@@ -272,13 +308,21 @@ def structured_lds(y=None, *, u=None, num_steps=None, num_sequences=None, state_
     structure = LinearStructure(
         dynamics=Regression(weight="A", noise="q", input_weight="B", diagonal_noise=True),
         emission=Regression(weight="C", noise="r", diagonal_noise=True),
-        init_mean="m0", init_cov="p0", diagonal_init=True)
+        init_mean="m0",
+        init_cov="p0",
+        diagonal_init=True,
+    )
     return ppl_dyn.markov(
         dist.Normal(m0, jnp.sqrt(p0)).to_event(1),
         lambda x, u_t: dist.Normal(x @ A.T + u_t @ B.T, jnp.sqrt(q)).to_event(1),
         lambda x, u_t: dist.Normal(x @ C.T, jnp.sqrt(r)).to_event(1),
-        y=y, u=u, num_steps=num_steps, num_sequences=num_sequences, obs_dim=obs_dim,
-        structure=structure)
+        y=y,
+        u=u,
+        num_steps=num_steps,
+        num_sequences=num_sequences,
+        obs_dim=obs_dim,
+        structure=structure,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -330,8 +374,13 @@ def _f(*v):
 
 TRUE_PARAMS = {
     "local_level_input": {
-        "m0": 0.5, "s0": 1.0, "phi": 0.7, "q_level": 0.1, "q_ar": 0.3,
-        "B": _f([0.5], [-0.3]), "r": 0.2,
+        "m0": 0.5,
+        "s0": 1.0,
+        "phi": 0.7,
+        "q_level": 0.1,
+        "q_ar": 0.3,
+        "B": _f([0.5], [-0.3]),
+        "r": 0.2,
     },
     "dynamic_regression": {"m0": _f(1.0, -0.5), "q": _f(0.1, 0.05), "r": 0.3},
     "poisson_counts": {"mu": 1.0, "phi": 0.8, "sigma": 0.3},
@@ -339,14 +388,23 @@ TRUE_PARAMS = {
     "stochastic_volatility": {"mu": -1.0, "phi": 0.9, "sigma": 0.3},
     "pendulum": {"g": 9.81, "q": _f(0.02, 0.05), "r": 0.1},
     "expand_broadcast": {
-        "A": _f([0.8, 0.2], [-0.1, 0.7]), "c": _f(1.0, 0.5), "q": 0.3, "r": 0.2,
-        "m0": _f(0.0, 0.5), "l0": _f(1.0, 0.5),
+        "A": _f([0.8, 0.2], [-0.1, 0.7]),
+        "c": _f(1.0, 0.5),
+        "q": 0.3,
+        "r": 0.2,
+        "m0": _f(0.0, 0.5),
+        "l0": _f(1.0, 0.5),
     },
     "time_varying_B": {"a": 0.6, "b": 0.3, "B": 0.5, "q": 0.3, "r": 0.2},
     "state_dependent_noise": {"phi": 0.8, "s0": 0.3, "s1": 0.5, "r": 0.3},
     "structured_lds": {
-        "A": _f([0.9, 0.1], [-0.2, 0.7]), "B": _f([0.5], [0.0]), "C": np.array([[1.0, 0.5]]),
-        "q": _f(0.05, 0.1), "r": _f(0.04), "m0": _f(0.0, 0.0), "p0": _f(1.0, 1.0),
+        "A": _f([0.9, 0.1], [-0.2, 0.7]),
+        "B": _f([0.5], [0.0]),
+        "C": np.array([[1.0, 0.5]]),
+        "q": _f(0.05, 0.1),
+        "r": _f(0.04),
+        "m0": _f(0.0, 0.0),
+        "p0": _f(1.0, 1.0),
     },
 }
 
@@ -376,8 +434,13 @@ def simulate_data(name: str, rng_key=None, num_steps: int = 40, num_sequences=No
     u = make_inputs(name, num_steps, num_sequences, seed)
     kw = {} if u is None else {"u": u}
     out = ppl_dyn.simulate(
-        rng_key, MODELS[name], TRUE_PARAMS[name], num_steps=num_steps,
-        num_sequences=num_sequences, **kw)
+        rng_key,
+        MODELS[name],
+        TRUE_PARAMS[name],
+        num_steps=num_steps,
+        num_sequences=num_sequences,
+        **kw,
+    )
     return {
         "y": np.asarray(out["y"], dtype=np.float64),
         "x": np.asarray(out["x"]),
@@ -471,8 +534,8 @@ def dense_joint(name: str, params: dict, u, num_steps: int):
     Hb = np.zeros((T * dy, T * dx))
     Rb = np.zeros((T * dy, T * dy))
     for t in range(T):
-        Hb[t * dy:(t + 1) * dy, blk(t)] = H[t]
-        Rb[t * dy:(t + 1) * dy, t * dy:(t + 1) * dy] = R[t]
+        Hb[t * dy : (t + 1) * dy, blk(t)] = H[t]
+        Rb[t * dy : (t + 1) * dy, t * dy : (t + 1) * dy] = R[t]
     mu_x = mu.reshape(-1)
     mu_y = Hb @ mu_x + e.reshape(-1)
     S_yx = Hb @ S
@@ -519,7 +582,7 @@ def dense_posterior(name: str, params: dict, y, u=None):
         P = S_xx - G @ S_yx[o]
         dx = m.shape[0] // T
         means.append(m.reshape(T, dx))
-        covs.append(np.stack([P[t * dx:(t + 1) * dx, t * dx:(t + 1) * dx] for t in range(T)]))
+        covs.append(np.stack([P[t * dx : (t + 1) * dx, t * dx : (t + 1) * dx] for t in range(T)]))
     if np.asarray(y).ndim == 2:
         return means[0], covs[0]
     return np.stack(means), np.stack(covs)
@@ -573,15 +636,21 @@ def log_joint_terms(name: str, params: dict, x, y, u=None):
     if name in LINEAR_GAUSSIAN:
         m0, P0, F, c, Q, H, e, R = lgssm_matrices(name, params, u, T)
         init = scipy.stats.multivariate_normal.logpdf(x[0], m0, P0)
-        trans = np.array([
-            scipy.stats.multivariate_normal.logpdf(x[t], F[t] @ x[t - 1] + c[t], Q[t])
-            for t in range(1, T)])
+        trans = np.array(
+            [
+                scipy.stats.multivariate_normal.logpdf(x[t], F[t] @ x[t - 1] + c[t], Q[t])
+                for t in range(1, T)
+            ]
+        )
         emis = []
         for t in range(T):
             o = ~np.isnan(y[t])
             mean, cov = H[t] @ x[t] + e[t], R[t]
-            emis.append(scipy.stats.multivariate_normal.logpdf(
-                y[t][o], mean[o], cov[np.ix_(o, o)]) if o.any() else 0.0)
+            emis.append(
+                scipy.stats.multivariate_normal.logpdf(y[t][o], mean[o], cov[np.ix_(o, o)])
+                if o.any()
+                else 0.0
+            )
         return float(init), trans, np.array(emis)
     if name in ("poisson_counts", "bernoulli_series", "stochastic_volatility"):
         mu, phi, sigma = f(p["mu"]), f(p["phi"]), f(p["sigma"])
@@ -638,8 +707,12 @@ KIND = {
 # exact answers for the models with a scalar state, by quadrature on a fine grid
 # --------------------------------------------------------------------------------------
 
-SCALAR_STATE = ("poisson_counts", "bernoulli_series", "stochastic_volatility",
-                "state_dependent_noise")
+SCALAR_STATE = (
+    "poisson_counts",
+    "bernoulli_series",
+    "stochastic_volatility",
+    "state_dependent_noise",
+)
 
 
 def _scalar_densities(name: str, params: dict):
@@ -661,12 +734,21 @@ def _scalar_densities(name: str, params: dict):
     init = _norm(grid, mu, s1)
     trans = _norm(grid[:, None], mu + phi * (grid[None, :] - mu), sigma)
     if name == "poisson_counts":
-        return (grid, init, trans,
-                (lambda y_t, g: scipy.stats.poisson.logpmf(y_t, np.exp(g))), np.exp)
+        return (
+            grid,
+            init,
+            trans,
+            (lambda y_t, g: scipy.stats.poisson.logpmf(y_t, np.exp(g))),
+            np.exp,
+        )
     if name == "bernoulli_series":
-        return (grid, init, trans,
-                (lambda y_t, g: scipy.stats.bernoulli.logpmf(y_t, scipy.special.expit(g))),
-                scipy.special.expit)
+        return (
+            grid,
+            init,
+            trans,
+            (lambda y_t, g: scipy.stats.bernoulli.logpmf(y_t, scipy.special.expit(g))),
+            scipy.special.expit,
+        )
     if name == "stochastic_volatility":
         return grid, init, trans, (lambda y_t, g: _norm(y_t, 0.0, np.exp(g / 2))), np.zeros_like
     raise ValueError(f"{name} has no scalar-state grid oracle")

@@ -89,8 +89,7 @@ _META = {
         "year",
         "discoveries",
         "discoveries per year",
-        "Yearly numbers of great inventions and scientific discoveries, 1860-1959 "
-        "(small counts).",
+        "Yearly numbers of great inventions and scientific discoveries, 1860-1959 (small counts).",
         "The World Almanac and Book of Facts, 1975 (via R's datasets package).",
     ),
 }

@@ -123,9 +123,10 @@ class SGD:
             )
         if optimizer is None:
             optimizer = _DEFAULT_OPTIMIZER
-        if not (callable(getattr(optimizer, "init", None)) and callable(
-            getattr(optimizer, "update", None)
-        )):
+        if not (
+            callable(getattr(optimizer, "init", None))
+            and callable(getattr(optimizer, "update", None))
+        ):
             raise ValueError(
                 "optimizer must be an optax.GradientTransformation (e.g. optax.adam(1e-2)); "
                 f"got {type(optimizer).__name__}"
@@ -235,9 +236,7 @@ class SGD:
         kwargs = validate_data(kwargs)
         if init_state is not None:
             if not isinstance(init_state, SGDState):
-                raise ValueError(
-                    f"init_state must be an SGDState; got {type(init_state).__name__}"
-                )
+                raise ValueError(f"init_state must be an SGDState; got {type(init_state).__name__}")
             if init_params is not None:
                 raise ValueError("pass init_state or init_params, not both")
             check_rng_key(rng_key)

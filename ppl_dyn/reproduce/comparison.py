@@ -100,8 +100,15 @@ def gaussian_interval(mean, var, level: float = LEVEL):
     return mean - z * sd, mean + z * sd
 
 
-def kalman_forecasts(params: dict, model, *, y, horizons: Sequence[int] = HORIZONS,
-                     level: float = LEVEL, **model_kwargs) -> Forecasts:
+def kalman_forecasts(
+    params: dict,
+    model,
+    *,
+    y,
+    horizons: Sequence[int] = HORIZONS,
+    level: float = LEVEL,
+    **model_kwargs,
+) -> Forecasts:
     r"""Exact k-step predictive distributions of a linear-Gaussian model without inputs.
 
     From the Kalman filter's ``N(m_t, P_t)`` for ``p(x_t | y_{1:t})``, ``k`` steps of
@@ -177,9 +184,17 @@ def _make_kalman_kernel(model, static_items, num_horizons: int):
 _kalman_kernel = functools.lru_cache(maxsize=32)(_make_kalman_kernel)
 
 
-def particle_forecasts(rng_key, params: dict, model, *, y, horizons: Sequence[int] = HORIZONS,
-                       level: float = LEVEL, num_particles: int = 1000,
-                       **model_kwargs) -> Forecasts:
+def particle_forecasts(
+    rng_key,
+    params: dict,
+    model,
+    *,
+    y,
+    horizons: Sequence[int] = HORIZONS,
+    level: float = LEVEL,
+    num_particles: int = 1000,
+    **model_kwargs,
+) -> Forecasts:
     """k-step predictive distributions of any model from a bootstrap particle filter.
 
     At every ``t`` the filter particles (resampled systematically to equal weights)
@@ -204,8 +219,13 @@ def particle_forecasts(rng_key, params: dict, model, *, y, horizons: Sequence[in
     K = max(int(k) for k in horizons)
     dynamic, static = split_static(kwargs)
     items = hashable_items(static)
-    args = (model, tuple(static.items()) if items is None else items, int(num_particles), K,
-            float(level))
+    args = (
+        model,
+        tuple(static.items()) if items is None else items,
+        int(num_particles),
+        K,
+        float(level),
+    )
     kernel = _make_particle_kernel(*args) if items is None else _particle_kernel(*args)
     params = {k: jnp.asarray(v) for k, v in params.items()}
     means, bands, lp = (np.asarray(a) for a in kernel(rng_key, params, dynamic))
@@ -216,8 +236,7 @@ def particle_forecasts(rng_key, params: dict, model, *, y, horizons: Sequence[in
     return Forecasts(mean, lower, upper, log_pred, float(level))
 
 
-def _make_particle_kernel(model, static_items, num_particles: int, num_horizons: int,
-                          level: float):
+def _make_particle_kernel(model, static_items, num_particles: int, num_horizons: int, level: float):
     """Jitted particle forecaster ``(rng_key, params, dynamic) -> (means, bands, log_pred)``
     for one model and its static arguments (compiled once per data shape)."""
     import jax
@@ -256,9 +275,7 @@ def _make_particle_kernel(model, static_items, num_particles: int, num_horizons:
         # the one-step particles x_{t+1} ~ p(x_{t+1} | y_{1:t}), kept for the density
         k1, k2 = jax.random.split(k_p)
         x1 = ss.transition(x, u_s[jnp.minimum(t_idx + 1, T - 1)][:, None, :]).sample(k1)
-        _, (means, bands) = jax.lax.scan(
-            step, x, (jnp.arange(1, K + 1), jax.random.split(k2, K))
-        )
+        _, (means, bands) = jax.lax.scan(step, x, (jnp.arange(1, K + 1), jax.random.split(k2, K)))
         y_next = jnp.concatenate([y_s[1:], jnp.full_like(y_s[:1], jnp.nan)], 0)
         u_next = jnp.concatenate([u_s[1:], u_s[-1:]], 0)
         lik = jax.vmap(lambda xt, ut, yt: emission_log_lik(ss, xt, ut, yt, ~jnp.isnan(yt)))(
@@ -273,8 +290,9 @@ def _make_particle_kernel(model, static_items, num_particles: int, num_horizons:
 _particle_kernel = functools.lru_cache(maxsize=32)(_make_particle_kernel)
 
 
-def network_forecasts(params: dict, baseline, *, y,
-                      horizons: Sequence[int] = HORIZONS) -> Forecasts:
+def network_forecasts(
+    params: dict, baseline, *, y, horizons: Sequence[int] = HORIZONS
+) -> Forecasts:
     """Deterministic forecasts of a BPTT network (:func:`ppl_dyn.baselines.predict`)."""
     from ppl_dyn import baselines
 
@@ -361,9 +379,14 @@ def synthetic_task(seed: int, num_train: int = 1000, num_test: int = 2000) -> Ta
     rng = np.random.default_rng(seed)
     y_tr = simulate_oscillator(rng, num_train)
     y_te = simulate_oscillator(rng, num_test)
-    return Task("synthetic", y_tr, y_te, max(HORIZONS),
-                f"seed-000 oscillator: train {num_train} steps, fresh test sequence of "
-                f"{num_test} steps (targets from step {max(HORIZONS)})")
+    return Task(
+        "synthetic",
+        y_tr,
+        y_te,
+        max(HORIZONS),
+        f"seed-000 oscillator: train {num_train} steps, fresh test sequence of "
+        f"{num_test} steps (targets from step {max(HORIZONS)})",
+    )
 
 
 def sunspots_task(split: int = 250) -> Task:
@@ -375,9 +398,14 @@ def sunspots_task(split: int = 250) -> Task:
     mu, sd = np.nanmean(raw[:split]), np.nanstd(raw[:split])
     y = (raw - mu) / sd
     t = data.time
-    return Task("sunspots", y[:split], y, split,
-                f"yearly sunspots standardised (train mean {mu:.1f}, sd {sd:.1f}): train "
-                f"{int(t[0])}-{int(t[split - 1])}, test {int(t[split])}-{int(t[-1])}")
+    return Task(
+        "sunspots",
+        y[:split],
+        y,
+        split,
+        f"yearly sunspots standardised (train mean {mu:.1f}, sd {sd:.1f}): train "
+        f"{int(t[0])}-{int(t[split - 1])}, test {int(t[split])}-{int(t[-1])}",
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -387,19 +415,39 @@ def sunspots_task(split: int = 250) -> Task:
 
 def _config(small: bool, num_particles: Optional[int], num_iters: Optional[int]) -> dict:
     cfg = dict(
-        gauss_state_dim=2, hidden_dim=5, num_centres=5,
-        lds_iters=100, nested_lds_iters=50, rbf_iters=20,
-        pem_particles=100, pem_iters=100,
-        bptt_steps=3000, bptt_lr=5e-3, washout=5,
+        gauss_state_dim=2,
+        hidden_dim=5,
+        num_centres=5,
+        lds_iters=100,
+        nested_lds_iters=50,
+        rbf_iters=20,
+        pem_particles=100,
+        pem_iters=100,
+        bptt_steps=3000,
+        bptt_lr=5e-3,
+        washout=5,
         forecast_particles=1000,
-        synthetic_train=1000, synthetic_test=2000, reference=True,
+        synthetic_train=1000,
+        synthetic_test=2000,
+        reference=True,
     )
     if small:
-        cfg.update(lds_iters=10, nested_lds_iters=10, rbf_iters=3, pem_particles=30,
-                   gauss_state_dim=1, hidden_dim=2, num_centres=3,
-                   pem_iters=5, bptt_steps=100, forecast_particles=200,
-                   # the sunspots' shapes, so that compiled steps are reused
-                   synthetic_train=250, synthetic_test=309, reference=False)
+        cfg.update(
+            lds_iters=10,
+            nested_lds_iters=10,
+            rbf_iters=3,
+            pem_particles=30,
+            gauss_state_dim=1,
+            hidden_dim=2,
+            num_centres=3,
+            pem_iters=5,
+            bptt_steps=100,
+            forecast_particles=200,
+            # the sunspots' shapes, so that compiled steps are reused
+            synthetic_train=250,
+            synthetic_test=309,
+            reference=False,
+        )
     if num_particles is not None:
         cfg["pem_particles"] = int(num_particles)
     if num_iters is not None:
@@ -439,8 +487,13 @@ def fit_and_forecast(task: Task, seed: int, cfg: dict, log=_print) -> dict:
     )
     from ppl_dyn.models import lds, rbf, tanh_rnn
 
-    keys = dict(zip(("lds", "pem", "pem_init", "rbf", "rnn", "lstm", "pf"),
-                    random.split(random.key(1000 + seed), 7), strict=True))
+    keys = dict(
+        zip(
+            ("lds", "pem", "pem_init", "rbf", "rnn", "lstm", "pf"),
+            random.split(random.key(1000 + seed), 7),
+            strict=True,
+        )
+    )
     y_tr, y_ev = task.y_train, task.y_eval
     dg, H = cfg["gauss_state_dim"], cfg["hidden_dim"]
     bias = True  # offsets b, d in every model (the networks have them too)
@@ -460,51 +513,97 @@ def fit_and_forecast(task: Task, seed: int, cfg: dict, log=_print) -> dict:
     # LDS by EM with the Kalman smoother, from factor analysis
     kw_l = dict(state_dim=dg, bias=bias)
     init = factor_analysis_init(y_tr, state_dim=dg)
-    res, secs = _timed(lambda: EM(lds, KalmanSmoother()).run(
-        keys["lds"], cfg["lds_iters"], init=init, y=y_tr, progress_bar=False, **kw_l))
+    res, secs = _timed(
+        lambda: EM(lds, KalmanSmoother()).run(
+            keys["lds"], cfg["lds_iters"], init=init, y=y_tr, progress_bar=False, **kw_l
+        )
+    )
     record("lds_em", secs, kalman_forecasts(res.params, lds, y=y_ev, **kw_l))
 
     # noisy tanh-RNN by particle EM (initialisation of the seed's 4.3)
     ka, kc = random.split(keys["pem_init"])
-    init = dict(A=jnp.eye(H) + 0.1 * random.normal(ka, (H, H)),
-                C=1.0 + 0.1 * random.normal(kc, (1, H)),
-                Q=0.01 * jnp.eye(H), R=jnp.var(jnp.asarray(y_tr)) * jnp.eye(1),
-                m0=jnp.zeros(H), P0=0.01 * jnp.eye(H))
+    init = dict(
+        A=jnp.eye(H) + 0.1 * random.normal(ka, (H, H)),
+        C=1.0 + 0.1 * random.normal(kc, (1, H)),
+        Q=0.01 * jnp.eye(H),
+        R=jnp.var(jnp.asarray(y_tr)) * jnp.eye(1),
+        m0=jnp.zeros(H),
+        P0=0.01 * jnp.eye(H),
+    )
     init.update(b=jnp.zeros(H), d=jnp.zeros(1))
     kw_t = dict(state_dim=H, bias=bias)
-    res, secs = _timed(lambda: EM(tanh_rnn, ParticleSmoother(num_particles=cfg["pem_particles"]))
-                       .run(keys["pem"], cfg["pem_iters"], y=y_tr, init_params=init,
-                            progress_bar=False, **kw_t))
-    record("tanh_rnn", secs, particle_forecasts(
-        keys["pf"], res.params, tanh_rnn, y=y_ev, num_particles=cfg["forecast_particles"], **kw_t))
+    res, secs = _timed(
+        lambda: EM(tanh_rnn, ParticleSmoother(num_particles=cfg["pem_particles"])).run(
+            keys["pem"], cfg["pem_iters"], y=y_tr, init_params=init, progress_bar=False, **kw_t
+        )
+    )
+    record(
+        "tanh_rnn",
+        secs,
+        particle_forecasts(
+            keys["pf"],
+            res.params,
+            tanh_rnn,
+            y=y_ev,
+            num_particles=cfg["forecast_particles"],
+            **kw_t,
+        ),
+    )
 
     # RBF model: factor analysis -> LDS -> RBF by EM with the EKS
-    nest, secs = _timed(lambda: fit_nested(
-        keys["rbf"], y=y_tr, state_dim=dg, num_centres=cfg["num_centres"],
-        lds_iters=cfg["nested_lds_iters"], rbf_iters=cfg["rbf_iters"], progress_bar=False))
+    nest, secs = _timed(
+        lambda: fit_nested(
+            keys["rbf"],
+            y=y_tr,
+            state_dim=dg,
+            num_centres=cfg["num_centres"],
+            lds_iters=cfg["nested_lds_iters"],
+            rbf_iters=cfg["rbf_iters"],
+            progress_bar=False,
+        )
+    )
     kw_r = dict(state_dim=dg, centres=nest.centres, widths=nest.widths)
-    fc = particle_forecasts(keys["pf"], nest.rbf.params, rbf, y=y_ev,
-                            num_particles=cfg["forecast_particles"], **kw_r)
+    fc = particle_forecasts(
+        keys["pf"], nest.rbf.params, rbf, y=y_ev, num_particles=cfg["forecast_particles"], **kw_r
+    )
     ekf = ExtendedKalmanSmoother().smooth(nest.rbf.params, rbf, y=y_ev, **kw_r)
-    ekf_lp = np.asarray(ekf.predicted_log_probs)[task.start:]
+    ekf_lp = np.asarray(ekf.predicted_log_probs)[task.start :]
     record("rbf_eks", secs, fc, {"loglik_per_step_ekf": float(np.mean(ekf_lp))})
 
     # deterministic networks by BPTT
     for name, cell in (("rnn_bptt", "tanh"), ("lstm_bptt", "lstm")):
         net = baselines.Baseline(cell, H)
         key = keys["rnn" if cell == "tanh" else "lstm"]
-        fit, secs = _timed(lambda net=net, key=key: baselines.fit_bptt(
-            key, net, y=y_tr, num_steps=cfg["bptt_steps"],
-            learning_rate=cfg["bptt_lr"], clip_norm=1.0, washout=cfg["washout"],
-            progress_bar=False))
+        fit, secs = _timed(
+            lambda net=net, key=key: baselines.fit_bptt(
+                key,
+                net,
+                y=y_tr,
+                num_steps=cfg["bptt_steps"],
+                learning_rate=cfg["bptt_lr"],
+                clip_norm=1.0,
+                washout=cfg["washout"],
+                progress_bar=False,
+            )
+        )
         record(name, secs, network_forecasts(fit.params, net, y=y_ev))
 
     if task.name == "synthetic" and cfg["reference"]:  # the true system, same protocol
         from ppl_dyn.reproduce.unkelbach import true_params
 
-        record("true_system", None, particle_forecasts(
-            keys["pf"], true_params(), tanh_rnn, y=y_ev, state_dim=2, bias=False,
-            num_particles=cfg["forecast_particles"]))
+        record(
+            "true_system",
+            None,
+            particle_forecasts(
+                keys["pf"],
+                true_params(),
+                tanh_rnn,
+                y=y_ev,
+                state_dim=2,
+                bias=False,
+                num_particles=cfg["forecast_particles"],
+            ),
+        )
     return out
 
 
@@ -512,8 +611,16 @@ def fit_and_forecast(task: Task, seed: int, cfg: dict, log=_print) -> dict:
 # report
 # --------------------------------------------------------------------------------------
 
-_TABLE_METRICS = ("rmse_1", "rmse_5", "rmse_10", "fit_seconds", "loglik_per_step",
-                  "coverage_1", "coverage_5", "coverage_10")
+_TABLE_METRICS = (
+    "rmse_1",
+    "rmse_5",
+    "rmse_10",
+    "fit_seconds",
+    "loglik_per_step",
+    "coverage_1",
+    "coverage_5",
+    "coverage_10",
+)
 
 
 def _summarise(runs: list) -> dict:
@@ -549,10 +656,11 @@ def _fmt(v, nd=3):
 def markdown_table(metrics: dict) -> str:
     lines = []
     for ds, block in metrics["datasets"].items():
-        lines.append(f"### {ds}\n\n{block['description']}; median over seeds "
-                     f"{metrics['seeds']}.\n")
-        lines.append("| model | RMSE 1 | RMSE 5 | RMSE 10 | fit s | log-lik/step | "
-                     "90% cov. 1 | 90% cov. 5 | 90% cov. 10 |")
+        lines.append(f"### {ds}\n\n{block['description']}; median over seeds {metrics['seeds']}.\n")
+        lines.append(
+            "| model | RMSE 1 | RMSE 5 | RMSE 10 | fit s | log-lik/step | "
+            "90% cov. 1 | 90% cov. 5 | 90% cov. 10 |"
+        )
         lines.append("|---|---|---|---|---|---|---|---|---|")
         for m in block["models"].values():
             cells = [_fmt(m.get(k), _DIGITS.get(k.split("_")[0], 3)) for k in _TABLE_METRICS]
@@ -561,8 +669,14 @@ def markdown_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-_COLORS = {"lds_em": "C0", "tanh_rnn": "C1", "rbf_eks": "C2", "rnn_bptt": "C3",
-           "lstm_bptt": "C4", "true_system": "k"}
+_COLORS = {
+    "lds_em": "C0",
+    "tanh_rnn": "C1",
+    "rbf_eks": "C2",
+    "rnn_bptt": "C3",
+    "lstm_bptt": "C4",
+    "true_system": "k",
+}
 
 
 def figures(out: Path, tasks: dict, first: dict, metrics: dict) -> None:
@@ -585,9 +699,15 @@ def figures(out: Path, tasks: dict, first: dict, metrics: dict) -> None:
                 mk = np.asarray(fc.mean[k])[s - k, 0]
                 ax.plot(s, mk, ls, color=colors[name], lw=1.1, label=f"{k}-step mean")
                 if fc.lower is not None:
-                    ax.fill_between(s, np.asarray(fc.lower[k])[s - k, 0],
-                                    np.asarray(fc.upper[k])[s - k, 0], color=colors[name],
-                                    alpha=alpha, lw=0, label=f"{k}-step 90% interval")
+                    ax.fill_between(
+                        s,
+                        np.asarray(fc.lower[k])[s - k, 0],
+                        np.asarray(fc.upper[k])[s - k, 0],
+                        color=colors[name],
+                        alpha=alpha,
+                        lw=0,
+                        label=f"{k}-step 90% interval",
+                    )
             ax.plot(s, y[s0:s1], ".", ms=3, color="0.2", label="held-out data")
             ax.set_ylabel(name, fontsize=8)
             ax.legend(loc="upper right", fontsize=6, ncol=5)
@@ -614,8 +734,15 @@ def plot_rmse_vs_horizon(out: Path, metrics: dict) -> None:
         for name, m in block["models"].items():
             vals = [m[f"rmse_{k}"] for k in ks]
             top.extend(vals)
-            ax.plot(ks, vals, "o", ms=3, color=_COLORS.get(name), label=m["label"],
-                    ls="--" if name in REFERENCE else "-")
+            ax.plot(
+                ks,
+                vals,
+                "o",
+                ms=3,
+                color=_COLORS.get(name),
+                label=m["label"],
+                ls="--" if name in REFERENCE else "-",
+            )
         if max(top) > 10 * min(top):
             ax.set_yscale("log")
         ax.set_xlabel("forecast horizon k")
@@ -627,10 +754,17 @@ def plot_rmse_vs_horizon(out: Path, metrics: dict) -> None:
     plt.close(fig)
 
 
-def run(out_dir, *, small: bool = False, seeds: Sequence[int] = (0, 1, 2),
-        datasets: Sequence[str] = ("synthetic", "sunspots"),
-        num_particles: Optional[int] = None, num_iters: Optional[int] = None,
-        make_figures: bool = True, log=None) -> dict:
+def run(
+    out_dir,
+    *,
+    small: bool = False,
+    seeds: Sequence[int] = (0, 1, 2),
+    datasets: Sequence[str] = ("synthetic", "sunspots"),
+    num_particles: Optional[int] = None,
+    num_iters: Optional[int] = None,
+    make_figures: bool = True,
+    log=None,
+) -> dict:
     """Run the study; write ``metrics.json``, ``comparison.md`` and figures to ``out_dir``.
 
     Args:
@@ -660,9 +794,18 @@ def run(out_dir, *, small: bool = False, seeds: Sequence[int] = (0, 1, 2),
         raise ValueError(f"unknown datasets {sorted(unknown)}; use 'synthetic' and/or 'sunspots'")
     cfg = _config(small, num_particles, num_iters)
     t_all = time.perf_counter()
-    metrics = dict(horizons=list(HORIZONS), level=LEVEL, seeds=seeds, small=bool(small),
-                   config=cfg, protocol=__doc__.split("Protocol (identical for every model).")[1]
-                   .split("Fit time")[0].strip().replace("\n", " "), datasets={})
+    metrics = dict(
+        horizons=list(HORIZONS),
+        level=LEVEL,
+        seeds=seeds,
+        small=bool(small),
+        config=cfg,
+        protocol=__doc__.split("Protocol (identical for every model).")[1]
+        .split("Fit time")[0]
+        .strip()
+        .replace("\n", " "),
+        datasets={},
+    )
     tasks, first = {}, {}
     for ds in datasets:
         runs = []
@@ -682,7 +825,7 @@ def run(out_dir, *, small: bool = False, seeds: Sequence[int] = (0, 1, 2),
             num_eval=int(tasks[ds].y_eval.shape[0]),
             first_target=int(tasks[ds].start),
             num_targets=int(tasks[ds].y_eval.shape[0] - tasks[ds].start),
-            test_std=float(np.std(tasks[ds].y_eval[tasks[ds].start:])),
+            test_std=float(np.std(tasks[ds].y_eval[tasks[ds].start :])),
             models=_summarise(runs),
         )
     metrics["total_seconds"] = time.perf_counter() - t_all
@@ -690,13 +833,26 @@ def run(out_dir, *, small: bool = False, seeds: Sequence[int] = (0, 1, 2),
     (out / "comparison.md").write_text("# Comparison study\n\n" + markdown_table(metrics))
     if make_figures:
         figures(out, tasks, first, metrics)
-    log(f"done in {metrics['total_seconds']:.0f} s: {out / 'metrics.json'}, "
-        f"{out / 'comparison.md'}, figures in {out}")
+    log(
+        f"done in {metrics['total_seconds']:.0f} s: {out / 'metrics.json'}, "
+        f"{out / 'comparison.md'}, figures in {out}"
+    )
     return metrics
 
 
-def main(out: Path, *, small: bool = False, num_seeds: int = 3,
-         num_particles: Optional[int] = None, num_iters: Optional[int] = None) -> dict:
+def main(
+    out: Path,
+    *,
+    small: bool = False,
+    num_seeds: int = 3,
+    num_particles: Optional[int] = None,
+    num_iters: Optional[int] = None,
+) -> dict:
     """CLI entry (``ppl-dyn reproduce comparison``)."""
-    return run(out, small=small, seeds=tuple(range(num_seeds)), num_particles=num_particles,
-               num_iters=num_iters)
+    return run(
+        out,
+        small=small,
+        seeds=tuple(range(num_seeds)),
+        num_particles=num_particles,
+        num_iters=num_iters,
+    )

@@ -62,8 +62,15 @@ def score_f(params, means, x_true, centres, widths):
     return float(r2), (a, c)
 
 
-def run(seed: int = 0, num_steps: int = 2000, lds_iters: int = 50, rbf_iters: int = 20,
-        num_centres: int = 11, ridge: float = 1e-3, progress_bar: bool = False) -> dict:
+def run(
+    seed: int = 0,
+    num_steps: int = 2000,
+    lds_iters: int = 50,
+    rbf_iters: int = 20,
+    num_centres: int = 11,
+    ridge: float = 1e-3,
+    progress_bar: bool = False,
+) -> dict:
     import jax
 
     from ppl_dyn.infer import (
@@ -97,8 +104,9 @@ def run(seed: int = 0, num_steps: int = 2000, lds_iters: int = 50, rbf_iters: in
     rbf_lls, r2_hist, fit_seconds = [], [], lds_seconds
     for _ in range(rbf_iters + 1):
         post = eks.smooth(em._all_params(state.params, kw), rbf, **kw)
-        r2_hist.append(score_f(em._all_params(state.params, kw), post.means, x[:half],
-                               centres, widths)[0])
+        r2_hist.append(
+            score_f(em._all_params(state.params, kw), post.means, x[:half], centres, widths)[0]
+        )
         if len(r2_hist) > rbf_iters:
             rbf_lls.append(float(post.log_marginal))
             break
@@ -121,8 +129,9 @@ def run(seed: int = 0, num_steps: int = 2000, lds_iters: int = 50, rbf_iters: in
 
     hits = [i for i, v in enumerate(r2_hist) if v >= 0.95]
     test_lds = float(KalmanSmoother().smooth(lds_fit.params, lds, **te).log_marginal)
-    test_rbf = float(eks.smooth(params, rbf, **dict(te, centres=centres, widths=widths))
-                     .log_marginal)
+    test_rbf = float(
+        eks.smooth(params, rbf, **dict(te, centres=centres, widths=widths)).log_marginal
+    )
     return dict(
         seed=seed,
         r2_f=r2,
@@ -137,8 +146,16 @@ def run(seed: int = 0, num_steps: int = 2000, lds_iters: int = 50, rbf_iters: in
         rbf_log_marginals=rbf_lls,
         fit_seconds=fit_seconds,
         alignment=(float(a), float(c)),
-        _plot=dict(x=x, u=u, y=y, half=half, means=np.asarray(post.means)[:, 0],
-                   params=params, centres=centres, widths=widths),
+        _plot=dict(
+            x=x,
+            u=u,
+            y=y,
+            half=half,
+            means=np.asarray(post.means)[:, 0],
+            params=params,
+            centres=centres,
+            widths=widths,
+        ),
     )
 
 
@@ -164,8 +181,12 @@ def figures(out: Path, r: dict) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     n_l = len(r["lds_log_marginals"])
     ax.plot(np.arange(n_l), r["lds_log_marginals"], "k--", label="LDS (exact, Kalman)")
-    ax.plot(n_l - 1 + np.arange(len(r["rbf_log_marginals"])), r["rbf_log_marginals"], "b-",
-            label="RBF model (approximate, EKS)")
+    ax.plot(
+        n_l - 1 + np.arange(len(r["rbf_log_marginals"])),
+        r["rbf_log_marginals"],
+        "b-",
+        label="RBF model (approximate, EKS)",
+    )
     ax.set_xlabel("EM iteration")
     ax.set_ylabel("log-likelihood of the training data")
     lo = min(r["lds_log_marginals"][min(5, n_l - 1)], min(r["rbf_log_marginals"]))
@@ -181,11 +202,22 @@ def figures(out: Path, r: dict) -> None:
     grid = np.linspace(m.min() - 0.1 * np.ptp(m), m.max() + 0.1 * np.ptp(m), 200)
     fig, ax = plt.subplots(figsize=(6, 5))
     drive = float(np.asarray(p["params"]["B"])[0, 0]) * p["u"][1:half, 0]
-    ax.plot(m[:-1], m[1:] - drive, ".", ms=2, color="0.5",
-            label="EKS means $(x_t, x_{t+1} - \\hat B u_{t+1})$")
+    ax.plot(
+        m[:-1],
+        m[1:] - drive,
+        ".",
+        ms=2,
+        color="0.5",
+        label="EKS means $(x_t, x_{t+1} - \\hat B u_{t+1})$",
+    )
     ax.plot(grid, (true_f(a * grid + c) - c) / a, "k--", lw=2, label="true sigmoid")
-    ax.plot(grid, _learned_f(p["params"], grid, p["centres"], p["widths"]), "b-", lw=2,
-            label=f"learned RBF map (R$^2$ = {r['r2_f']:.3f})")
+    ax.plot(
+        grid,
+        _learned_f(p["params"], grid, p["centres"], p["widths"]),
+        "b-",
+        lw=2,
+        label=f"learned RBF map (R$^2$ = {r['r2_f']:.3f})",
+    )
     ax.set_xlabel("$x_t$ (learned coordinates)")
     ax.set_ylabel("$x_{t+1}$ (input term excluded)")
     ax.legend(fontsize=8)
@@ -195,8 +227,13 @@ def figures(out: Path, r: dict) -> None:
     plt.close(fig)
 
 
-def main(out: Path, num_seeds: int = 5, num_steps: int = 2000, rbf_iters: int = 20,
-         progress_bar: bool = True) -> dict:
+def main(
+    out: Path,
+    num_seeds: int = 5,
+    num_steps: int = 2000,
+    rbf_iters: int = 20,
+    progress_bar: bool = True,
+) -> dict:
     import jax
 
     jax.config.update("jax_enable_x64", True)
@@ -204,13 +241,22 @@ def main(out: Path, num_seeds: int = 5, num_steps: int = 2000, rbf_iters: int = 
     runs = []
     for s in range(num_seeds):
         r = run(s, num_steps=num_steps, rbf_iters=rbf_iters, progress_bar=progress_bar)
-        print(f"seed {s}: R^2(f) {r['r2_f']:.4f} (LDS {r['r2_f_lds']:.3f}), iterations to "
-              f"0.95: {r['em_iterations_to_r2_095']}, log-lik LDS {r['loglik_lds']:.1f} "
-              f"-> RBF {r['loglik_rbf']:.1f} ({r['fit_seconds']:.1f} s)")
+        print(
+            f"seed {s}: R^2(f) {r['r2_f']:.4f} (LDS {r['r2_f_lds']:.3f}), iterations to "
+            f"0.95: {r['em_iterations_to_r2_095']}, log-lik LDS {r['loglik_lds']:.1f} "
+            f"-> RBF {r['loglik_rbf']:.1f} ({r['fit_seconds']:.1f} s)"
+        )
         runs.append(r)
     first = runs[0]
-    keys = ("r2_f", "r2_f_lds", "loglik_lds", "loglik_rbf", "test_loglik_lds",
-            "test_loglik_rbf", "fit_seconds")
+    keys = (
+        "r2_f",
+        "r2_f_lds",
+        "loglik_lds",
+        "loglik_rbf",
+        "test_loglik_lds",
+        "test_loglik_rbf",
+        "fit_seconds",
+    )
     metrics = {k: first[k] for k in keys}
     metrics["em_iterations_to_r2_095"] = first["em_iterations_to_r2_095"]
     metrics["r2_f_per_iteration"] = first["r2_f_per_iteration"]
@@ -223,7 +269,9 @@ def main(out: Path, num_seeds: int = 5, num_steps: int = 2000, rbf_iters: int = 
     metrics["rbf_iters"] = rbf_iters
     figures(out, first)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(f"seed 0: R^2(f) = {first['r2_f']:.4f}; median over {num_seeds} seeds "
-          f"{metrics['median_r2_f']:.4f}")
+    print(
+        f"seed 0: R^2(f) = {first['r2_f']:.4f}; median over {num_seeds} seeds "
+        f"{metrics['median_r2_f']:.4f}"
+    )
     print(f"report: {out / 'metrics.json'}, figures in {out}")
     return metrics

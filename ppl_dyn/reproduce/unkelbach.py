@@ -34,8 +34,9 @@ def true_params():
     )
 
 
-def run_seed(seed: int, num_particles: int, num_iters: int, state_dim: int = 5,
-             progress_bar: bool = False):
+def run_seed(
+    seed: int, num_particles: int, num_iters: int, state_dim: int = 5, progress_bar: bool = False
+):
     import jax
     import jax.numpy as jnp
     from jax import random
@@ -61,16 +62,37 @@ def run_seed(seed: int, num_particles: int, num_iters: int, state_dim: int = 5,
     )
     t0 = time.perf_counter()
     res = EM(tanh_rnn, ParticleSmoother(num_particles=num_particles)).run(
-        k_fit, num_iters, y=y_tr, state_dim=dx, bias=False, init_params=init,
+        k_fit,
+        num_iters,
+        y=y_tr,
+        state_dim=dx,
+        bias=False,
+        init_params=init,
         progress_bar=progress_bar,
     )
     jax.block_until_ready(res.params)
     fit_seconds = time.perf_counter() - t0
     all_k = tuple(range(1, max(HORIZONS) + 1))
-    p_tr = ppl_dyn.predict(res.params, tanh_rnn, y=y_te, rng_key=k_pred, horizons=all_k,
-                           state_dim=dx, bias=False, num_particles=1000)
-    p_true = ppl_dyn.predict(true, tanh_rnn, y=y_te, rng_key=k_pred, horizons=all_k,
-                             state_dim=2, bias=False, num_particles=1000)
+    p_tr = ppl_dyn.predict(
+        res.params,
+        tanh_rnn,
+        y=y_te,
+        rng_key=k_pred,
+        horizons=all_k,
+        state_dim=dx,
+        bias=False,
+        num_particles=1000,
+    )
+    p_true = ppl_dyn.predict(
+        true,
+        tanh_rnn,
+        y=y_te,
+        rng_key=k_pred,
+        horizons=all_k,
+        state_dim=2,
+        bias=False,
+        num_particles=1000,
+    )
     r_tr = ppl_dyn.prediction_rmse(p_tr, y_te)
     r_true = ppl_dyn.prediction_rmse(p_true, y_te)
     return dict(
@@ -97,12 +119,20 @@ def figures(out: Path, first: dict) -> None:
     ax.plot(np.arange(T), y[:T], "r-", lw=1.2, label="test series")
     ks = np.arange(1, 11)
     for t0 in range(0, T - 10, 20):
-        for name, pred, marker, color in (("trained RNN", first["pred_trained"], "o", "b"),
-                                          ("true system", first["pred_true"], ".", "g")):
+        for name, pred, marker, color in (
+            ("trained RNN", first["pred_trained"], "o", "b"),
+            ("true system", first["pred_true"], ".", "g"),
+        ):
             seq = [float(pred.mean[int(k)][t0, 0]) for k in ks]
-            ax.plot(t0 + ks, seq, marker, ms=4, color=color,
-                    mfc="none" if marker == "o" else color,
-                    label=name if t0 == 0 else None)
+            ax.plot(
+                t0 + ks,
+                seq,
+                marker,
+                ms=4,
+                color=color,
+                mfc="none" if marker == "o" else color,
+                label=name if t0 == 0 else None,
+            )
     ax.set_xlabel("time step")
     ax.set_ylabel("y")
     ax.set_title("10-step predictions every 20 steps (seed 000, Fig. 1)")
@@ -139,8 +169,14 @@ def figures(out: Path, first: dict) -> None:
     plt.close(fig)
 
 
-def main(out: Path, num_seeds: int = 5, num_particles: int = 100, num_iters: int = 100,
-         compare_n10: bool = True, progress_bar: bool = True) -> dict:
+def main(
+    out: Path,
+    num_seeds: int = 5,
+    num_particles: int = 100,
+    num_iters: int = 100,
+    compare_n10: bool = True,
+    progress_bar: bool = True,
+) -> dict:
     import jax
 
     jax.config.update("jax_enable_x64", True)
@@ -148,9 +184,11 @@ def main(out: Path, num_seeds: int = 5, num_particles: int = 100, num_iters: int
     runs = []
     for s in range(num_seeds):
         r = run_seed(s, num_particles, num_iters, progress_bar=progress_bar)
-        print(f"seed {s}: RMSE trained {np.round(r['rmse_trained'], 3)} true "
-              f"{np.round(r['rmse_true'], 3)} ratio {np.round(r['ratio'], 3)} "
-              f"({r['fit_seconds']:.1f} s)")
+        print(
+            f"seed {s}: RMSE trained {np.round(r['rmse_trained'], 3)} true "
+            f"{np.round(r['rmse_true'], 3)} ratio {np.round(r['ratio'], 3)} "
+            f"({r['fit_seconds']:.1f} s)"
+        )
         runs.append(r)
     ratio = np.median(np.array([r["ratio"] for r in runs]), axis=0)
     metrics = {
