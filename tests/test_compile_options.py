@@ -23,10 +23,21 @@ def _data():
     return sim["params"], jnp.asarray(y)
 
 
+def _xla_knows(options) -> bool:
+    try:
+        jax.jit(lambda x: 2 * x, compiler_options=options).lower(1.0).compile()
+    except Exception as e:
+        assert "No such compile option" in str(e), e
+        return False
+    return True
+
+
 def test_kalman_options_apply_on_cpu_only():
-    assert KalmanSmoother().compiler_options("cpu") == SMALL_MATRIX_CPU_OPTIONS
+    # newer XLA (jaxlib >= 0.11) dropped the loop emitter's switch: then no options
+    want = SMALL_MATRIX_CPU_OPTIONS if _xla_knows(SMALL_MATRIX_CPU_OPTIONS) else None
+    assert KalmanSmoother().compiler_options("cpu") == want
     assert KalmanSmoother().compiler_options("gpu") is None
-    assert ExtendedKalmanSmoother().compiler_options("cpu") == SMALL_MATRIX_CPU_OPTIONS
+    assert ExtendedKalmanSmoother().compiler_options("cpu") == want
     assert compiler_options(object()) is None  # E-steps without the method: XLA defaults
 
 
@@ -56,7 +67,9 @@ def test_tuned_em_step_equals_default_compilation_and_runs_inside_jit():
         return em.update(s, y=y, state_dim=2)[1]
 
     np.testing.assert_allclose(inside(state.params), ll, rtol=1e-12)
-    assert step._cache_size() == 2  # the tuned program and the plain one (inside jit)
+    # the tuned program and the plain one (inside jit); one plain jit where XLA has no
+    # such options
+    assert step._cache_size() == (2 if _xla_knows(SMALL_MATRIX_CPU_OPTIONS) else 1)
 
 
 def test_smooth_under_grad_matches_top_level():

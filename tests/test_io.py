@@ -24,7 +24,10 @@ def write(tmp_path, name, lines):
 def numpy_decimal_year(iso: str) -> float:
     day = np.datetime64(iso, "s")
     year = day.astype("datetime64[Y]")
-    start, end = year.astype("datetime64[s]"), (year + 1).astype("datetime64[s]")
+    start, end = (
+        year.astype("datetime64[s]"),
+        (year + np.timedelta64(1, "Y")).astype("datetime64[s]"),
+    )
     return int(str(year)) + float((day - start) / (end - start))
 
 
@@ -66,9 +69,15 @@ def test_year_column_is_the_time_axis_not_data(tmp_path):
 @pytest.mark.parametrize(
     "stamps",
     [
-        [str(np.datetime64("2021-01-01") + 7 * t) for t in range(T)],  # weekly dates
-        [f"{np.datetime64('2020-02-27T06:00') + 36 * t}" for t in range(T)],  # date-times
-        [f"{np.datetime64('2019-11-30T23:00') + 5 * t}Z" for t in range(T)],  # UTC, 'Z'
+        [
+            str(np.datetime64("2021-01-01") + np.timedelta64(7 * t, "D")) for t in range(T)
+        ],  # weekly dates
+        [
+            f"{np.datetime64('2020-02-27T06:00') + np.timedelta64(36 * t, 'm')}" for t in range(T)
+        ],  # date-times
+        [
+            f"{np.datetime64('2019-11-30T23:00') + np.timedelta64(5 * t, 'm')}Z" for t in range(T)
+        ],  # UTC, 'Z'
     ],
 )
 def test_iso_dates_are_detected_and_read_as_decimal_years(tmp_path, stamps):
@@ -88,7 +97,7 @@ def test_months_and_quarters_are_exact_fractions():
 
 
 def test_time_column_given_as_iso_dates(tmp_path):
-    months = [str(np.datetime64("2010-01") + t) for t in range(T)]
+    months = [str(np.datetime64("2010-01") + np.timedelta64(t, "M")) for t in range(T)]
     rows = ["month_start,a,b"] + [f"{m},{a},{b}" for m, a, b in zip(months, A, B, strict=True)]
     s = load_series(write(tmp_path, "m.csv", rows), time_column="month_start")
     np.testing.assert_allclose(s.time, 2010 + np.arange(T) / 12, rtol=0, atol=1e-12)

@@ -10,6 +10,8 @@ d = 2 on CPU). Above ``SMALL`` (or on accelerators) the library calls are used.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
@@ -132,5 +134,19 @@ SMALL_MATRIX_CPU_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 
 
 def small_matrix_compiler_options(backend: str):
-    """XLA compiler options for a program of small-matrix work on ``backend``."""
-    return dict(SMALL_MATRIX_CPU_OPTIONS) if backend == "cpu" else None
+    """XLA compiler options for a program of small-matrix work on ``backend`` (only
+    those this jaxlib's XLA knows: newer ones dropped the loop emitter's switch)."""
+    if backend != "cpu":
+        return None
+    known = {k: v for k, v in SMALL_MATRIX_CPU_OPTIONS.items() if _cpu_option_known(k, v)}
+    return known or None
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_option_known(name: str, value) -> bool:
+    """Whether XLA's CPU compiler accepts the option (one tiny compile, once)."""
+    try:
+        jax.jit(lambda x: x + 1, compiler_options={name: value}).lower(1.0).compile()
+    except Exception:  # JaxRuntimeError: "No such compile option"
+        return False
+    return True
