@@ -251,40 +251,42 @@ def particle_filter(
     mask = ~jnp.isnan(y)
     k_init, k_rest = jax.random.split(rng_key)
     step_keys = jax.random.split(k_rest, (max(T - 1, 0), 2))
-    # one scan over all T steps, the first one the initial draw (a cond on the step
-    # counter, not batched under vmap): the (T, N, ...) history is written once, where
-    # stacking the initial row onto a (T - 1, N, ...) scan output copied all of it again
-    keys = jnp.concatenate([jnp.stack([k_init, k_init])[None], step_keys], 0)
-    dtype = y.dtype
-    dx = jax.eval_shape(lambda k: ss.init.sample(k), k_init).shape[-1]
+    # the (T, N, ...) history lives in buffers carried through the scan and written in
+    # place row by row (stacking the first row onto a (T - 1)-row scan output copied all
+    # of it again)
+    x1, lw1n, logZ1, ess1 = filter_init(k_init, ss, y[0], u[0], mask[0], N)
+    x1, lw1n = shard_particles(x1, mesh), shard_particles(lw1n, mesh)
 
-    def first(carry, inp):
-        k, _, u_t, y_t, m_t = inp
-        x1, lw1n, logZ1, ess1 = filter_init(k[0], ss, y_t, u_t, m_t, N)
-        x1, lw1n = shard_particles(x1, mesh), shard_particles(lw1n, mesh)
-        idx = shard_particles(jnp.arange(N, dtype=jnp.int32), mesh)
-        return (x1, lw1n, logZ1), (x1, lw1n, idx, ess1, jnp.zeros((), bool), logZ1)
+    def buffer(first):
+        first = jnp.asarray(first)
+        return jnp.zeros((T,) + first.shape, first.dtype).at[0].set(first)
 
-    def later(carry, inp):
-        x_prev, lw_prev, logZ = carry  # lw_prev normalised
-        k, _, u_t, y_t, m_t = inp
-        degenerate = ~jnp.isfinite(logZ)
-        x, lw_new, idx, step_lz, ess, do_res = filter_step(
-            ss, resampling, ess_threshold, k[0], k[1], x_prev, lw_prev, degenerate, u_t, y_t, m_t
-        )
-        x, lw_new, idx = (shard_particles(a, mesh) for a in (x, lw_new, idx))
-        return (x, lw_new, logZ + step_lz), (x, lw_new, idx, ess, do_res, step_lz)
+    hist = (
+        buffer(x1),
+        buffer(lw1n),
+        buffer(jnp.arange(N, dtype=jnp.int32)),
+        buffer(ess1),
+        buffer(False),
+        buffer(logZ1),
+    )
 
     def step(carry, inp):
-        return jax.lax.cond(inp[1] == 0, first, later, carry, inp)
+        x_prev, lw_prev, logZ, hist = carry  # lw_prev normalised
+        k_res, k_mov, t, u_t, y_t, m_t = inp
+        degenerate = ~jnp.isfinite(logZ)
+        x, lw_new, idx, step_lz, ess, do_res = filter_step(
+            ss, resampling, ess_threshold, k_res, k_mov, x_prev, lw_prev, degenerate, u_t, y_t, m_t
+        )
+        x, lw_new, idx = (shard_particles(a, mesh) for a in (x, lw_new, idx))
+        rows = (x, lw_new, idx, ess, do_res, step_lz)
+        hist = tuple(
+            jax.lax.dynamic_update_index_in_dim(h, r.astype(h.dtype), t, 0)
+            for h, r in zip(hist, rows, strict=True)
+        )
+        return (x, lw_new, logZ + step_lz, hist), None
 
-    init = (
-        jnp.zeros((N, dx), dtype),
-        jnp.zeros((N,), dtype),
-        jnp.zeros((), dtype),
-    )
-    xs = (keys, jnp.arange(T), u, y, mask)
-    (_, _, logZ), (X, LW, anc, ess, res, lz) = jax.lax.scan(step, init, xs)
+    xs = (step_keys[:, 0], step_keys[:, 1], jnp.arange(1, T), u[1:], y[1:], mask[1:])
+    (_, _, logZ, (X, LW, anc, ess, res, lz)), _ = jax.lax.scan(step, (x1, lw1n, logZ1, hist), xs)
     return FilterOutput(
         particles=X,
         log_weights=LW,
