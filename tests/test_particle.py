@@ -120,6 +120,47 @@ def test_likelihood_estimate_is_unbiased_large(scheme, thr):
     assert se < 0.1  # the check has power: a 30% bias would be detected
 
 
+@pytest.mark.parametrize("block_numbers", [256, 2**16])
+def test_block_drawn_noise_keeps_the_estimate_unbiased(monkeypatch, block_numbers):
+    """The Gaussian noise is drawn per block of steps: 256 numbers -> blocks of 4 steps
+    (4 full blocks and a tail of 3 of the 19 steps); 2**16 -> one tail block."""
+    from ppl_dyn.infer import particle as P
+
+    monkeypatch.setattr(P, "NOISE_BLOCK_NUMBERS", block_numbers)
+    params, y = lds_1d(20, seed=3)
+    ss, spec = bound(params, y)
+    log_z = O.dense_log_marginal(params, y)
+    run = jax.jit(jax.vmap(lambda k: particle_filter(k, ss, spec.y[0], spec.u[0], 64).log_marginal))
+    ratio = np.exp(np.asarray(run(jax.random.split(jax.random.key(21), 400))) - log_z)
+    mean, se = ratio.mean(), ratio.std(ddof=1) / np.sqrt(len(ratio))
+    assert abs(mean - 1.0) <= 3 * se, (mean, se)
+
+
+def test_block_drawn_noise_is_fresh_every_step(monkeypatch):
+    """Without resampling the particles are prior simulations, so the increments
+    x_t - A x_{t-1} are the noise itself: mean 0, variance Q and no correlation between
+    steps (within a block, across a block boundary and into the tail). A noise row
+    used twice would give a correlation of 1."""
+    from ppl_dyn.infer import particle as P
+
+    monkeypatch.setattr(P, "NOISE_BLOCK_NUMBERS", 4 * 2000)  # blocks of 4 steps
+    params, y = lds_1d(20, seed=3)
+    ss, spec = bound(params, y)
+    filt = jax.jit(lambda k: particle_filter(k, ss, spec.y[0], spec.u[0], 2000, ess_threshold=0.0))(
+        jax.random.key(5)
+    )
+    assert not np.any(np.asarray(filt.resampled))
+    X = np.asarray(filt.particles)[..., 0]  # (T, N)
+    a, b = float(params["A"][0, 0]), float(params["b"][0])
+    inc = X[1:] - a * X[:-1] - b  # (T-1, N)
+    q = float(np.asarray(params["Q"])[0, 0])
+    n = inc.shape[1]
+    assert np.max(np.abs(inc.mean(1))) < 4.5 * np.sqrt(q / n)
+    assert np.max(np.abs(inc.var(1) / q - 1)) < 4.5 * np.sqrt(2 / n)
+    corr = np.array([np.corrcoef(inc[t], inc[t + 1])[0, 1] for t in range(len(inc) - 1)])
+    assert np.max(np.abs(corr)) < 4.5 / np.sqrt(n), corr
+
+
 def test_log_marginal_bias_is_negative_and_shrinks_with_n():
     """Jensen: E[log Z_hat] < log Z, with the gap shrinking roughly like 1/N."""
     log_z, log_z_hat = _unbiased_setup(20)
