@@ -19,10 +19,9 @@ from typing import TYPE_CHECKING
 # a process started by ppl_dyn.launch joins the others first (imports only the stdlib
 # and, when it joins, JAX)
 from ppl_dyn import distributed
+from ppl_dyn._version import __version__
 
 distributed.initialize_from_environment()
-
-__version__ = "0.1.0"
 
 _SUBMODULES = {"handlers", "infer", "mcmc", "models", "requirements", "datasets"}
 _ATTRIBUTES = {

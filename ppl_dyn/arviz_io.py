@@ -29,6 +29,19 @@ from typing import Optional
 
 import numpy as np
 
+from ppl_dyn._version import __version__
+from ppl_dyn.draws import (
+    _e_step_of,
+    _per_draw,
+    _sites,
+    _spec_of,
+    _tree_depth_from_steps,
+    draws_of,
+    emission_log_probs,
+    one_step_log_probs,
+)
+from ppl_dyn.predictive import forecast as _fc
+from ppl_dyn.predictive import posterior_predictive as _pp
 from ppl_dyn.state_space import innovations_name, one_step_log_prob_name
 
 __all__ = ["to_inference_data"]
@@ -88,7 +101,6 @@ def to_inference_data(
     from ppl_dyn.infer.pgas import PGASResult
 
     coords_arg, dims_arg = coords, dims
-    from ppl_dyn.mcmc import _e_step_of, _spec_of, _tree_depth_from_steps, draws_of
 
     states = None
     pgas = isinstance(source, PGASResult)
@@ -144,12 +156,9 @@ def to_inference_data(
         if step_lp is None and f"{spec.state_name}_1" in draws.samples and e_step is None:
             # latent-state draws: log p(y_t | x_t, theta) at the sampled states (any
             # emission; what NumPyro's log_likelihood gives for the observation sites)
-            from ppl_dyn.mcmc import emission_log_probs
 
             step_lp = np.asarray(emission_log_probs(draws_as_dict(draws), **_mk(draws)))
         if step_lp is None:
-            from ppl_dyn.mcmc import one_step_log_probs
-
             step_lp = np.asarray(one_step_log_probs(draws_as_dict(draws), e_step, **_mk(draws)))
         loglik_dims = list(seq) + ["time"]
         if loglik_to_stats:
@@ -168,13 +177,9 @@ def to_inference_data(
         # groups then have 200 draws, what az.plot_ppc / az.plot_ts sample from)
         paths = 200 if point else 1
         if posterior_predictive:
-            from ppl_dyn.predictive import posterior_predictive as _pp
-
             bands = _pp(k_pp, draws_as_dict(draws), e_step=e, num_paths=paths, **_mk(draws))
             pp = {spec.obs_name: bands.samples}
         if forecast_steps:
-            from ppl_dyn.predictive import forecast as _fc
-
             bands = _fc(
                 k_fc,
                 draws_as_dict(draws),
@@ -234,7 +239,6 @@ def to_inference_data(
 
 
 def _attrs(draws, point: bool) -> dict:
-    from ppl_dyn import __version__
 
     attrs = {
         "inference_library": draws.kind,
@@ -363,8 +367,6 @@ def _recompute_lp(draws) -> np.ndarray:
     import jax
     from numpyro.infer.util import potential_energy, unconstrain_fn
 
-    from ppl_dyn.mcmc import _per_draw
-
     model, kw = draws.model, draws.model_kwargs
 
     def fn(params):
@@ -377,7 +379,6 @@ def _recompute_lp(draws) -> np.ndarray:
 
 
 def _latent_names(draws) -> list:
-    from ppl_dyn.mcmc import _sites
 
     first = {k: v[0, 0] for k, v in draws.samples.items()}
     sites = _sites(draws.model, first, draws.model_kwargs)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppl_dyn._validation import check_rng_key
+from ppl_dyn.draws import _e_step_of, _per_draw, _spec_of, draws_of, sampled_states
 from ppl_dyn.infer import _linalg as la
 from ppl_dyn.infer.stats import sample_smoothed_paths
 from ppl_dyn.state_space import bind
@@ -50,7 +51,6 @@ class PredictiveBands(NamedTuple):
 
 
 def _prepare(source, model, e_step, model_kwargs):
-    from ppl_dyn.mcmc import _e_step_of, _spec_of, draws_of
 
     draws = draws_of(source, model, model_kwargs)
     if draws.model_kwargs.get("y") is None:
@@ -104,7 +104,6 @@ def posterior_predictive(
         num_paths: simulated paths per draw (default: enough for ~500 in total).
         level: central probability of the bands.
     """
-    from ppl_dyn.mcmc import _per_draw, sampled_states
 
     check_rng_key(rng_key)
     draws, e, spec0 = _prepare(source, model, e_step, model_kwargs)
@@ -148,7 +147,6 @@ def forecast(
     (or with a sequence axis) is needed when the model has inputs. Other arguments as
     in :func:`posterior_predictive`.
     """
-    from ppl_dyn.mcmc import _per_draw, sampled_states
 
     check_rng_key(rng_key)
     if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:

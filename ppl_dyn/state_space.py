@@ -38,6 +38,7 @@ from numpyro.primitives import Messenger, apply_stack
 
 from ppl_dyn._prior_draw import generator_from_key, numpy_draw
 from ppl_dyn._validation import check_observations, device_array, is_concrete
+from ppl_dyn.features import FEATURES
 from ppl_dyn.requirements import (
     abstract_distribution,
     gaussian_form,
@@ -85,15 +86,10 @@ class Regression(NamedTuple):
 
     def features(self, x: jax.Array) -> jax.Array:
         """The regressor features ``phi(x)`` for states ``x`` ``(..., dx)``."""
-        if self.feature == "linear":
-            return x
-        if self.feature == "tanh":
-            return jnp.tanh(x)
-        if self.feature == "rbf":
-            from ppl_dyn.models.rbf import rbf_features
-
-            return rbf_features(x, *self.feature_args)
-        raise ValueError(f"unknown feature {self.feature!r}")
+        fn = FEATURES.get(self.feature)
+        if fn is None:
+            raise ValueError(f"unknown feature {self.feature!r}; known: {sorted(FEATURES)}")
+        return fn(x, *self.feature_args)
 
 
 class LinearStructure(NamedTuple):

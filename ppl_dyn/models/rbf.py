@@ -5,20 +5,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from ppl_dyn.features import rbf_features  # noqa: F401  (public here: ppl_dyn.models.rbf.rbf_features)
 from ppl_dyn.models._linear_family import linear_in_params_model
-
-
-def rbf_features(x, centres, widths):
-    r"""Features :math:`[\rho_1(x), \dots, \rho_I(x), x]` with
-    :math:`\rho_i(x) = \mathcal N(x; c_i, S_i)`, :math:`S_i = w_i^2 I`.
-
-    ``x``: ``(..., dx)``; ``centres``: ``(I, dx)``; ``widths``: ``(I,)`` standard deviations.
-    """
-    dx = centres.shape[-1]
-    s2 = widths**2
-    sq = jnp.sum((x[..., None, :] - centres) ** 2, -1)  # (..., I)
-    rho = jnp.exp(-0.5 * sq / s2 - 0.5 * dx * jnp.log(2 * jnp.pi * s2))
-    return jnp.concatenate([rho, x], -1)
 
 
 def rbf_grid(points, num_centres: int = 11, *, coverage: float = 0.98):
