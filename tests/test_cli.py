@@ -14,7 +14,7 @@ import arviz as az
 import numpy as np
 import pytest
 
-from ppl_dyn import cli
+from ppl_dyn import cli, workflows
 
 FIT_FILES = (
     "metrics.json",
@@ -514,7 +514,7 @@ def test_failure_during_fit_leaves_nothing(tmp_path, simulated, monkeypatch, cap
         (out / "metrics.json").write_text("{}")
         raise FloatingPointError("EM diverged")
 
-    monkeypatch.setattr(cli, "_fit_into", boom)
+    monkeypatch.setattr(workflows, "_fit_into", boom)
     out = tmp_path / "deep" / "run"
     rc = cli.main(["fit", "--data", str(simulated / "sim.npz"), "--out", str(out)])
     err = capsys.readouterr().err.strip()
@@ -533,7 +533,7 @@ def test_unwritable_out_and_ctrl_c_end_in_one_line(tmp_path, simulated, monkeypa
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_fit_into", interrupted)
+    monkeypatch.setattr(workflows, "_fit_into", interrupted)
     out = tmp_path / "run"
     assert cli.main([*data, "--out", str(out)]) == cli.INTERRUPTED == 130
     err = capsys.readouterr().err.strip().splitlines()
@@ -551,7 +551,7 @@ def test_staging_folders_of_killed_runs_are_removed(tmp_path, simulated, monkeyp
         (d / "metrics.json").write_text('{"model": "lds"}')
         return {"model": "lds"}
 
-    monkeypatch.setattr(cli, "_fit_into", ok)
+    monkeypatch.setattr(workflows, "_fit_into", ok)
     out = tmp_path / "run"
     assert cli.main(["fit", "--data", str(simulated / "sim.npz"), "--out", str(out),
                      "--no-report"]) == 0  # fmt: skip
@@ -567,7 +567,7 @@ def test_fit_replaces_an_earlier_run_only_when_complete(tmp_path, simulated, mon
         (d / "metrics.json").write_text('{"model": "lds", "new": true}')
         return {"model": "lds"}
 
-    monkeypatch.setattr(cli, "_fit_into", ok)
+    monkeypatch.setattr(workflows, "_fit_into", ok)
     assert (
         cli.main(["fit", "--data", str(simulated / "sim.npz"), "--out", str(out), "--no-report"])
         == 0
