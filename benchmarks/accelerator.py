@@ -148,6 +148,9 @@ CASES = {"ffbsm": ffbsm_case, "ffbsi_mcmc": mcmc_case, "ragged_em": ragged_em_ca
 
 
 def main(argv=None):
+    import ppl_dyn
+
+    ppl_dyn.keep_freed_memory()  # what the CLI does: large freed blocks stay mapped
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true", help="small sizes (any device)")
     ap.add_argument("--out", help="write the results as JSON to this file")

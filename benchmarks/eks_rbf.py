@@ -75,6 +75,9 @@ def time_step(e_step, params, kw, repeats):
 
 
 def main():
+    import ppl_dyn
+
+    ppl_dyn.keep_freed_memory()  # what the CLI does: large freed blocks stay mapped
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="T = 1000 only, fewer repeats")
     ap.add_argument("--num-particles", type=int, default=100)

@@ -290,7 +290,10 @@ def main(argv=None):
 
     import jax
 
+    import ppl_dyn
+
     jax.config.update("jax_enable_x64", True)
+    ppl_dyn.keep_freed_memory()  # what the CLI does: large freed blocks stay mapped
     T = 100 if a.quick else 1000
     ns = [int(v) for v in a.ns.split(",")] if a.ns else ([1000] if a.quick else [1000, 10_000])
     repeats = 2 if a.quick else a.repeats

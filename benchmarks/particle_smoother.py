@@ -17,9 +17,9 @@ processes first: timings are wall-clock and a concurrent job inflates them 1.5-2
 Note: XLA's CPU buffers come from glibc malloc. With glibc's default trim threshold the
 large FFBSm blocks went back to the OS after each call and were faulted in again (high
 ``sys`` time; some calls 1.5x slower, 6.5 s vs 3.4 s at N = 1000, dx = 5 in one fresh
-process). Since session 6 the ParticleSmoother raises glibc's ``M_TRIM_THRESHOLD``
-itself (``ppl_dyn/_malloc.py``), so the benchmark measures what a user gets by default
-with that in place.
+process). Each child calls ``ppl_dyn.keep_freed_memory()`` (glibc's
+``M_TRIM_THRESHOLD``, ``ppl_dyn/_malloc.py``), as the ``ppl-dyn`` command does; a library
+user opts in with the same call.
 
 What is measured (CPU unless JAX picks another backend), all on the same simulated data:
 
@@ -181,6 +181,9 @@ def _setup_jax(dtype):
     import jax
 
     jax.config.update("jax_enable_x64", dtype == "float64")
+    import ppl_dyn
+
+    ppl_dyn.keep_freed_memory()  # what the CLI does: large freed blocks stay mapped
     return jax
 
 

@@ -215,6 +215,9 @@ def interp_time(ns, ts, n):
 
 
 def main(argv=None):
+    import ppl_dyn
+
+    ppl_dyn.keep_freed_memory()  # what the CLI does: large freed blocks stay mapped
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None)

@@ -42,6 +42,7 @@ _ATTRIBUTES = {
     "StateSpace": "ppl_dyn.state_space",
     "LinearStructure": "ppl_dyn.state_space",
     "Regression": "ppl_dyn.state_space",
+    "keep_freed_memory": "ppl_dyn._malloc",
 }
 
 __all__ = [
@@ -66,6 +67,7 @@ __all__ = [
     "StateSpace",
     "LinearStructure",
     "Regression",
+    "keep_freed_memory",
     "__version__",
 ]
 

@@ -9,12 +9,14 @@ in again when the next call allocates them. Measured on the tanh-RNN particle E-
 * glibc default: 1.65-1.75 s in some calls, 2.14-2.58 s in others (median 2.25 s);
 * ``M_TRIM_THRESHOLD`` = 1 GiB: 1.65-1.69 s in every call (median 1.66 s).
 
-``ParticleSmoother.posterior`` calls :func:`keep_freed_memory` (when it is traced). It
-sets the threshold once per process, only with glibc on Linux. The cost: up to 1 GiB of
-freed memory at the top of the heap stays mapped to the process instead of going back to
-the system (later allocations reuse it). Opt out with the environment variable
-``PPL_DYN_KEEP_FREED_MEMORY=0`` (or set glibc's own ``MALLOC_TRIM_THRESHOLD_``, which
-this module then leaves alone).
+It is a setting of the whole process, so the library never makes it on its own: call
+``ppl_dyn.keep_freed_memory()`` once in a program that runs particle E-steps; the
+command line (``ppl-dyn``) and the benchmark scripts do. It sets the threshold once per
+process, only with glibc on Linux. The cost: up to 1 GiB of freed memory at the top of
+the heap stays mapped to the process instead of going back to the system (later
+allocations reuse it). The environment variable ``PPL_DYN_KEEP_FREED_MEMORY=0`` turns the
+call into a no-op (as does glibc's own ``MALLOC_TRIM_THRESHOLD_``, which this module then
+leaves alone).
 """
 
 from __future__ import annotations

@@ -234,6 +234,11 @@ def main(argv=None) -> int:
                 or (args.num_sequences is not None and args.num_sequences < 1)
             ):
                 raise UsageError("--state-dim, --obs-dim and --num-sequences must be >= 1")
+        if args.command not in ("report", "bench"):
+            # the process is ours: keep the particle E-steps' large freed blocks mapped
+            from ppl_dyn._malloc import keep_freed_memory
+
+            keep_freed_memory()
         return args.func(args)
     except UsageError as err:
         print(f"ppl-dyn {args.command}: error: {err}", file=sys.stderr)

@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
 
-from ppl_dyn._malloc import keep_freed_memory
 from ppl_dyn.infer import _linalg as la
 from ppl_dyn.infer._mesh import MeshAxes, mesh_axes
 from ppl_dyn.infer.backward import DEFAULT_MAX_TRIALS, ffbsi_hybrid, ffbsi_mcmc, path_statistics
@@ -684,7 +683,6 @@ class ParticleSmoother(NamedTuple):
         two linear-cost modes run through the padded steps (valid draws, a little more
         Monte Carlo noise)."""
         self._check()
-        keep_freed_memory()  # large blocks: keep them mapped between calls (see _malloc)
         feature = ss.structure.dynamics.features if ss.structure is not None else (lambda x: x)
         S = y.shape[0]
         keys = jax.random.split(rng_key, S)
