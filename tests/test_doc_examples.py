@@ -27,6 +27,7 @@ PAGES = [
     "docs/psaem.md",
     "docs/lstm.md",
     "docs/canonical.md",
+    "docs/plugins.md",
     "docs/scale.md",
     "docs/forecasting.md",
 ]
