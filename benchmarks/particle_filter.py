@@ -7,8 +7,8 @@ Run from the repository root::
 
 Anchors (each skipped, with the reason printed and recorded, when it cannot be
 imported): ``particles`` (N. Chopin's NumPy library; ``pip install --no-deps particles``,
-its ``numpy<2`` pin is not needed) and cuthbert (``pip install cuthbert``; it runs on the
-same JAX as ppl_dyn). ``--quick``: T = 100, N = 1000 only (the smoke size the tests run).
+its ``numpy<2`` pin is not needed; its ``joblib`` comes with the ``bench`` extra) and
+cuthbert (in the ``bench`` extra; it runs on the same JAX as ppl_dyn). ``--quick``: T = 100, N = 1000 only (the smoke size the tests run).
 
 What is timed, all on the same simulated data (noisy tanh-RNN, dx = 2, dy = 1, T = 1000,
 float64, ``benchmarks/particle_smoother.py``'s parameters), systematic resampling when the
