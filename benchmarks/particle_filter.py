@@ -3,12 +3,13 @@ with a profile of one filter step by part and a bound from this machine's throug
 
 Run from the repository root::
 
-    python benchmarks/particle_filter.py [--quick] [--ns 1000,10000] [--out results.json]
+    python benchmarks/particle_filter.py [--quick] [--smoothers] [--ns 1000,10000] [--out F.json]
 
 Anchors (each skipped, with the reason printed and recorded, when it cannot be
 imported): ``particles`` (N. Chopin's NumPy library; ``pip install --no-deps particles``,
 its ``numpy<2`` pin is not needed; its ``joblib`` comes with the ``bench`` extra) and
-cuthbert (in the ``bench`` extra; it runs on the same JAX as ppl_dyn). ``--quick``: T = 100, N = 1000 only (the smoke size the tests run).
+cuthbert (in the ``bench`` extra; it runs on the same JAX as ppl_dyn). ``--quick``:
+T = 100, N = 1000 only (the smoke size the tests run).
 
 What is timed, all on the same simulated data (noisy tanh-RNN, dx = 2, dy = 1, T = 1000,
 float64, ``benchmarks/particle_smoother.py``'s parameters), systematic resampling when the
@@ -23,6 +24,11 @@ ESS falls below N / 2, the full history kept (what a smoother needs):
   behind cuthbert's ESS decorator (threshold 0.5) and ``cuthbert.filter``, jitted, the
   median as for ours. Its initial state is unweighted (cuthbert's convention): it
   filters ``T - 1`` propagations from ``p(x_1)``, as ours does.
+* **smoothers** (``--smoothers``) -- the filter followed by the linear-cost backward
+  pass, M = 100 paths with one independent Metropolis-Hastings move per step started at
+  the genealogical ancestor: ours (``ParticleSmoother(mode="ffbsi-mcmc")``, which also
+  stores the filter history) against cuthbert's ``build_smoother`` with
+  ``cuthbertlib.smc.smoothing.mcmc.simulate`` (``n_steps=1``); jitted, medians as above.
 * **profile** -- each part of one step (the filter's own functions and shapes) in a
   jitted ``scan`` of T steps on its own: the Gaussian noise draw (``dx`` normals per
   particle), the transition mean, the emission log-likelihood with normalisation and
@@ -143,6 +149,80 @@ def time_cuthbert(params, y, N, repeats):
     out = run(yy, jax.random.key(1))
     seconds = _median_time(lambda: run(yy, jax.random.key(1)), repeats)
     return seconds, float(out.log_normalizing_constant[-1])
+
+
+def time_ours_smoother(params, y, N, M, repeats):
+    """Ours: filter + ``ffbsi-mcmc`` backward pass (M paths, one IMH move per step)."""
+    import jax
+    import jax.numpy as jnp
+
+    from ppl_dyn.infer import ParticleSmoother
+    from ppl_dyn.models import tanh_rnn
+    from ppl_dyn.state_space import bind
+
+    dx = params["A"].shape[0]
+    e_step = ParticleSmoother(num_particles=N, mode="ffbsi-mcmc", num_trajectories=M)
+
+    @jax.jit
+    def run(params, y, key):
+        ss, spec = bind(tanh_rnn, params, y=y, state_dim=dx, bias=False)
+        return e_step.posterior(key, ss, spec.y, spec.u).trajectories
+
+    p = {k: jnp.asarray(v) for k, v in params.items()}
+    yy = jnp.asarray(y)
+    return _median_time(lambda: run(p, yy, jax.random.key(1)), repeats)
+
+
+def time_cuthbert_smoother(params, y, N, M, repeats):
+    """cuthbert: its particle filter + its MCMC backward sampler (one IMH move per
+    step, M paths), the same work as ours' ``ffbsi-mcmc``."""
+    from functools import partial
+
+    import cuthbert
+    import jax
+    import jax.numpy as jnp
+    from cuthbert.smc import backward_sampler as cbs
+    from cuthbert.smc import particle_filter as cpf
+    from cuthbertlib.resampling import adaptive, systematic
+    from cuthbertlib.smc.smoothing import mcmc
+    from jax.scipy.stats import multivariate_normal, norm
+
+    A, C = jnp.asarray(params["A"]), jnp.asarray(params["C"])
+    Q = jnp.asarray(params["Q"])
+    LQ = jnp.linalg.cholesky(Q)
+    LP = jnp.linalg.cholesky(jnp.asarray(params["P0"]))
+    m0 = jnp.asarray(params["m0"])
+    sdR = jnp.sqrt(jnp.asarray(params["R"])[0, 0])
+    dx = A.shape[0]
+
+    def init_sample(key):
+        return m0 + LP @ jax.random.normal(key, (dx,))
+
+    def propagate_sample(key, x, inp):
+        return A @ jnp.tanh(x) + LQ @ jax.random.normal(key, (dx,))
+
+    def log_potential(x_prev, x, inp):
+        return norm.logpdf(inp[0], C[0] @ jnp.tanh(x), sdR)
+
+    def joint_log_potential(x_prev, x, inp):
+        return multivariate_normal.logpdf(x, A @ jnp.tanh(x_prev), Q) + log_potential(
+            x_prev, x, inp
+        )
+
+    resampling = adaptive.ess_decorator(systematic.resampling, 0.5)
+    filt = cpf.build_filter(init_sample, propagate_sample, log_potential, N, resampling)
+    smoother = cbs.build_smoother(
+        joint_log_potential, partial(mcmc.simulate, n_steps=1), systematic.resampling, M
+    )
+
+    @jax.jit
+    def run(y, key):
+        k0, k1, k2 = jax.random.split(key, 3)
+        states = cuthbert.filter(filt, y[1:], filt.init_prepare(key=k0), key=k1)
+        return cuthbert.smoother(smoother, states, key=k2).particles
+
+    yy = jnp.asarray(y)
+    return _median_time(lambda: run(yy, jax.random.key(1)), repeats)
 
 
 def time_particles(params, y, N):
@@ -285,6 +365,11 @@ def main(argv=None):
     ap.add_argument("--ns", default=None, help="comma-separated particle counts")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-anchors", action="store_true")
+    ap.add_argument(
+        "--smoothers",
+        action="store_true",
+        help="also time filter + ffbsi-mcmc against cuthbert's MCMC backward sampler (M=100)",
+    )
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
 
@@ -333,6 +418,19 @@ def main(argv=None):
             except ImportError as e:
                 row[f"{name}_skipped"] = f"not installed ({e})"
                 print(f"    {name}: skipped, not installed ({e})", flush=True)
+        if a.smoothers and not a.no_anchors:
+            M = 100
+            row["smoother_M"] = M
+            row["ours_ffbsi_mcmc_s"] = time_ours_smoother(params, y, N, M, repeats)
+            msg = f"    filter + ffbsi-mcmc (M={M}): ours {row['ours_ffbsi_mcmc_s']:.4f} s"
+            try:
+                cb = time_cuthbert_smoother(params, y, N, M, repeats)
+                row["cuthbert_mcmc_smoother_s"] = cb
+                msg += f", cuthbert {cb:.4f} s (ours {cb / row['ours_ffbsi_mcmc_s']:.2f}x faster)"
+            except ImportError as e:
+                row["cuthbert_mcmc_smoother_skipped"] = f"not installed ({e})"
+                msg += f", cuthbert skipped ({e})"
+            print(msg, flush=True)
         result["results"].append(row)
     if a.out:
         with open(a.out, "w") as f:
