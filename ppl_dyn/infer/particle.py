@@ -1,7 +1,7 @@
 """Particle filtering and smoothing in the log domain (the E-step for nonlinear models).
 
 * Forward: bootstrap particle filter with ESS-triggered resampling (BlackJAX's
-  systematic / stratified / multinomial draws; the first two in linear time,
+  systematic / stratified / multinomial draws; the first two from closed-form offspring counts,
   :mod:`ppl_dyn.infer.resampling`), normalised log-weights, and the
   unbiased estimate of ``p(y_{1:T})`` (its log is returned).
 * Backward, mode ``"ffbsm"``: forward-filtering backward-smoothing (seed 000, eqs 17-20,

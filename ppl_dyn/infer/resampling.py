@@ -1,17 +1,16 @@
-"""Resampling schemes in linear time: ancestors by counting offspring, no search.
+"""Systematic and stratified resampling from closed-form offspring counts.
 
 BlackJAX's ``systematic`` and ``stratified`` resampling place ``n`` sorted points
-``u_j`` in ``[0, 1)`` and find each one's ancestor with ``searchsorted`` on the
-cumulative weights ``C`` (``a_j = #{i : C_i < u_j}``): a binary search per particle,
-``O(n log N)``. Because the points are sorted, the same ancestors follow from counting
-instead. With ``c_i = #{j : u_j <= C_i}`` (how many points lie at or below ``C_i``),
+``u_j`` in ``[0, 1)`` and find each one's ancestor with ``searchsorted`` of the points
+in the floating-point cumulative weights ``C`` (``a_j = #{i : C_i < u_j}``). Because the
+points are sorted and regularly spaced, the same ancestors follow from counting instead.
+With ``c_i = #{j : u_j <= C_i}`` (how many points lie at or below ``C_i``),
 
-    a_j = #{i : C_i < u_j} = #{i : c_i <= j},
+    a_j = #{i : C_i < u_j} = #{i : c_i <= j}.
 
-a cumulative sum of the histogram of the ``c_i``. For the two schemes ``c_i`` has a
-closed form (``u_j = (j + U) / n`` systematic, ``(j + U_j) / n`` stratified), so the
-whole draw is one cumulative sum, one histogram and one cumulative sum again: ``O(N +
-n)``. The uniforms are drawn exactly as BlackJAX draws them, so for the same key the
+For the two schemes ``c_i`` has a closed form (``u_j = (j + U) / n`` systematic,
+``(j + U_j) / n`` stratified): one pass over the weights, then ``a`` from the integer
+counts. The uniforms are drawn exactly as BlackJAX draws them, so for the same key the
 ancestors are BlackJAX's (up to ties of measure zero; tests/test_resampling.py checks
 both that and unbiasedness). Multinomial resampling stays BlackJAX's.
 """
@@ -24,10 +23,16 @@ from blackjax.smc import resampling as bj_resampling
 
 
 def _ancestors_from_counts(c, n: int, num_weights: int):
-    """``a_j = #{i : c_i <= j}`` for ``j < n`` (``c`` ``(N,)`` in ``[0, n]``), clipped to
-    a valid index (a cumulative weight that rounds below the last point)."""
-    hist = jnp.zeros((n + 1,), jnp.int32).at[c].add(1, mode="promise_in_bounds")
-    return jnp.minimum(jnp.cumsum(hist[:n]), num_weights - 1).astype(jnp.int32)
+    """``a_j = #{i : c_i <= j}`` for ``j < n`` (``c`` ``(N,)`` in ``[0, n]``,
+    non-decreasing), clipped to a valid index (a cumulative weight that rounds below the
+    last point).
+
+    A search over the integer counts. The histogram form (a scatter-add of the ``c_i``
+    and a cumulative sum, linear time) ran 3% faster on JAX 0.10, but a scatter inside
+    the filter's loop made the whole loop twice as slow on JAX 0.12's XLA (N = 1000:
+    0.114 s against 0.056 s for T = 1000), even at steps that did not resample."""
+    j = jnp.arange(n, dtype=c.dtype)
+    return jnp.minimum(jnp.searchsorted(c, j, side="right"), num_weights - 1).astype(jnp.int32)
 
 
 def systematic_from_uniform(u, weights, n: int):
