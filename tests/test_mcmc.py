@@ -720,7 +720,7 @@ def test_numpyro_and_blackjax_agree_on_the_marginalised_lds():
         assert float(az.rhat(idata).to_array().max()) < 1.01
 
 
-def _sbc_ranks(model, prior_model, names, T, model_kwargs, num_reps, seed):
+def _sbc_ranks(model, prior_model, names, T, model_kwargs, num_reps, seed, target_accept=0.8):
     """Simulation-based calibration with BlackJAX NUTS vmapped over replications.
 
     Per replication: parameters from the prior, data from the model, one chain of
@@ -756,7 +756,10 @@ def _sbc_ranks(model, prior_model, names, T, model_kwargs, num_reps, seed):
             for kk, (k, s) in zip(ks, sorted(shapes.items()), strict=True)
         }
         warm = blackjax.window_adaptation(
-            blackjax.nuts, logdensity, adaptation_info_fn=get_filter_adapt_info_fn()
+            blackjax.nuts,
+            logdensity,
+            target_acceptance_rate=target_accept,
+            adaptation_info_fn=get_filter_adapt_info_fn(),
         )
         (state, tuned), _ = warm.run(k1, z0, num_steps=300)
         kernel = blackjax.nuts(logdensity, **tuned)
@@ -798,9 +801,15 @@ def test_sbc_marginalised_lds():
     base = handlers.condition(lds, data=fixed)
     kw = dict(state_dim=1, obs_dim=1, bias=False)
     names = [("A", (0, 0)), ("Q", (0, 0)), ("R", (0, 0)), ("m0", (0,)), ("P0", (0, 0))]
-    ranks, div = _sbc_ranks(marginalize(base), base, names, 30, kw, _sbc_replications(), 0)
+    # m0 and P0 form a funnel (P0 small pins m0 to the first state): at NUTS's default
+    # target acceptance 0.8, 3.7% of the draws diverged and m0's ranks failed the check
+    # (p = 1.2e-4, 2026-12-07), with the likelihood exact; a smaller step size is the
+    # standard remedy for the sampler, and the test is about the marginal likelihood
+    reps = _sbc_replications()
+    ranks, div = _sbc_ranks(marginalize(base), base, names, 30, kw, reps, 0, target_accept=0.95)
     pvals = {k: _chi2_uniform_pvalue(r) for k, r in ranks.items()}
-    print("SBC marginalised LDS p-values:", pvals, "divergences:", div)
+    hists = {k: np.bincount(r * 20 // 100, minlength=20).tolist() for k, r in ranks.items()}
+    print("SBC marginalised LDS p-values:", pvals, "divergences:", div, "histograms:", hists)
     assert min(pvals.values()) > 0.01 / len(pvals), pvals
 
 
