@@ -447,3 +447,36 @@ def test_fewer_steps_than_state_dim_runs_without_nan(T):
     if T == 1:  # no transitions: the dynamics sites keep their starting values
         for k in ("A", "b", "Q"):
             np.testing.assert_array_equal(np.asarray(res.params[k]), start[k], err_msg=k)
+
+
+def test_the_m_step_takes_statistics_from_any_posterior_that_computes_them():
+    """LinearGaussianMStep.statistics asks the posterior (its linear_statistics method):
+    a user's own posterior type plugs in without an edit of the M-step, and one without
+    the method is refused by name."""
+    from typing import NamedTuple
+
+    import jax
+    import numpy as np
+    import pytest
+
+    import ppl_dyn
+    from ppl_dyn.infer import KalmanSmoother, LinearGaussianMStep
+    from ppl_dyn.models import lds
+
+    sim = ppl_dyn.simulate(jax.random.key(0), lds, num_steps=50, state_dim=1, obs_dim=2)
+    ss, spec = ppl_dyn.bind(lds, sim["params"], y=sim["y"], state_dim=1)
+    post = KalmanSmoother().posterior(None, ss, spec.y, spec.u)
+
+    class MyPosterior(NamedTuple):
+        inner: object
+
+        def linear_statistics(self, ss, y, u, time_mask=None):
+            return self.inner.linear_statistics(ss, y, u, time_mask)
+
+    m = LinearGaussianMStep()
+    ref = m.statistics(post, ss, spec.y, spec.u)
+    got = m.statistics(MyPosterior(post), ss, spec.y, spec.u)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(TypeError, match="linear_statistics"):
+        m.statistics(post._asdict(), ss, spec.y, spec.u)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from ppl_dyn.infer import _linalg as la
 from ppl_dyn.infer._pattern import COMPLETE, MIXED, RAGGED, SHARED, pattern_hint
+from ppl_dyn.infer.stats import gaussian_linear_statistics
 from ppl_dyn.requirements import LinearGaussianForm, gaussian_moments, linear_gaussian_form
 from ppl_dyn.state_space import StateSpace, mask_covariance
 
@@ -67,6 +68,12 @@ class GaussianPosterior(NamedTuple):
     filtered_covs: jax.Array
     predicted_log_probs: jax.Array
     log_marginal: jax.Array
+
+    def linear_statistics(self, ss, y, u, time_mask=None):
+        """Expected sufficient statistics of the closed-form M-step: Gaussian moments of
+        the model's features under these marginals and pairs
+        (:func:`~ppl_dyn.infer.stats.gaussian_linear_statistics`)."""
+        return gaussian_linear_statistics(self, ss, y, u, time_mask)
 
 
 def linear_gaussian_view(

@@ -429,27 +429,22 @@ class LinearGaussianMStep(NamedTuple):
         return log_prior(model, params, model_kwargs)
 
     def statistics(self, posterior, ss, y, u, time_mask=None) -> LinearStats:
-        """Expected sufficient statistics from any supported posterior type.
+        """Expected sufficient statistics, computed by the posterior itself.
 
-        ``time_mask`` ``(S, T)``: False past each sequence's end (ragged lengths); those
-        steps contribute nothing."""
-        from ppl_dyn.infer.kalman import GaussianPosterior
-        from ppl_dyn.infer.paris import PARISPosterior, paris_linear_statistics
-        from ppl_dyn.infer.particle import ParticlePosterior, particle_linear_statistics
-        from ppl_dyn.infer.stats import gaussian_linear_statistics
-
-        if isinstance(posterior, GaussianPosterior):
-            return gaussian_linear_statistics(posterior, ss, y, u, time_mask)
-        if isinstance(posterior, ParticlePosterior):
-            return particle_linear_statistics(posterior, ss, y, u, time_mask)
-        if isinstance(posterior, PARISPosterior):
-            # accumulated in the forward pass, which took the time mask already
-            # (PARISSmoother.posterior(..., time_mask=...)): nothing left to drop
-            return paris_linear_statistics(posterior)
-        raise TypeError(
-            f"LinearGaussianMStep cannot use a {type(posterior).__name__}; "
-            "see the E-step/M-step table in docs/index.md"
-        )
+        Every E-step's posterior computes the expectations this M-step needs its own way
+        (Gaussian moments, FFBSm weights, drawn paths, PaRIS's running sums) in a method
+        ``linear_statistics(ss, y, u, time_mask=None) -> LinearStats``; this M-step
+        imports no E-step. ``time_mask`` ``(S, T)``: False past each sequence's end
+        (ragged lengths); those steps contribute nothing."""
+        get = getattr(posterior, "linear_statistics", None)
+        if not callable(get):
+            raise TypeError(
+                f"LinearGaussianMStep cannot use a {type(posterior).__name__}: a posterior "
+                "feeds it through a linear_statistics(ss, y, u, time_mask=None) method "
+                "returning LinearStats (GaussianPosterior, ParticlePosterior and "
+                "PARISPosterior have one; docs/plugins.md)"
+            )
+        return get(ss, y, u, time_mask)
 
     def update(self, stats: LinearStats, ss, free, *, model=None, model_kwargs=None, **unused):
         """New values of the free sites, and per-site floor indicators. With

@@ -103,6 +103,12 @@ class PARISPosterior(NamedTuple):
     ess: jax.Array
     info: PARISInfo
 
+    def linear_statistics(self, ss, y, u, time_mask=None):
+        """The statistics accumulated in the forward pass, summed over sequences (the
+        pass took the time mask already: nothing left to drop)."""
+        del ss, y, u, time_mask
+        return paris_linear_statistics(self)
+
 
 class BackwardKernel(NamedTuple):
     """How the ``K`` backward indices per particle are drawn (hashable, static)."""

@@ -91,6 +91,12 @@ class ParticlePosterior(NamedTuple):
     backward_fallback_rate: Optional[jax.Array] = None
     path_indices: Optional[jax.Array] = None
 
+    def linear_statistics(self, ss, y, u, time_mask=None):
+        """Expected sufficient statistics of the closed-form M-step from the smoothing
+        weights and pair moments, or from the paths in the path modes
+        (:func:`particle_linear_statistics`)."""
+        return particle_linear_statistics(self, ss, y, u, time_mask)
+
     @property
     def means(self):
         """Smoothed means ``E[x_t | y]`` ``(T, dx)``."""
