@@ -62,7 +62,7 @@ import numpy as np  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from particle_smoother import model_params  # noqa: E402
+from particle_smoother import model_params, particles_tanh_rnn  # noqa: E402
 
 
 def _median_time(fn, repeats):
@@ -112,16 +112,17 @@ def time_ours(params, y, N, repeats):
     return seconds, float(out.log_marginal)
 
 
-def time_cuthbert(params, y, N, repeats):
-    import cuthbert
+def _cuthbert_tanh_rnn(params, N):
+    """The tanh-RNN for cuthbert: its particle filter (systematic resampling behind its
+    ESS decorator at 0.5) and the joint log potential its backward samplers need."""
     import jax
     import jax.numpy as jnp
     from cuthbert.smc import particle_filter as cpf
     from cuthbertlib.resampling import adaptive, systematic
-    from jax.scipy.stats import norm
+    from jax.scipy.stats import multivariate_normal, norm
 
-    A, C = jnp.asarray(params["A"]), jnp.asarray(params["C"])
-    LQ = jnp.linalg.cholesky(jnp.asarray(params["Q"]))
+    A, C, Q = (jnp.asarray(params[k]) for k in ("A", "C", "Q"))
+    LQ = jnp.linalg.cholesky(Q)
     LP = jnp.linalg.cholesky(jnp.asarray(params["P0"]))
     m0 = jnp.asarray(params["m0"])
     sdR = jnp.sqrt(jnp.asarray(params["R"])[0, 0])
@@ -136,8 +137,21 @@ def time_cuthbert(params, y, N, repeats):
     def log_potential(x_prev, x, inp):
         return norm.logpdf(inp[0], C[0] @ jnp.tanh(x), sdR)
 
+    def joint_log_potential(x_prev, x, inp):
+        transition = multivariate_normal.logpdf(x, A @ jnp.tanh(x_prev), Q)
+        return transition + log_potential(x_prev, x, inp)
+
     resampling = adaptive.ess_decorator(systematic.resampling, 0.5)
     filt = cpf.build_filter(init_sample, propagate_sample, log_potential, N, resampling)
+    return filt, joint_log_potential
+
+
+def time_cuthbert(params, y, N, repeats):
+    import cuthbert
+    import jax
+    import jax.numpy as jnp
+
+    filt, _ = _cuthbert_tanh_rnn(params, N)
 
     @jax.jit
     def run(y, key):
@@ -182,35 +196,10 @@ def time_cuthbert_smoother(params, y, N, M, repeats):
     import jax
     import jax.numpy as jnp
     from cuthbert.smc import backward_sampler as cbs
-    from cuthbert.smc import particle_filter as cpf
-    from cuthbertlib.resampling import adaptive, systematic
+    from cuthbertlib.resampling import systematic
     from cuthbertlib.smc.smoothing import mcmc
-    from jax.scipy.stats import multivariate_normal, norm
 
-    A, C = jnp.asarray(params["A"]), jnp.asarray(params["C"])
-    Q = jnp.asarray(params["Q"])
-    LQ = jnp.linalg.cholesky(Q)
-    LP = jnp.linalg.cholesky(jnp.asarray(params["P0"]))
-    m0 = jnp.asarray(params["m0"])
-    sdR = jnp.sqrt(jnp.asarray(params["R"])[0, 0])
-    dx = A.shape[0]
-
-    def init_sample(key):
-        return m0 + LP @ jax.random.normal(key, (dx,))
-
-    def propagate_sample(key, x, inp):
-        return A @ jnp.tanh(x) + LQ @ jax.random.normal(key, (dx,))
-
-    def log_potential(x_prev, x, inp):
-        return norm.logpdf(inp[0], C[0] @ jnp.tanh(x), sdR)
-
-    def joint_log_potential(x_prev, x, inp):
-        return multivariate_normal.logpdf(x, A @ jnp.tanh(x_prev), Q) + log_potential(
-            x_prev, x, inp
-        )
-
-    resampling = adaptive.ess_decorator(systematic.resampling, 0.5)
-    filt = cpf.build_filter(init_sample, propagate_sample, log_potential, N, resampling)
+    filt, joint_log_potential = _cuthbert_tanh_rnn(params, N)
     smoother = cbs.build_smoother(
         joint_log_potential, partial(mcmc.simulate, n_steps=1), systematic.resampling, M
     )
@@ -227,22 +216,9 @@ def time_cuthbert_smoother(params, y, N, M, repeats):
 
 def time_particles(params, y, N):
     import particles
-    from particles import distributions as dists
     from particles import state_space_models as ssms
 
-    sdR = float(np.sqrt(params["R"][0, 0]))
-
-    class TanhRNN(ssms.StateSpaceModel):
-        def PX0(self):
-            return dists.MvNormal(loc=self.m0, cov=self.P0)
-
-        def PX(self, t, xp):
-            return dists.MvNormal(loc=np.tanh(xp) @ self.A.T, cov=self.Q)
-
-        def PY(self, t, xp, x):
-            return dists.Normal(loc=np.tanh(x) @ self.C[0], scale=sdR)
-
-    fk = ssms.Bootstrap(ssm=TanhRNN(**params), data=[float(v) for v in y[:, 0]])
+    fk = ssms.Bootstrap(ssm=particles_tanh_rnn(params), data=[float(v) for v in y[:, 0]])
     np.random.seed(1234)
     pf = particles.SMC(fk=fk, N=N, store_history=True, resampling="systematic", ESSrmin=0.5)
     t = time.perf_counter()
@@ -315,12 +291,11 @@ def profile_parts(params, y, N, repeats):
 
         return _median_time(lambda: run(x0), repeats)
 
-    w = jnp.exp(lw0)
     return {
         "noise (dx normals, Cholesky factor)": part(noise, x0),
         "transition mean A tanh(x)": part(mean, x0),
         "emission log-lik + normalise + ESS": part(weights, (x0, lw0)),
-        "resample + gather (every step)": part(resample, (x0, jnp.log(w))),
+        "resample + gather (every step)": part(resample, (x0, lw0)),
         # the history: (T, N, dx) particles, (T, N) log-weights and (T, N) ancestors
         "history writes": history(jnp.zeros((N, dx + 2))) * (8 * dx + 12) / (8 * (dx + 2)),
     }

@@ -346,17 +346,15 @@ def worker_throughput(a):
 # ---------------------------------------------------------------------------------------
 # child: the `particles` library (float64 numpy)
 # ---------------------------------------------------------------------------------------
-def worker_particles(a):
-    import particles
+def particles_tanh_rnn(params):
+    """The noisy tanh-RNN as a ``particles`` state-space model (dy = 1):
+    x_0 ~ N(m0, P0); x_t ~ N(A tanh(x_{t-1}), Q); y_t ~ N(C tanh(x_t), R)."""
     from particles import distributions as dists
     from particles import state_space_models as ssms
 
-    params, y = load_data(a.workdir, a.dx)
     sdR = float(np.sqrt(params["R"][0, 0]))
 
     class TanhRNN(ssms.StateSpaceModel):
-        """x_0 ~ N(m0, P0); x_t ~ N(A tanh(x_{t-1}), Q); y_t ~ N(C tanh(x_t), R)."""
-
         def PX0(self):
             return dists.MvNormal(loc=self.m0, cov=self.P0)
 
@@ -366,7 +364,15 @@ def worker_particles(a):
         def PY(self, t, xp, x):
             return dists.Normal(loc=np.tanh(x) @ self.C[0], scale=sdR)
 
-    model = TanhRNN(**params)
+    return TanhRNN(**params)
+
+
+def worker_particles(a):
+    import particles
+    from particles import state_space_models as ssms
+
+    params, y = load_data(a.workdir, a.dx)
+    model = particles_tanh_rnn(params)
     data = [np.asarray(yt, dtype=np.float64) for yt in y[:, 0]]
     np.random.seed(1234)
     fk = ssms.Bootstrap(ssm=model, data=data)
