@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from ppl_dyn import workflows
+from ppl_dyn._malloc import keep_freed_memory
 from ppl_dyn.workflows import (  # noqa: F401  (public here: ppl_dyn.cli.fit_verdict, ...)
     E_STEPS,
     FIT_FAILED,
@@ -236,8 +237,6 @@ def main(argv=None) -> int:
                 raise UsageError("--state-dim, --obs-dim and --num-sequences must be >= 1")
         if args.command not in ("report", "bench"):
             # the process is ours: keep the particle E-steps' large freed blocks mapped
-            from ppl_dyn._malloc import keep_freed_memory
-
             keep_freed_memory()
         return args.func(args)
     except UsageError as err:

@@ -695,11 +695,11 @@ def test_missing_rng_key_raises():
 @pytest.mark.parametrize("scheme", ["systematic", "stratified", "multinomial"])
 @pytest.mark.parametrize("n", [5, 10, 1000])
 def test_resampling_offspring_counts_are_unbiased(scheme, n):
-    from ppl_dyn.infer.particle import _RESAMPLERS
+    from ppl_dyn.infer.resampling import RESAMPLERS
 
     K = 1000
     w = np.random.default_rng(n).dirichlet(np.ones(n))
-    draw = jax.jit(jax.vmap(lambda k: _RESAMPLERS[scheme](k, jnp.asarray(w), n)))
+    draw = jax.jit(jax.vmap(lambda k: RESAMPLERS[scheme](k, jnp.asarray(w), n)))
     idx = np.asarray(draw(jax.random.split(jax.random.key(7), K)))
     counts = np.stack([np.bincount(row, minlength=n) for row in idx])  # (K, n)
     mean = counts.mean(0)

@@ -56,12 +56,12 @@ import numpy as np
 from ppl_dyn.infer._pattern import COMPLETE, pattern_hint
 from ppl_dyn.infer.backward import backward_indices_hybrid, backward_indices_mcmc
 from ppl_dyn.infer.particle import (
-    _RESAMPLERS,
     FilterOutput,
     _imputed_y_moments,
     filter_init,
     filter_step,
 )
+from ppl_dyn.infer.resampling import RESAMPLERS
 from ppl_dyn.infer.stats import InitStats, LinearStats, RegressionStats, sum_stats
 from ppl_dyn.requirements import is_builtin_model, verify_structure
 from ppl_dyn.state_space import StateSpace
@@ -138,8 +138,8 @@ def _check_int(name, value, minimum):
 def check_filter_args(num_particles, resampling, ess_threshold) -> None:
     """ValueError naming the bad particle-filter argument."""
     _check_int("num_particles", num_particles, 1)
-    if resampling not in _RESAMPLERS:
-        raise ValueError(f"resampling must be one of {sorted(_RESAMPLERS)}; got {resampling!r}")
+    if resampling not in RESAMPLERS:
+        raise ValueError(f"resampling must be one of {sorted(RESAMPLERS)}; got {resampling!r}")
     if not (0.0 <= float(ess_threshold) <= 1.0):
         raise ValueError(f"ess_threshold must be in [0, 1]; got {ess_threshold!r}")
 

@@ -40,8 +40,6 @@ from ppl_dyn.state_space import (
     masked_log_prob,
 )
 
-_RESAMPLERS = RESAMPLERS
-
 
 class FilterOutput(NamedTuple):
     particles: jax.Array  # (T, N, dx)
@@ -236,7 +234,7 @@ def filter_step(
     state-independent covariance (then ``x_t = mean + L noise``, ``L L^T = Q``, and
     ``k_mov`` is unused); None draws from the model's transition with ``k_mov``."""
     N = x_prev.shape[0]
-    resample = _RESAMPLERS[resampling]
+    resample = RESAMPLERS[resampling]
     w = jnp.exp(lw_prev)
     ess = 1.0 / jnp.sum(w**2)
     do_res = (ess < ess_threshold * N) & ~degenerate
@@ -666,9 +664,9 @@ class ParticleSmoother(NamedTuple):
     particle_axes: Optional[tuple] = None
 
     def _check(self):
-        if self.resampling not in _RESAMPLERS:
+        if self.resampling not in RESAMPLERS:
             raise ValueError(
-                f"resampling must be one of {sorted(_RESAMPLERS)}; got {self.resampling!r}"
+                f"resampling must be one of {sorted(RESAMPLERS)}; got {self.resampling!r}"
             )
         if self.mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}; got {self.mode!r}")
