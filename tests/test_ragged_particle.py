@@ -28,13 +28,16 @@ from scipy.special import logsumexp
 
 from ppl_dyn import bind
 from ppl_dyn.infer import (
+    CPFAS,
+    EM,
     PGAS,
     PSAEM,
+    CPFState,
     LinearGaussianMStep,
     MNIWPrior,
     PARISSmoother,
+    StochasticApproximation,
 )
-from ppl_dyn.infer import psaem as psaem_mod
 from ppl_dyn.infer._run import ragged_data
 from ppl_dyn.infer.cpf import conditional_particle_filter, path_posterior
 from ppl_dyn.infer.em import _make_step, iteration_keys
@@ -184,14 +187,20 @@ def test_ragged_psaem_step_equals_m_step_of_cut_sweeps():
     refs[~mask] = np.nan  # junk after the end is never used
     jp = {k: jnp.asarray(v) for k, v in params.items()}
     mstep = LinearGaussianMStep()
-    step, shapes = psaem_mod._make_step(lds, N_CPF, True, mstep, (("state_dim", 2),))
-    stats0 = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes(jp, kwargs)[0])
+    # the PSAEM pair, as PSAEM builds it, through the EM driver's compiled step
+    e_step, sa = CPFAS(N_CPF), StochasticApproximation(mstep, 1.0)
+    step = _make_step(lds, e_step, sa, (("state_dim", 2),))
+    em = EM(lds, e_step, sa)
+    e_state0, m_state0 = em._initial_states(jp, {**kwargs, "state_dim": 2}, mask, 1)
+    e_state = CPFState(jnp.asarray(refs), jnp.asarray(True))
     key = jax.random.key(4)
-    new, stats, new_refs, ll, _, finite = step(
-        jp, stats0, refs, jnp.asarray(False), 1.0, kwargs, key, mask
+    new, ll, _, finite, _, e_state, m_state = step(
+        jp, kwargs, key, np.int32(0), mask, e_state=e_state, m_state=m_state0
     )
+    assert e_state0.references.shape == refs.shape and not bool(e_state0.conditional)
+    new_refs, stats = e_state.references, m_state.average
     assert all(bool(v) for v in finite.values())
-    keys = jax.random.split(key, S)
+    keys = jax.random.split(iteration_keys(key, 0)[0], S)
     total, ll_sep = None, 0.0
     for s, n in enumerate(LENGTHS):
         out, st = _cpf_cut_sweep(jp, ys[s][None], us[s][None], refs[s, :n], keys[s])

@@ -1,5 +1,6 @@
 """Inference plug-ins: E-steps, M-steps and the EM driver."""
 
+from ppl_dyn.infer.cpf import CPFAS, CPFState
 from ppl_dyn.infer.eks import ExtendedKalmanSmoother
 from ppl_dyn.infer.em import EM, EMResult, EMState, fit_em
 from ppl_dyn.infer.kalman import GaussianPosterior, KalmanSmoother
@@ -9,7 +10,15 @@ from ppl_dyn.infer.online import OnlineEM, OnlineEMMonitor, OnlineEMResult
 from ppl_dyn.infer.paris import PARISPosterior, PARISSmoother
 from ppl_dyn.infer.particle import ParticlePosterior, ParticleSmoother
 from ppl_dyn.infer.pgas import PGAS, MNIWPrior, PGASResult
-from ppl_dyn.infer.psaem import PSAEM, PSAEMResult, PSAEMState, step_size_schedule
+from ppl_dyn.infer.protocols import EStep, MStep, StatefulEStep, StatefulMStep
+from ppl_dyn.infer.psaem import (
+    PSAEM,
+    PSAEMResult,
+    PSAEMState,
+    SAState,
+    StochasticApproximation,
+    step_size_schedule,
+)
 from ppl_dyn.infer.sgd import SGD, SGDState, fit_sgd
 from ppl_dyn.infer.stats import InitStats, LinearStats, RegressionStats
 
@@ -40,6 +49,14 @@ __all__ = [
     "PSAEMResult",
     "PSAEMState",
     "step_size_schedule",
+    "CPFAS",
+    "CPFState",
+    "StochasticApproximation",
+    "SAState",
+    "EStep",
+    "MStep",
+    "StatefulEStep",
+    "StatefulMStep",
     "PGAS",
     "PGASResult",
     "MNIWPrior",

@@ -32,6 +32,8 @@ from ppl_dyn.infer.particle import emission_log_lik, pairwise_transition_log_pro
 from ppl_dyn.state_space import StateSpace
 
 __all__ = [
+    "CPFAS",
+    "CPFState",
     "CPFOutput",
     "conditional_particle_filter",
     "ancestral_paths",
@@ -231,3 +233,78 @@ def path_posterior(out: CPFOutput, feature):
         log_marginal=out.log_marginal,
         ess=1.0 / jnp.sum(jnp.exp(2.0 * out.log_weights), -1),
     )
+
+
+class CPFState(NamedTuple):
+    """What :class:`CPFAS` carries between EM iterations.
+
+    Attributes:
+        references: the reference paths ``(S, T, dx)``, one per sequence.
+        conditional: False before the first sweep (the first sweep is a plain bootstrap
+            filter with multinomial resampling that draws the first references).
+    """
+
+    references: jax.Array
+    conditional: jax.Array
+
+
+class CPFAS(NamedTuple):
+    """The conditional particle filter with ancestor sampling as a stateful E-step
+    (:class:`~ppl_dyn.infer.protocols.StatefulEStep`): each EM iteration runs one
+    CPF-AS sweep per sequence conditioned on the previous iteration's reference path
+    and hands the M-step the ``N`` weighted ancestral paths (:func:`path_posterior`).
+
+    With :class:`~ppl_dyn.infer.psaem.StochasticApproximation` as the M-step this is
+    PSAEM (:class:`~ppl_dyn.infer.PSAEM` builds exactly that pair); with a plain
+    :class:`~ppl_dyn.infer.LinearGaussianMStep` it is a noisy particle EM
+    (``gamma_k = 1``).
+
+    Args:
+        num_particles: ``N >= 2``.
+        ancestor_sampling: False runs the plain conditional filter (for comparison).
+    """
+
+    num_particles: int = 20
+    ancestor_sampling: bool = True
+
+    def init(self, ss, y, u) -> CPFState:
+        S, T = y.shape[:2]
+        refs = jnp.zeros((S, T, ss.state_dim), y.dtype)
+        return CPFState(references=refs, conditional=jnp.asarray(False))
+
+    def step(self, rng_key, ss, y, u, state: CPFState, time_mask=None):
+        feature = _features_of(ss)
+        keys = jax.random.split(rng_key, y.shape[0])
+        masks = jnp.ones(y.shape[:2], bool) if time_mask is None else time_mask
+
+        def one(key, y_s, u_s, ref, mask_s):
+            out = conditional_particle_filter(
+                key,
+                ss,
+                y_s,
+                u_s,
+                ref,
+                self.num_particles,
+                conditional=state.conditional,
+                ancestor_sampling=self.ancestor_sampling,
+                time_mask=mask_s,
+            )
+            return path_posterior(out, feature), out.reference
+
+        post, refs = jax.vmap(one)(keys, y, u, state.references, masks)
+        return post, CPFState(references=refs, conditional=jnp.asarray(True))
+
+    def posterior(self, rng_key, ss, y, u, time_mask=None):
+        """One unconditional sweep (a bootstrap filter with multinomial resampling):
+        the weighted ancestral paths, for use outside EM."""
+        post, _ = self.step(rng_key, ss, y, u, self.init(ss, y, u), time_mask=time_mask)
+        return post
+
+
+def _features_of(ss):
+    """The dynamics features of the model's :class:`~ppl_dyn.LinearStructure` (for the
+    pair moments of the paths), or the identity for a model without one."""
+    structure = getattr(ss, "structure", None)
+    if structure is None:
+        return lambda x: x
+    return structure.dynamics.features

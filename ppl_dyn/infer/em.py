@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import threading
 import warnings
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -23,13 +23,19 @@ from ppl_dyn.infer._run import (
     jit_model,
     mask_arg,
     pad_to_multiple,
-    posterior_with_mask,
     ragged_data,
     split_static,
     statistics_with_mask,
     validate_data,
 )
 from ppl_dyn.infer.mstep import LinearGaussianMStep
+from ppl_dyn.infer.protocols import (
+    e_step_call,
+    init_e_state,
+    init_m_state,
+    is_stateful,
+    m_step_call,
+)
 from ppl_dyn.requirements import is_builtin_model
 from ppl_dyn.state_space import bind, inspect_model
 
@@ -44,6 +50,8 @@ class EMState(NamedTuple):
     params: dict  # values of the free parameter sites
     iteration: int
     rng_key: jax.Array
+    e_state: Any = ()  # a stateful E-step's state (protocols.StatefulEStep); () otherwise
+    m_state: Any = ()  # a stateful M-step's state (protocols.StatefulMStep); () otherwise
 
 
 # Separates the iterations' keys from numpyro's prior draws with the same key (its seed
@@ -69,6 +77,8 @@ class EMResult(NamedTuple):
             remaining drift); None otherwise.
         log_priors: with a MAP M-step (``LinearGaussianMStep(map_estimate=True)``),
             ``log p(theta_k)`` per iteration; None for maximum likelihood.
+        params_history: with ``run(..., keep_params_history=True)``, free site ->
+            its values after each iteration ``(num_iters, ...)``; None otherwise.
 
     :attr:`objective` is what EM maximised: ``log_marginals + log_priors`` (the log
     posterior up to a constant) for MAP-EM, ``log_marginals`` otherwise.
@@ -82,6 +92,7 @@ class EMResult(NamedTuple):
     num_iters: int
     log_marginal_sd: Optional[float] = None
     log_priors: Optional[np.ndarray] = None
+    params_history: Optional[dict] = None
 
     @property
     def objective(self) -> np.ndarray:
@@ -126,6 +137,7 @@ class EM:
         self.model = model
         self.e_step = e_step
         self.m_step = LinearGaussianMStep() if m_step is None else m_step
+        self._method = "EM"  # the name in messages (PSAEM runs this driver too)
 
     # -- SVI-shaped API ----------------------------------------------------------------
     def init(
@@ -134,13 +146,16 @@ class EM:
         init_params: Union[dict, "EMResult", None] = None,
         *,
         lengths=None,
+        num_iters: Optional[int] = None,
         **kwargs,
     ) -> EMState:
         """Initial state: ``init_params`` where given, prior draws (from ``rng_key``) for
-        the remaining free sites. ``lengths`` and list-valued ``y``/``u`` as in
-        :meth:`run`."""
-        kwargs, _ = ragged_data(kwargs, lengths)
-        params, run_key, _ = initial_params(
+        the remaining free sites, and the first states of a stateful E-step or M-step
+        (:mod:`ppl_dyn.infer.protocols`). ``lengths`` and list-valued ``y``/``u`` as in
+        :meth:`run`; ``num_iters``: the run's length, for an M-step whose state depends
+        on it (a step-size schedule)."""
+        kwargs, time_mask = ragged_data(kwargs, lengths)
+        params, run_key, kwargs = initial_params(
             self.model,
             rng_key,
             init_params,
@@ -148,7 +163,8 @@ class EM:
             check=lambda info: check_m_step(self.m_step, info, model=self.model),
             split_key=False,
         )
-        return EMState(params=params, iteration=0, rng_key=run_key)
+        e_state, m_state = self._initial_states(params, kwargs, time_mask, num_iters)
+        return EMState(params, 0, run_key, e_state, m_state)
 
     def update(self, state: EMState, *, lengths=None, **kwargs):
         """One EM iteration: returns ``(new_state, log_marginal_of_old_params)``.
@@ -158,10 +174,16 @@ class EM:
         kwargs, time_mask = ragged_data(kwargs, lengths)
         step, dynamic = self._compiled(kwargs, time_mask=time_mask)
         it = np.int32(state.iteration)
-        new_params, ll, _, _, _ = step(
-            state.params, dynamic, state.rng_key, it, *mask_arg(time_mask)
+        new_params, ll, _, _, _, e_state, m_state = step(
+            state.params,
+            dynamic,
+            state.rng_key,
+            it,
+            *mask_arg(time_mask),
+            e_state=state.e_state,
+            m_state=state.m_state,
         )
-        return EMState(new_params, state.iteration + 1, state.rng_key), ll
+        return EMState(new_params, state.iteration + 1, state.rng_key, e_state, m_state), ll
 
     def run(
         self,
@@ -174,6 +196,7 @@ class EM:
         smoothing_window: Optional[int] = None,
         e_step_schedule: Optional[Callable[[int], object]] = None,
         progress_bar: bool = True,
+        keep_params_history: bool = False,
         lengths=None,
         mesh=None,
         sequence_axes=None,
@@ -200,6 +223,8 @@ class EM:
             e_step_schedule: ``iteration -> E-step`` (e.g. a growing particle count);
                 overrides ``e_step`` per iteration (each distinct E-step compiles once).
             progress_bar: show a tqdm progress bar.
+            keep_params_history: record the free sites' values after every iteration
+                (``EMResult.params_history``).
             lengths: sequences of different lengths, as padded ``y`` ``(S, T, dy)`` (and
                 ``u``) with ``lengths`` ``(S,)`` integers in ``[1, T]``. Alternatively
                 pass ``y`` (and ``u``) as lists of arrays ``(L_s, dim)``. The steps past
@@ -241,12 +266,19 @@ class EM:
         ahead = None
         if process_local and mesh is None:
             raise ValueError("process_local=True needs mesh= (a mesh over the processes)")
+        stateful = is_stateful(self.e_step) or is_stateful(self.m_step)
+        if mesh is not None and stateful:
+            raise ValueError(
+                f"mesh= is not supported with a stateful E-step or M-step "
+                f"({type(self.e_step).__name__}, {type(self.m_step).__name__}): their "
+                "states are not split over the devices yet; run without a mesh"
+            )
         if mesh is None:  # (with a mesh, the data are padded after init)
             step, dynamic = self._compiled(kwargs, time_mask=time_mask)
-            if init_params is not None and e_step_schedule is None:
+            if init_params is not None and e_step_schedule is None and not stateful:
                 ahead = compile_ahead(step, init_params, dynamic, rng_key, mask_arg(time_mask))
         try:
-            state = self.init(rng_key, init_params=init_params, **kwargs)
+            state = self.init(rng_key, init_params=init_params, num_iters=int(num_iters), **kwargs)
         except BaseException:
             # a compilation still running in its thread when the interpreter exits
             # aborts the process (XLA: "terminate called ...", exit 134): let it finish
@@ -276,46 +308,52 @@ class EM:
             params = state.params
         lls: list[float] = []
         lps: list[float] = []
+        history: list[dict] = []
         floor_counts: dict = {}
         converged = False
-        bar = tqdm(range(num_iters), disable=not progress_bar, desc="EM", leave=False)
+        method = self._method
+        bar = tqdm(range(num_iters), disable=not progress_bar, desc=method, leave=False)
         map_estimate = bool(getattr(self.m_step, "map_estimate", False))
         key = state.rng_key
+        e_state, m_state = state.e_state, state.m_state
 
-        def launch(it, params):
+        def launch(it, params, e_state, m_state):
             """Dispatch iteration ``it`` (asynchronous: returns before it has run)."""
             fn = step
             if e_step_schedule is not None:
                 fn, _ = self._compiled(kwargs, e_step_schedule(it), time_mask, pattern)
-            return fn(params, dynamic, key, np.int32(state.iteration + it), *extra)
+            it = np.int32(state.iteration + it)
+            return fn(params, dynamic, key, it, *extra, e_state=e_state, m_state=m_state)
 
-        pending = launch(0, params)
+        pending = launch(0, params, e_state, m_state)
         for it in bar:
-            new_params, ll, floors, finite, lp = pending
+            new_params, ll, floors, finite, lp, e_state, m_state = pending
             if it + 1 < num_iters:
                 # the next iteration is queued before this one's results are read, so the
                 # device never waits for the host's checks and dispatch (0.25 ms an
                 # iteration at dx=2, T=1000); it is dropped when the run stops here
                 # (convergence or an error): at most one iteration's work is wasted
-                pending = launch(it + 1, new_params)
+                pending = launch(it + 1, new_params, e_state, m_state)
             ll, floors, finite, lp = host_values((ll, floors, finite, lp))  # one transfer
             ll, lp = float(ll), float(lp)
             finite = {k: bool(v) for k, v in finite.items()}
             if not np.isfinite(ll):
                 raise FloatingPointError(
-                    f"EM iteration {it}: the log-marginal is {ll} at the parameters entering "
-                    "this iteration (the E-step diverged)"
+                    f"{method} iteration {it}: the log-marginal is {ll} at the parameters "
+                    "entering this iteration (the E-step diverged)"
                 )
             bad = [k for k, ok in finite.items() if not ok]
             if bad:
                 raise FloatingPointError(
-                    f"EM iteration {it}: the M-step produced non-finite values for {bad}"
+                    f"{method} iteration {it}: the M-step produced non-finite values for {bad}"
                 )
             for k, v in floors.items():
                 floor_counts[k] = floor_counts.get(k, 0) + int(v)
             lls.append(ll)
             lps.append(lp)
             params = new_params
+            if keep_params_history:
+                history.append(params)
             if progress_bar and (it % 10 == 0 or it == num_iters - 1):
                 bar.set_postfix(log_marginal=f"{ll:.4f}", refresh=False)
             objective = np.add(lls, lps) if map_estimate else lls
@@ -323,9 +361,9 @@ class EM:
                 converged = True
                 break
         bar.close()
-        warn_floors("EM", floor_counts)
+        warn_floors(method, floor_counts)
         params = host_values(params) if mesh is not None else params
-        final = EMState(params, state.iteration + len(lls), key)
+        final = EMState(params, state.iteration + len(lls), key, e_state, m_state)
         all_params = self._all_params(params, kwargs)
         return EMResult(
             params=all_params,
@@ -340,6 +378,11 @@ class EM:
                 else None
             ),
             log_priors=np.asarray(lps) if map_estimate else None,
+            params_history=(
+                {k: np.stack([np.asarray(h[k]) for h in history]) for k in params}
+                if keep_params_history
+                else None
+            ),
         )
 
     # -- internals ---------------------------------------------------------------------
@@ -355,6 +398,25 @@ class EM:
         else:
             fn = _cached_step(self.model, e_step, self.m_step, items, pattern)
         return fn, dynamic
+
+    def _initial_states(self, params, kwargs, time_mask=None, num_iters=None):
+        """``(e_state, m_state)``: the stateful plug-ins' first states (``()`` for a
+        stateless one). The M-step's ``init`` gets zeros shaped like its statistics
+        (found by an abstract run of the E-step: nothing is computed)."""
+        if not (is_stateful(self.e_step) or is_stateful(self.m_step)):
+            return (), ()
+        dynamic, static = split_static(kwargs)
+        pattern = data_pattern(dynamic.get("y"), time_mask)
+        e_init, stats_of = _make_init(
+            self.model, self.e_step, self.m_step, tuple(static.items()), pattern
+        )
+        e_state = e_init(params, dynamic)
+        if not is_stateful(self.m_step):
+            return e_state, ()
+        with assume_pattern(pattern):
+            shapes = jax.eval_shape(stats_of, params, e_state, dynamic, *mask_arg(time_mask))
+        zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+        return e_state, init_m_state(self.m_step, zeros, num_iters)
 
     def _all_params(self, params, kwargs):
         ss, _ = bind(self.model, params, **kwargs)
@@ -519,26 +581,49 @@ def _make_step(model, e_step, m_step, static_items, pattern=None):
     static = dict(static_items)
 
     @assume_pattern(pattern)  # traced knowing the data's NaN pattern (one path compiles)
-    def step(params, dynamic, rng_key, iteration, time_mask=None):
+    def step(params, dynamic, rng_key, iteration, time_mask=None, e_state=(), m_state=()):
         # time_mask (S, T), ragged lengths: a traced argument (new lengths, same shapes:
         # no recompilation); None compiles the step without it. rng_key: the run's key,
-        # iteration: traced int32 (see EMState)
+        # iteration: traced int32 (see EMState). e_state / m_state: the plug-ins' states
+        # (() for stateless ones: no leaves, nothing traced)
         kwargs = {**static, **dynamic}
         ss, spec = bind(model, params, **kwargs)
         k_e, k_m = iteration_keys(rng_key, iteration)
-        post = posterior_with_mask(e_step, k_e, ss, spec.y, spec.u, time_mask)
+        post, e_state = e_step_call(e_step, k_e, ss, spec.y, spec.u, e_state, time_mask)
         ll = jnp.sum(post.log_marginal)
         stats = statistics_with_mask(m_step, post, ss, spec.y, spec.u, time_mask)
-        new, floors = m_step.update(
-            stats, ss, frozenset(params), rng_key=k_m, model=model, model_kwargs=kwargs
-        )
+        new, floors, m_state = m_step_call(
+            m_step, stats, m_state, ss, frozenset(params), rng_key=k_m, model=model,
+            model_kwargs=kwargs,
+        )  # fmt: skip
         new_params = {k: new.get(k, v) for k, v in params.items()}
         finite = {k: jnp.all(jnp.isfinite(v)) for k, v in new_params.items()}
         # MAP-EM's prior term of the objective at the parameters entering this iteration
         lp = _log_prior(m_step, params, model, kwargs)
-        return new_params, ll, floors, finite, lp
+        return new_params, ll, floors, finite, lp, e_state, m_state
 
     return jit_model(step, e_step)
+
+
+def _make_init(model, e_step, m_step, static_items, pattern=None):
+    """``(e_init, stats_of)``: the E-step's first state ``(params, dynamic) -> state``
+    (compiled) and ``(params, e_state, dynamic[, time_mask]) -> stats`` (for the shapes
+    of the M-step's statistics, by ``jax.eval_shape``)."""
+    static = dict(static_items)
+
+    @assume_pattern(pattern)
+    def e_init(params, dynamic):
+        ss, spec = bind(model, params, **static, **dynamic)
+        return init_e_state(e_step, ss, spec.y, spec.u)
+
+    def stats_of(params, e_state, dynamic, time_mask=None):
+        kwargs = {**static, **dynamic}
+        ss, spec = bind(model, params, **kwargs)
+        key = jax.random.key(0)
+        post, _ = e_step_call(e_step, key, ss, spec.y, spec.u, e_state, time_mask)
+        return statistics_with_mask(m_step, post, ss, spec.y, spec.u, time_mask)
+
+    return jit_model(e_init), stats_of
 
 
 def _log_prior(m_step, params, model, kwargs):

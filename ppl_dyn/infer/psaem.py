@@ -19,30 +19,24 @@ keep fluctuating.
 
 from __future__ import annotations
 
-import functools
-from typing import Callable, NamedTuple, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
-from ppl_dyn.infer._pattern import assume_pattern, data_pattern
-from ppl_dyn.infer._run import (
-    check_mask_support,
-    hashable_items,
-    jit_model,
-    mask_arg,
-    ragged_data,
-    split_static,
-    statistics_with_mask,
-)
-from ppl_dyn.infer.cpf import conditional_particle_filter, path_posterior
-from ppl_dyn.infer.em import EMResult, check_m_step, initial_params, warn_floors
+from ppl_dyn.infer.cpf import CPFAS
+from ppl_dyn.infer.em import EM, EMResult
 from ppl_dyn.infer.mstep import GradientMStep, LinearGaussianMStep
-from ppl_dyn.state_space import bind
 
-__all__ = ["PSAEM", "PSAEMState", "PSAEMResult", "step_size_schedule"]
+__all__ = [
+    "PSAEM",
+    "PSAEMState",
+    "PSAEMResult",
+    "SAState",
+    "StochasticApproximation",
+    "step_size_schedule",
+]
 
 
 def step_size_schedule(burn_in: int = 20, alpha: float = 0.7, scale: float = 1.0) -> Callable:
@@ -97,6 +91,109 @@ def _step_sizes(step_size, num_iters: int) -> np.ndarray:
     return g
 
 
+class SAState(NamedTuple):
+    """What :class:`StochasticApproximation` carries between iterations.
+
+    Attributes:
+        average: the running average :math:`\\hat S_k` of the statistics.
+        count: iterations done ``k``.
+        step_sizes: :math:`\\gamma_1, \\ldots, \\gamma_K` ``(K,)`` (past ``K`` the
+            last one is used).
+    """
+
+    average: Any
+    count: jax.Array
+    step_sizes: jax.Array
+
+
+class StochasticApproximation:
+    r"""A stochastic-approximation M-step (:class:`~ppl_dyn.infer.protocols.StatefulMStep`):
+    :math:`\hat S_k = (1-\gamma_k)\hat S_{k-1} + \gamma_k S_k`, then the wrapped
+    closed-form M-step's map :math:`\theta_k = \Lambda(\hat S_k)`.
+
+    ``EM(model, CPFAS(N), StochasticApproximation(LinearGaussianMStep()))`` is PSAEM
+    (what :class:`PSAEM` runs); the same M-step averages the statistics of any other
+    stochastic E-step (e.g. a small-``N`` :class:`~ppl_dyn.infer.ParticleSmoother`).
+
+    Args:
+        m_step: a closed-form M-step whose statistics are additive (default
+            :class:`LinearGaussianMStep`).
+        step_size: as :class:`PSAEM`'s ``step_size`` (None: ``step_size_schedule(
+            burn_in=num_iters // 4)``; a constant; a callable ``k -> gamma_k``; or a
+            tuple of at least ``num_iters`` values). ``gamma_1`` is always 1.
+    """
+
+    def __init__(self, m_step=None, step_size=None):
+        m_step = LinearGaussianMStep() if m_step is None else m_step
+        if step_size is not None and not callable(step_size) and np.ndim(step_size) > 0:
+            step_size = tuple(float(g) for g in np.ravel(step_size))
+        self.m_step = m_step
+        self.step_size = step_size
+
+    # The compiled EM step depends on the wrapped M-step only (the step sizes travel in
+    # the state), so two schedules share one compilation: equality and hash say so.
+    def __eq__(self, other):
+        return type(other) is type(self) and other.m_step == self.m_step
+
+    def __hash__(self):
+        return hash((type(self), self.m_step))
+
+    def __repr__(self):
+        return f"StochasticApproximation({self.m_step!r}, step_size={self.step_size!r})"
+
+    @property
+    def map_estimate(self) -> bool:
+        return bool(getattr(self.m_step, "map_estimate", False))
+
+    def check(self, structure, free_names, method: str = "PSAEM") -> None:
+        if isinstance(self.m_step, GradientMStep):
+            raise ValueError(
+                f"m_step: {method} averages sufficient statistics, so it needs a "
+                "closed-form M-step (LinearGaussianMStep); GradientMStep has none"
+            )
+        self.m_step.check(structure, free_names, method)
+
+    def verify_model(self, info) -> None:
+        verify = getattr(self.m_step, "verify_model", None)
+        if verify is not None:
+            verify(info)
+
+    def log_prior(self, params, model, model_kwargs):
+        return self.m_step.log_prior(params, model, model_kwargs)
+
+    def statistics(self, posterior, ss, y, u, time_mask=None):
+        if time_mask is None:
+            return self.m_step.statistics(posterior, ss, y, u)
+        return self.m_step.statistics(posterior, ss, y, u, time_mask=time_mask)
+
+    def init(self, stats, num_iters: Optional[int] = None) -> SAState:
+        if num_iters is None:
+            if (
+                self.step_size is not None
+                and np.ndim(self.step_size) == 0
+                and not callable(self.step_size)
+            ):
+                num_iters = 1  # a constant step size needs no horizon
+            else:
+                raise ValueError(
+                    "StochasticApproximation needs the run's length (num_iters) to lay "
+                    "out its step sizes: pass num_iters= to EM.init"
+                )
+        leaves = jax.tree_util.tree_leaves(stats)
+        dtype = jnp.result_type(*leaves) if leaves else jnp.result_type(float)
+        gammas = jnp.asarray(_step_sizes(self.step_size, int(num_iters)), dtype)
+        return SAState(average=stats, count=jnp.asarray(0, jnp.int32), step_sizes=gammas)
+
+    def step(self, stats, state: SAState, ss, free, **kwargs):
+        last = state.step_sizes.shape[0] - 1
+        gamma = state.step_sizes[jnp.minimum(state.count, last)]
+        average = jax.tree_util.tree_map(
+            lambda a, b: (1.0 - gamma) * a + gamma * b, state.average, stats
+        )
+        new, floors = self.m_step.update(average, ss, free, **kwargs)
+        return new, floors, SAState(average, state.count + 1, state.step_sizes)
+
+
 class PSAEMState(NamedTuple):
     """What PSAEM carries between iterations.
 
@@ -106,7 +203,7 @@ class PSAEMState(NamedTuple):
             (:class:`~ppl_dyn.infer.LinearStats`).
         references: reference paths ``(S, T, dx)``, one per sequence.
         iteration: iterations done.
-        rng_key: key for the next iteration.
+        rng_key: the run's key (iteration ``k`` draws from it as :class:`EM` does).
     """
 
     params: dict
@@ -144,6 +241,10 @@ class PSAEMResult(NamedTuple):
 
 class PSAEM:
     """Particle SAEM with a conditional particle filter with ancestor sampling.
+
+    A thin entry point: ``PSAEM(model, N, step_size, m_step).run(...)`` runs
+    ``EM(model, CPFAS(N), StochasticApproximation(m_step, step_size))`` (the one EM
+    driver, :mod:`ppl_dyn.infer.protocols`) and reports the parameter history.
 
     Args:
         model: a model function declaring its dynamics with :func:`ppl_dyn.markov` and a
@@ -199,6 +300,17 @@ class PSAEM:
         self.m_step = m_step
         self.ancestor_sampling = bool(ancestor_sampling)
 
+    def em(self, num_iters: Optional[int] = None) -> EM:
+        """The :class:`EM` driver this runs (its E-step :class:`CPFAS`, its M-step
+        :class:`StochasticApproximation`). ``num_iters`` validates an array or list
+        ``step_size`` against the run's length."""
+        sa = StochasticApproximation(self.m_step, self.step_size)
+        if num_iters is not None:  # a bad schedule fails before any work
+            _step_sizes(sa.step_size, int(num_iters))
+        em = EM(self.model, CPFAS(self.num_particles, self.ancestor_sampling), sa)
+        em._method = "PSAEM"
+        return em
+
     def run(
         self,
         rng_key: jax.Array,
@@ -234,137 +346,26 @@ class PSAEM:
             or num_iters < 1
         ):
             raise ValueError(f"num_iters must be a positive int; got {num_iters!r}")
-        gammas = _step_sizes(self.step_size, int(num_iters))
-        kwargs, time_mask = ragged_data(kwargs, lengths)
-        check_mask_support(self.m_step, time_mask)
-        extra = mask_arg(time_mask)
         if isinstance(init_params, PSAEMResult):
             init_params = init_params.params
-        params, key, kwargs = initial_params(
-            self.model,
+        res = self.em(int(num_iters)).run(
             rng_key,
-            init_params,
-            kwargs,
-            check=lambda info: check_m_step(self.m_step, info, "PSAEM", self.model),
+            int(num_iters),
+            init_params=init_params,
+            progress_bar=progress_bar,
+            keep_params_history=True,
+            lengths=lengths,
+            **kwargs,
         )
-        step, shapes, dynamic = self._compiled(kwargs, time_mask)
-        stats_shape, ref_shape = shapes(params, dynamic)
-        stats = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), stats_shape)
-        refs = jnp.zeros(ref_shape.shape, ref_shape.dtype)
-        history: dict = {k: [] for k in params}
-        lls: list[float] = []
-        floor_counts: dict = {}
-        bar = tqdm(range(num_iters), disable=not progress_bar, desc="PSAEM", leave=False)
-        for it in bar:
-            key, sub = jax.random.split(key)
-            first = jnp.asarray(it == 0)
-            gamma = jnp.asarray(gammas[it], dtype=ref_shape.dtype)
-            new_params, stats, refs, ll, floors, finite = step(
-                params, stats, refs, first, gamma, dynamic, sub, *extra
-            )
-            bad = [k for k, ok in finite.items() if not bool(ok)]
-            if bad:
-                raise FloatingPointError(
-                    f"PSAEM iteration {it}: the M-step produced non-finite values for {bad}"
-                )
-            ll = float(ll)
-            if not np.isfinite(ll):
-                raise FloatingPointError(
-                    f"PSAEM iteration {it}: the particle filter's log-likelihood is {ll} at "
-                    "the parameters entering this iteration"
-                )
-            for k, v in floors.items():
-                floor_counts[k] = floor_counts.get(k, 0) + int(v)
-            params = new_params
-            for k, v in params.items():
-                history[k].append(np.asarray(v))
-            lls.append(ll)
-            if progress_bar and (it % 10 == 0 or it == num_iters - 1):
-                bar.set_postfix(log_lik=f"{ll:.4f}", refresh=False)
-        bar.close()
-        warn_floors("PSAEM", floor_counts)
-        ss, _ = bind(self.model, params, **kwargs)
+        st = res.state
         return PSAEMResult(
-            params=dict(ss.params),
-            state=PSAEMState(params, stats, refs, int(num_iters), key),
-            log_marginals=np.asarray(lls),
-            params_history={k: np.stack(v) for k, v in history.items()},
-            step_sizes=gammas,
-            floor_counts=floor_counts,
-            num_iters=int(num_iters),
+            params=res.params,
+            state=PSAEMState(
+                st.params, st.m_state.average, st.e_state.references, st.iteration, st.rng_key
+            ),
+            log_marginals=res.log_marginals,
+            params_history=res.params_history,
+            step_sizes=np.asarray(st.m_state.step_sizes),
+            floor_counts=res.floor_counts,
+            num_iters=res.num_iters,
         )
-
-    def _compiled(self, kwargs, time_mask=None):
-        dynamic, static = split_static(kwargs)
-        items = hashable_items(static)
-        pattern = data_pattern(dynamic.get("y"), time_mask)
-        args = (self.model, self.num_particles, self.ancestor_sampling, self.m_step)
-        if items is None:
-            step, shapes = _make_step(*args, tuple(static.items()), pattern)
-        else:
-            step, shapes = _cached_step(*args, items, pattern)
-        return step, shapes, dynamic
-
-
-def _make_step(model, num_particles, ancestor_sampling, m_step, static_items, pattern=None):
-    static = dict(static_items)
-
-    def sweep(params, refs, first, dynamic, rng_key, time_mask=None):
-        """CPF-AS on every sequence; the new statistics sum_i w_T^i s(x^i) (time_mask
-        (S, T), ragged lengths: each sweep stops at its end, later steps count 0)."""
-        kwargs = {**static, **dynamic}
-        ss, spec = bind(model, params, **kwargs)
-        feature = ss.structure.dynamics.features
-        keys = jax.random.split(rng_key, spec.y.shape[0])
-        masks = jnp.ones(spec.y.shape[:2], bool) if time_mask is None else time_mask
-
-        def one(key, y_s, u_s, ref, mask_s):
-            out = conditional_particle_filter(
-                key,
-                ss,
-                y_s,
-                u_s,
-                ref,
-                num_particles,
-                conditional=~first,
-                ancestor_sampling=ancestor_sampling,
-                time_mask=mask_s,
-            )
-            return out, path_posterior(out, feature)
-
-        outs, post = jax.vmap(one)(keys, spec.y, spec.u, refs, masks)
-        stats = statistics_with_mask(m_step, post, ss, spec.y, spec.u, time_mask)
-        return ss, stats, outs
-
-    def shapes(params, dynamic):
-        def f(params, dynamic):
-            kwargs = {**static, **dynamic}
-            _, spec = bind(model, params, **kwargs)
-            S, T = spec.y.shape[:2]
-            refs = jnp.zeros((S, T, spec.state_dim), spec.y.dtype)
-            _, stats, outs = sweep(params, refs, jnp.asarray(True), dynamic, jax.random.key(0))
-            return stats, outs.reference
-
-        with assume_pattern(pattern):
-            return jax.eval_shape(f, params, dynamic)
-
-    @assume_pattern(pattern)
-    def step(params, stats_prev, refs, first, gamma, dynamic, rng_key, time_mask=None):
-        # time_mask (S, T), ragged lengths: a traced argument; None compiles without it
-        ss, stats_new, outs = sweep(params, refs, first, dynamic, rng_key, time_mask)
-        stats = jax.tree_util.tree_map(
-            lambda a, b: (1.0 - gamma) * a + gamma * b, stats_prev, stats_new
-        )
-        kwargs = {**static, **dynamic}
-        new, floors = m_step.update(stats, ss, frozenset(params), model=model, model_kwargs=kwargs)
-        new_params = {k: new.get(k, v) for k, v in params.items()}
-        finite = {k: jnp.all(jnp.isfinite(v)) for k, v in new_params.items()}
-        ll = jnp.sum(outs.log_marginal)
-        return new_params, stats, outs.reference, ll, floors, finite
-
-    return jit_model(step), shapes
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_step(model, num_particles, ancestor_sampling, m_step, static_items, pattern=None):
-    return _make_step(model, num_particles, ancestor_sampling, m_step, static_items, pattern)
