@@ -212,8 +212,10 @@ def path_posterior(out: CPFOutput, feature):
     (``LinearGaussianMStep.statistics``; with the sweep's ``time_mask`` for ragged
     lengths) equal ``sum_i w_T^i s(x^i_{1:T})``: the PSAEM
     estimate (missing observations enter through their conditional moments given each
-    path, as in particle EM). ``feature`` maps states ``(N, dx)`` to the dynamics
-    features ``phi`` (for the pair moments ``sum_i w_T^i x_{t+1}^i phi(x_t^i)^T``).
+    path, as in particle EM). Its ``trajectories`` ``(1, T, dx)`` hold the new reference
+    path, one draw from the kernel (what a Gibbs M-step or
+    :class:`~ppl_dyn.infer.GradientMStep` takes). ``feature`` maps states ``(N, dx)``
+    to the dynamics features ``phi`` (for the pair moments ``sum_i w_T^i x_{t+1}^i phi(x_t^i)^T``).
     """
     from ppl_dyn.infer.particle import ParticlePosterior
 
@@ -229,7 +231,7 @@ def path_posterior(out: CPFOutput, feature):
         filter_log_weights=out.log_weights,
         smoothed_log_weights=log_v,
         pair_moments=pair,
-        trajectories=None,
+        trajectories=out.reference[None],  # the new reference: one draw of the path
         log_marginal=out.log_marginal,
         ess=1.0 / jnp.sum(jnp.exp(2.0 * out.log_weights), -1),
     )

@@ -197,6 +197,7 @@ class EM:
         e_step_schedule: Optional[Callable[[int], object]] = None,
         progress_bar: bool = True,
         keep_params_history: bool = False,
+        callback: Optional[Callable] = None,
         lengths=None,
         mesh=None,
         sequence_axes=None,
@@ -225,6 +226,10 @@ class EM:
             progress_bar: show a tqdm progress bar.
             keep_params_history: record the free sites' values after every iteration
                 (``EMResult.params_history``).
+            callback: ``callback(it, params, e_state, m_state)`` after each iteration
+                ``it`` (0-based in this run) has been checked, with its new parameters
+                and the plug-ins' states (device arrays), e.g. to keep the reference
+                paths of a :class:`~ppl_dyn.infer.CPFAS` E-step.
             lengths: sequences of different lengths, as padded ``y`` ``(S, T, dy)`` (and
                 ``u``) with ``lengths`` ``(S,)`` integers in ``[1, T]``. Alternatively
                 pass ``y`` (and ``u``) as lists of arrays ``(L_s, dim)``. The steps past
@@ -354,6 +359,8 @@ class EM:
             params = new_params
             if keep_params_history:
                 history.append(params)
+            if callback is not None:
+                callback(it, params, e_state, m_state)
             if progress_bar and (it % 10 == 0 or it == num_iters - 1):
                 bar.set_postfix(log_marginal=f"{ll:.4f}", refresh=False)
             objective = np.add(lls, lps) if map_estimate else lls

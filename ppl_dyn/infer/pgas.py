@@ -3,9 +3,11 @@ r"""Particle Gibbs with ancestor sampling (PGAS) for models linear in their para
 One Gibbs sweep (``docs/psaem.md``):
 
 1. states: ``x_{1:T} ~ CPF-AS(theta, x'_{1:T})`` (:mod:`ppl_dyn.infer.cpf`), a kernel that
-   leaves ``p(x_{1:T} | y, theta)`` invariant for any ``N >= 2``; missing observation
-   entries are then drawn from ``p(y_mis | y_obs, x, theta)`` (data augmentation);
-2. parameters: each regression ``z = W r + e``, ``e ~ N(0, Sigma)`` of the model's
+   leaves ``p(x_{1:T} | y, theta)`` invariant for any ``N >= 2``: the
+   :class:`~ppl_dyn.infer.CPFAS` E-step;
+2. parameters (:class:`GibbsMStep`): missing observation entries are drawn from
+   ``p(y_mis | y_obs, x, theta)`` (data augmentation), then each regression
+   ``z = W r + e``, ``e ~ N(0, Sigma)`` of the model's
    :class:`~ppl_dyn.LinearStructure` (dynamics ``x_t`` on ``[phi(x_{t-1}); u_t; 1]``,
    emission ``y_t`` on ``[psi(x_t); u_t; 1]``, initial state ``x_1`` on ``[1]``) is drawn
    from its conjugate matrix-normal-inverse-Wishart conditional given the states.
@@ -18,25 +20,23 @@ starting values.
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
-from tqdm.auto import tqdm
 
 from ppl_dyn._validation import check_rng_key
 from ppl_dyn.infer import _linalg as la
-from ppl_dyn.infer._run import hashable_items, jit_model, mask_arg, ragged_data, split_static
-from ppl_dyn.infer.cpf import conditional_particle_filter
-from ppl_dyn.infer.em import EMResult, initial_params
+from ppl_dyn.infer._run import ragged_data, validate_data
+from ppl_dyn.infer.cpf import CPFAS
+from ppl_dyn.infer.em import EM, EMResult
 from ppl_dyn.infer.mstep import regression_blocks, structure_sites
 from ppl_dyn.infer.stats import keep
-from ppl_dyn.state_space import bind, mask_covariance
+from ppl_dyn.state_space import mask_covariance
 
-__all__ = ["MNIWPrior", "PGAS", "PGASResult"]
+__all__ = ["GibbsMStep", "MNIWPrior", "PGAS", "PGASResult", "PathDraws"]
 
 _ROLES = ("dynamics", "emission", "init")
 
@@ -260,8 +260,136 @@ def _check_structure(st, free, priors) -> None:
             raise ValueError(f"priors[{role!r}] must be an MNIWPrior; got {type(p).__name__}")
 
 
+class PathDraws(NamedTuple):
+    """What :class:`GibbsMStep` asks of the posterior: one drawn path per sequence.
+
+    Attributes:
+        paths: ``(S, T, dx)``.
+        y: the observations ``(S, T, dy)`` (NaN = missing).
+        u: the inputs ``(S, T, du)``.
+        valid: ``(S, T)``, False past each sequence's end (ragged lengths).
+    """
+
+    paths: jax.Array
+    y: jax.Array
+    u: jax.Array
+    valid: jax.Array
+
+
+class GibbsMStep:
+    """A Gibbs M-step: new parameters drawn from their conjugate matrix-normal-
+    inverse-Wishart conditionals given one path per sequence (the posterior's
+    ``trajectories``, e.g. :class:`~ppl_dyn.infer.CPFAS`'s new reference), after the
+    missing observations are drawn given the path.
+
+    ``EM(model, CPFAS(N), GibbsMStep(priors)).run(..., keep_params_history=True)`` is one
+    PGAS chain; :class:`PGAS` runs that for several chains and keeps the draws.
+
+    Args:
+        priors: ``{"dynamics": MNIWPrior(...), "emission": ..., "init": ...}``; missing
+            roles use ``MNIWPrior()``.
+    """
+
+    def __init__(self, priors: Optional[dict] = None):
+        if priors is not None and not isinstance(priors, dict):
+            raise ValueError(f"priors must be a dict of MNIWPrior; got {type(priors).__name__}")
+        priors = dict(priors or {})
+        bad = set(priors) - set(_ROLES)
+        if bad:
+            raise ValueError(f"priors: unknown roles {sorted(bad)}; expected some of {_ROLES}")
+        for role, p in priors.items():
+            if not isinstance(p, MNIWPrior):
+                raise ValueError(f"priors[{role!r}] must be an MNIWPrior; got {type(p).__name__}")
+        self.priors = tuple((role, priors.get(role, MNIWPrior())) for role in _ROLES)
+
+    # equal by value where the priors are hashable (one compilation for equal priors),
+    # by identity otherwise (array-valued priors)
+    def __eq__(self, other):
+        if type(other) is not type(self):
+            return False
+        try:
+            return hash(self.priors) == hash(other.priors) and self.priors == other.priors
+        except (TypeError, ValueError):
+            return other is self
+
+    def __hash__(self):
+        try:
+            return hash((type(self), self.priors))
+        except TypeError:
+            return id(self)
+
+    def __repr__(self):
+        return f"GibbsMStep(priors={dict(self.priors)!r})"
+
+    def check(self, structure, free_names, method: str = "PGAS") -> None:
+        _check_structure(structure, free_names, dict(self.priors))
+
+    def statistics(self, posterior, ss, y, u, time_mask=None) -> PathDraws:
+        traj = getattr(posterior, "trajectories", None)
+        if traj is None:
+            raise ValueError(
+                "GibbsMStep needs one drawn path per sequence (the posterior's "
+                f"trajectories); {type(posterior).__name__} has none: use the CPFAS E-step"
+            )
+        valid = jnp.ones(y.shape[:2], bool) if time_mask is None else time_mask
+        return PathDraws(traj[:, 0], y, u, valid)
+
+    def update(self, stats: PathDraws, ss, free, *, rng_key=None, **unused):
+        if rng_key is None:
+            raise ValueError("GibbsMStep.update draws the parameters: it needs rng_key")
+        k_y, k_th = jax.random.split(rng_key)
+        S = stats.paths.shape[0]
+        Y = jax.vmap(lambda k, x, y_s, u_s: _impute(k, ss, x, y_s, u_s))(
+            jax.random.split(k_y, S), stats.paths, stats.y, stats.u
+        )
+        per_seq = jax.vmap(lambda x, y_s, u_s, m: _path_stats(ss, x, y_s, u_s, m))(
+            stats.paths, Y, stats.u, stats.valid
+        )
+        summed = jax.tree_util.tree_map(lambda a: jnp.sum(a, 0), per_seq)
+        return _draw_params(k_th, ss, summed, frozenset(free), dict(self.priors)), {}
+
+
+def _draw_params(key, ss, stats, free, priors) -> dict:
+    """The free sites of every regression role drawn from their MNIW conditionals."""
+    st = ss.structure
+    new = {}
+    keys = jax.random.split(key, len(_ROLES))
+    for kr, role in zip(keys, _ROLES, strict=True):
+        S_zr, S_rr, S_zz, n = stats[role]
+        dz, p = S_zr.shape
+        du = ss.input_dim
+        blocks, noise = _role_layout(st, role, p - du - 1, du)
+        cols = [(name, np.arange(s.start, s.stop), vec) for name, s, vec in blocks]
+        free_b = [c for c in cols if c[0] in free]
+        fixed_b = [c for c in cols if c[0] not in free]
+        noise_free = noise in free
+        if not free_b and not noise_free:
+            continue
+        f = np.concatenate([c[1] for c in free_b]) if free_b else np.zeros(0, int)
+        x = np.concatenate([c[1] for c in fixed_b]) if fixed_b else np.zeros(0, int)
+        Wx = None
+        if fixed_b:
+            fixed = [jnp.reshape(ss.params[name], (dz, -1)) for name, _, _ in fixed_b]
+            Wx = jnp.concatenate(fixed, 1).astype(S_zz.dtype)
+        prior = _resolve(priors[role], role, dz, S_zz.dtype)
+        Sigma = None if noise_free else jnp.asarray(ss.params[noise], S_zz.dtype)
+        W, Sigma = draw_regression(kr, S_zr, S_rr, S_zz, n, Wx, f, x, Sigma, prior)
+        if noise_free:
+            new[noise] = Sigma
+        start = 0
+        for name, c, vec in free_b:
+            blk = W[:, start : start + c.size]
+            start += c.size
+            new[name] = blk[:, 0] if vec else blk
+    return {k: v.astype(jnp.result_type(ss.params[k])) for k, v in new.items()}
+
+
 class PGAS:
     """Particle Gibbs with ancestor sampling under conjugate MNIW priors.
+
+    A thin entry point over the one EM driver: each chain is
+    ``EM(model, CPFAS(num_particles), GibbsMStep(priors))`` run for ``num_warmup +
+    num_samples * thinning`` sweeps with its parameter history kept.
 
     Args:
         model: a model with a :class:`~ppl_dyn.LinearStructure` and full covariance
@@ -289,11 +417,16 @@ class PGAS:
             or num_particles < 2
         ):
             raise ValueError(f"num_particles must be an int >= 2; got {num_particles!r}")
-        if priors is not None and not isinstance(priors, dict):
-            raise ValueError(f"priors must be a dict of MNIWPrior; got {type(priors).__name__}")
         self.model = model
         self.num_particles = int(num_particles)
-        self.priors = dict(priors or {})
+        self.m_step = GibbsMStep(priors)
+        self.priors = dict(self.m_step.priors)
+
+    def em(self) -> EM:
+        """The :class:`EM` driver one chain runs."""
+        em = EM(self.model, CPFAS(self.num_particles), self.m_step)
+        em._method = "PGAS"
+        return em
 
     def run(
         self,
@@ -309,15 +442,16 @@ class PGAS:
         lengths=None,
         **kwargs,
     ) -> PGASResult:
-        """Run ``num_chains`` chains (vectorised) of ``num_warmup + num_samples *
-        thinning`` Gibbs sweeps and keep every ``thinning``-th draw after the warm-up.
+        """Run ``num_chains`` chains of ``num_warmup + num_samples * thinning`` Gibbs
+        sweeps and keep every ``thinning``-th draw after the warm-up.
 
         Args:
             rng_key: PRNG key.
             num_samples: draws kept per chain.
             num_warmup: sweeps discarded first.
             num_chains: independent chains (each starts from its own prior draw of the
-                sites missing from ``init_params``).
+                sites missing from ``init_params``; one after the other, sharing one
+                compilation).
             thinning: keep every ``thinning``-th sweep.
             init_params: starting values (dict or ``EMResult``).
             keep_states: also return the sampled state paths.
@@ -341,81 +475,46 @@ class PGAS:
         ):
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}; got {v!r}")
-        kwargs, time_mask = ragged_data(kwargs, lengths)
-        extra = mask_arg(time_mask)
-        k_init, k_run = jax.random.split(rng_key)
-        starts = []
-        structure = {}
-
-        def check(info):
-            structure["st"] = info.spec.structure
-            _check_structure(info.spec.structure, info.free, self.priors)
-
-        for key in jax.random.split(k_init, int(num_chains)):
-            params, _, data = initial_params(self.model, key, init_params, kwargs, check=check)
-            starts.append(params)
-        params = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *starts)
-        priors = tuple((role, self.priors.get(role, MNIWPrior())) for role in _ROLES)
-        sweep, dynamic = self._compiled(data, priors)
-        refs = None
+        data = validate_data(ragged_data(dict(kwargs), lengths)[0])
         total = int(num_warmup) + int(num_samples) * int(thinning)
-        keep_p, keep_x, keep_ll = [], [], []
-        keys = jax.random.split(k_run, total)
-        bar = tqdm(range(total), disable=not progress_bar, desc="PGAS", leave=False)
-        for it in bar:
-            first = refs is None
-            if first:
-                refs = sweep.reference_shape(params, dynamic)
-            params, refs, ll, finite = sweep.step(
-                params,
-                refs,
-                jnp.asarray(first),
-                dynamic,
-                jax.random.split(keys[it], num_chains),
-                *extra,
+        kept = int(num_warmup) + int(thinning) * np.arange(1, int(num_samples) + 1) - 1
+        em = self.em()
+        samples, states, lls = [], [], []
+        for key in jax.random.split(rng_key, int(num_chains)):
+            refs: list = []
+
+            def record(it, params, e_state, m_state, refs=refs):
+                done = it + 1 - int(num_warmup)
+                if keep_states and done > 0 and done % int(thinning) == 0:
+                    refs.append(e_state.references)
+
+            res = em.run(
+                key,
+                total,
+                init_params=init_params,
+                progress_bar=progress_bar,
+                keep_params_history=True,
+                callback=record,
+                lengths=lengths,
+                **kwargs,
             )
-            bad = [k for k, ok in finite.items() if not bool(jnp.all(ok))]
-            if bad:
-                raise FloatingPointError(f"PGAS sweep {it}: non-finite draws of {bad}")
-            done = it + 1 - int(num_warmup)
-            if done > 0 and done % int(thinning) == 0:
-                keep_p.append(jax.tree_util.tree_map(np.asarray, params))
-                keep_ll.append(np.asarray(ll))
-                if keep_states:
-                    keep_x.append(np.asarray(refs))
-        bar.close()
-        samples = {k: np.stack([p[k] for p in keep_p], 1) for k in keep_p[0]}
-        states = None
+            samples.append({k: v[kept] for k, v in res.params_history.items()})
+            lls.append(res.log_marginals[kept])
+            if keep_states:
+                states.append(np.stack([np.asarray(r) for r in refs]))
+        out_states = None
         if keep_states:
-            states = np.stack(keep_x, 1)  # (chains, draws, S, T, dx)
-            if not _batched(self.model, data):
-                states = states[:, :, 0]
+            out_states = np.stack(states)  # (chains, draws, S, T, dx)
+            if np.ndim(data.get("y")) != 3:
+                out_states = out_states[:, :, 0]
         return PGASResult(
-            samples=samples,
-            states=states,
-            log_marginals=np.stack(keep_ll, 1),
+            samples={k: np.stack([s[k] for s in samples]) for k in samples[0]},
+            states=out_states,
+            log_marginals=np.stack(lls),
             model=self.model,
             model_kwargs=data,
-            priors=dict(priors),
+            priors=dict(self.m_step.priors),
         )
-
-    def _compiled(self, kwargs, priors):
-        dynamic, static = split_static(kwargs)
-        items = hashable_items(static)
-        args = (self.model, self.num_particles)
-        if items is None:
-            return _make_sweep(*args, tuple(static.items()), priors), dynamic
-        try:
-            hash(priors)
-        except TypeError:  # array-valued priors: no cache
-            return _make_sweep(*args, items, priors), dynamic
-        return _cached_sweep(*args, items, priors), dynamic
-
-
-def _batched(model, data) -> bool:
-    del model
-    y = data.get("y")
-    return y is not None and np.ndim(y) == 3
 
 
 def _resolve(prior: MNIWPrior, role: str, dz: int, dtype) -> _Resolved:
@@ -425,113 +524,3 @@ def _resolve(prior: MNIWPrior, role: str, dz: int, dtype) -> _Resolved:
     default = 1.0 if role == "init" else 0.1
     scale = _as_matrix(default if prior.scale is None else prior.scale, dz, dtype)
     return _Resolved(prior.mean, prior.col_precision, df, scale)
-
-
-class _Sweep(NamedTuple):
-    step: Callable
-    reference_shape: Callable
-
-
-def _make_sweep(model, num_particles, static_items, priors):
-    static = dict(static_items)
-    priors = dict(priors)
-
-    def update_params(key, ss, params, stats, free):
-        st = ss.structure
-        new = {}
-        keys = jax.random.split(key, len(_ROLES))
-        for kr, role in zip(keys, _ROLES, strict=True):
-            S_zr, S_rr, S_zz, n = stats[role]
-            dz, p = S_zr.shape
-            du = ss.input_dim
-            blocks, noise = _role_layout(st, role, p - du - 1, du)
-            cols = [(name, np.arange(s.start, s.stop), vec) for name, s, vec in blocks]
-            free_b = [c for c in cols if c[0] in free]
-            fixed_b = [c for c in cols if c[0] not in free]
-            noise_free = noise in free
-            if not free_b and not noise_free:
-                continue
-            f = np.concatenate([c[1] for c in free_b]) if free_b else np.zeros(0, int)
-            x = np.concatenate([c[1] for c in fixed_b]) if fixed_b else np.zeros(0, int)
-            Wx = None
-            if fixed_b:
-                Wx = jnp.concatenate(
-                    [
-                        jnp.reshape(ss.params[name], (dz, -1)).astype(S_zz.dtype)
-                        for name, _, _ in fixed_b
-                    ],
-                    1,
-                )
-            prior = _resolve(priors[role], role, dz, S_zz.dtype)
-            Sigma = None if noise_free else jnp.asarray(ss.params[noise], S_zz.dtype)
-            W, Sigma = draw_regression(kr, S_zr, S_rr, S_zz, n, Wx, f, x, Sigma, prior)
-            if noise_free:
-                new[noise] = Sigma
-            start = 0
-            for name, c, vec in free_b:
-                blk = W[:, start : start + c.size]
-                start += c.size
-                new[name] = blk[:, 0] if vec else blk
-        return {k: new.get(k, v).astype(jnp.result_type(v)) for k, v in params.items()}
-
-    def one_chain(params, refs, first, dynamic, key, time_mask=None):
-        kwargs = {**static, **dynamic}
-        ss, spec = bind(model, params, **kwargs)
-        S = spec.y.shape[0]
-        k_x, k_y, k_th = jax.random.split(key, 3)
-        masks = jnp.ones(spec.y.shape[:2], bool) if time_mask is None else time_mask
-
-        def states(k, y_s, u_s, ref, mask_s):
-            out = conditional_particle_filter(
-                k, ss, y_s, u_s, ref, num_particles, conditional=~first, time_mask=mask_s
-            )
-            return out.reference, out.log_marginal
-
-        X, ll = jax.vmap(states)(jax.random.split(k_x, S), spec.y, spec.u, refs, masks)
-        Y = jax.vmap(lambda k, x, y_s, u_s: _impute(k, ss, x, y_s, u_s))(
-            jax.random.split(k_y, S), X, spec.y, spec.u
-        )
-        per_seq = jax.vmap(lambda x, y_s, u_s, m: _path_stats(ss, x, y_s, u_s, m))(
-            X, Y, spec.u, masks
-        )
-        stats = jax.tree_util.tree_map(lambda a: jnp.sum(a, 0), per_seq)
-        new = update_params(k_th, ss, params, stats, frozenset(params))
-        finite = {k: jnp.all(jnp.isfinite(v)) for k, v in new.items()}
-        return new, X, jnp.sum(ll), finite
-
-    @jit_model
-    def step(params, refs, first, dynamic, keys, time_mask=None):
-        # time_mask (S, T), ragged lengths: shared by the chains
-        return jax.vmap(one_chain, in_axes=(0, 0, None, None, 0, None))(
-            params, refs, first, dynamic, keys, time_mask
-        )
-
-    def reference_shape(params, dynamic):
-        def f(p):
-            _, spec = bind(model, p, **static, **dynamic)
-            return spec.y
-
-        one = jax.tree_util.tree_map(lambda a: a[0], params)
-        y = jax.eval_shape(f, one)
-        C = next(iter(params.values())).shape[0]
-        dx = _state_dim(model, one, static, dynamic)
-        return jnp.zeros((C,) + tuple(y.shape[:2]) + (dx,), y.dtype)
-
-    return _Sweep(step, reference_shape)
-
-
-def _state_dim(model, params, static, dynamic) -> int:
-    box = {}
-
-    def f(p):
-        ss, _ = bind(model, p, **static, **dynamic)
-        box["dx"] = ss.state_dim
-        return 0
-
-    jax.eval_shape(f, params)
-    return int(box["dx"])
-
-
-@functools.lru_cache(maxsize=32)
-def _cached_sweep(model, num_particles, static_items, priors):
-    return _make_sweep(model, num_particles, static_items, priors)
