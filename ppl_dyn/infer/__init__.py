@@ -9,7 +9,7 @@ from ppl_dyn.infer.nested import NestedFit, factor_analysis_init, fit_nested
 from ppl_dyn.infer.online import OnlineEM, OnlineEMMonitor, OnlineEMResult
 from ppl_dyn.infer.paris import PARISPosterior, PARISSmoother
 from ppl_dyn.infer.particle import ParticlePosterior, ParticleSmoother
-from ppl_dyn.infer.pgas import PGAS, MNIWPrior, PGASResult
+from ppl_dyn.infer.pgas import PGAS, GibbsMStep, MNIWPrior, PathDraws, PGASResult
 from ppl_dyn.infer.protocols import EStep, MStep, StatefulEStep, StatefulMStep
 from ppl_dyn.infer.psaem import (
     PSAEM,
@@ -60,6 +60,8 @@ __all__ = [
     "PGAS",
     "PGASResult",
     "MNIWPrior",
+    "GibbsMStep",
+    "PathDraws",
     "LinearStats",
     "RegressionStats",
     "InitStats",

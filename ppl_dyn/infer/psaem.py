@@ -166,6 +166,11 @@ class StochasticApproximation:
             return self.m_step.statistics(posterior, ss, y, u)
         return self.m_step.statistics(posterior, ss, y, u, time_mask=time_mask)
 
+    def update(self, stats, ss, free, **kwargs):
+        """The wrapped M-step's map (no averaging): what :meth:`step` applies to the
+        running average."""
+        return self.m_step.update(stats, ss, free, **kwargs)
+
     def init(self, stats, num_iters: Optional[int] = None) -> SAState:
         if num_iters is None:
             if (
@@ -190,7 +195,7 @@ class StochasticApproximation:
         average = jax.tree_util.tree_map(
             lambda a, b: (1.0 - gamma) * a + gamma * b, state.average, stats
         )
-        new, floors = self.m_step.update(average, ss, free, **kwargs)
+        new, floors = self.update(average, ss, free, **kwargs)
         return new, floors, SAState(average, state.count + 1, state.step_sizes)
 
 
