@@ -42,6 +42,7 @@ _ATTRIBUTES = {
     "StateSpace": "ppl_dyn.state_space",
     "LinearStructure": "ppl_dyn.state_space",
     "Regression": "ppl_dyn.state_space",
+    "Features": "ppl_dyn.features",
     "keep_freed_memory": "ppl_dyn._malloc",
 }
 
@@ -67,6 +68,7 @@ __all__ = [
     "StateSpace",
     "LinearStructure",
     "Regression",
+    "Features",
     "keep_freed_memory",
     "__version__",
 ]
@@ -106,6 +108,7 @@ if TYPE_CHECKING:  # what static tools (and readers) see
     from ppl_dyn import handlers, infer, mcmc, models  # noqa: F401
     from ppl_dyn.arviz_io import to_inference_data  # noqa: F401
     from ppl_dyn.backtest import Backtest, backtest  # noqa: F401
+    from ppl_dyn.features import Features  # noqa: F401
     from ppl_dyn.infer._run import pad_sequences  # noqa: F401
     from ppl_dyn.predict import Prediction, predict, prediction_rmse  # noqa: F401
     from ppl_dyn.predictive import PredictiveBands, forecast, posterior_predictive  # noqa: F401

@@ -294,7 +294,7 @@ def _role_dims(spec) -> dict:
         (st.dynamics, "state", "state_col"),
         (st.emission, "obs_dim", "obs_dim_col"),
     ):
-        feature = "state" if reg.feature in ("linear", "tanh") else f"{reg.weight}_feature"
+        feature = "state" if reg.feature_map.elementwise else f"{reg.weight}_feature"
         if reg is st.dynamics and feature == "state":
             feature = "state_col"
         roles[reg.weight] = [row, feature]

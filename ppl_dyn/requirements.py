@@ -537,6 +537,8 @@ def verify_structure(info, num_points: int = 4) -> None:
     dtype = jnp.result_type(float)
     rng = np.random.default_rng(0)
     dx, du = spec.state_dim, spec.u.shape[-1]
+    for reg in (st.dynamics, st.emission):  # the feature maps' own declarations
+        reg.feature_map.check(dx, dtype)
     x = rng.normal(size=(num_points, dx)).astype(dtype)
     u = rng.normal(size=(num_points, du)).astype(dtype)
     xa = jax.ShapeDtypeStruct((dx,), dtype)
@@ -581,7 +583,7 @@ def verify_structure(info, num_points: int = 4) -> None:
                 if reg is None:
                     declared = f"N({st.init_mean}, {st.init_cov})"
                 else:
-                    parts = [f"{reg.weight} {reg.feature}(x)"]
+                    parts = [f"{reg.weight} {reg.feature_map.name}(x)"]
                     parts += [f"{reg.input_weight} u"] if reg.input_weight else []
                     parts += [reg.bias] if reg.bias else []
                     declared = " + ".join(parts) + f", noise {reg.noise}"

@@ -23,7 +23,7 @@ When the model runs outside :func:`bind` (under NUTS, ``Predictive`` or
 from __future__ import annotations
 
 import copy
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,7 @@ from numpyro.primitives import Messenger, apply_stack
 
 from ppl_dyn._prior_draw import generator_from_key, numpy_draw
 from ppl_dyn._validation import check_observations, device_array, is_concrete
-from ppl_dyn.features import FEATURES
+from ppl_dyn.features import Features, features_named
 from ppl_dyn.requirements import (
     abstract_distribution,
     gaussian_form,
@@ -72,24 +72,28 @@ class Regression(NamedTuple):
 
     ``z ~ N(W phi(x) + V u + c, Sigma)`` where the names below are the *site names*
     of ``W`` (``weight``), ``V`` (``input_weight``), ``c`` (``bias``) and ``Sigma``
-    (``noise``). ``feature`` names ``phi``: ``"linear"`` (identity) or ``"tanh"``.
-    ``diagonal_noise`` says that the noise site holds a vector of variances.
+    (``noise``). ``feature`` is ``phi``: a :class:`~ppl_dyn.Features` value (a user's own
+    map) or a built-in's name, ``"linear"`` (identity), ``"tanh"`` or ``"rbf"`` (with
+    ``feature_args=(centres, widths)``). ``diagonal_noise`` says that the noise site holds
+    a vector of variances.
     """
 
     weight: str
     noise: str
-    feature: str = "linear"
+    feature: Union[str, Features] = "linear"
     input_weight: Optional[str] = None
     bias: Optional[str] = None
     diagonal_noise: bool = False
     feature_args: tuple = ()  # e.g. (centres, widths) for "rbf"
 
+    @property
+    def feature_map(self) -> Features:
+        """``phi`` as a :class:`~ppl_dyn.Features` value."""
+        return features_named(self.feature, self.feature_args)
+
     def features(self, x: jax.Array) -> jax.Array:
         """The regressor features ``phi(x)`` for states ``x`` ``(..., dx)``."""
-        fn = FEATURES.get(self.feature)
-        if fn is None:
-            raise ValueError(f"unknown feature {self.feature!r}; known: {sorted(FEATURES)}")
-        return fn(x, *self.feature_args)
+        return self.feature_map(x)
 
 
 class LinearStructure(NamedTuple):

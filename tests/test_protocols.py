@@ -16,11 +16,14 @@ from ppl_dyn.infer import (
     CPFAS,
     EM,
     PSAEM,
+    BackwardKernel,
     EStep,
     GibbsMStep,
     KalmanSmoother,
     LinearGaussianMStep,
     MStep,
+    OnlineEM,
+    PARISSmoother,
     ParticleSmoother,
     StatefulEStep,
     StatefulMStep,
@@ -32,6 +35,7 @@ from ppl_dyn.models import lds
 
 Y = np.asarray(ppl_dyn.simulate(jax.random.key(0), lds, num_steps=40, state_dim=1, obs_dim=2)["y"])
 KW = dict(y=Y, state_dim=1)
+PARAMS = EM(lds, KalmanSmoother()).run(jax.random.key(9), 3, progress_bar=False, **KW).params
 
 
 def test_plugins_satisfy_their_protocols():
@@ -134,3 +138,46 @@ def test_cpfas_path_feeds_the_gradient_m_step():
     assert np.all(np.isfinite(res.log_marginals))
     assert all(np.all(np.isfinite(np.asarray(v))) for v in res.params.values())
     assert jnp.asarray(res.params["A"]).shape == (1, 1)
+
+
+# --------------------------------------------------------------------------------------
+# one BackwardKernel value for FFBSi, PaRIS and online EM
+# --------------------------------------------------------------------------------------
+
+
+def _trees_equal(a, b):
+    for x, z in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(z))
+
+
+@pytest.mark.parametrize(
+    "kernel, spelled",
+    [
+        (BackwardKernel("mcmc", num_mcmc_steps=3), dict(mode="ffbsi-mcmc", num_mcmc_steps=3)),
+        (BackwardKernel("hybrid", max_trials=4), dict(mode="ffbsi-hybrid", max_trials=4)),
+    ],
+)
+def test_one_kernel_value_spells_the_backward_modes(kernel, spelled):
+    ss, spec = ppl_dyn.bind(lds, PARAMS, **KW)
+    key = jax.random.key(6)
+    a = ParticleSmoother(64, mode="ffbsi", kernel=kernel, num_trajectories=16)
+    b = ParticleSmoother(64, num_trajectories=16, **spelled)
+    _trees_equal(a.posterior(key, ss, spec.y, spec.u), b.posterior(key, ss, spec.y, spec.u))
+    p = PARISSmoother(64, kernel=kernel._replace(num_backward=3))
+    q = PARISSmoother(64, num_backward=3, kernel=kernel.name, **{
+        k: v for k, v in spelled.items() if k != "mode"})  # fmt: skip
+    _trees_equal(p.posterior(key, ss, spec.y, spec.u), q.posterior(key, ss, spec.y, spec.u))
+
+
+def test_kernel_value_refusals():
+    ss, spec = ppl_dyn.bind(lds, PARAMS, **KW)
+    with pytest.raises(ValueError, match="use mode='ffbsi'"):
+        ParticleSmoother(16, mode="ffbsm", kernel=BackwardKernel()).posterior(
+            jax.random.key(0), ss, spec.y, spec.u
+        )
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        PARISSmoother(16, kernel=BackwardKernel("exact")).posterior(
+            jax.random.key(0), ss, spec.y, spec.u
+        )
+    with pytest.raises(ValueError, match="num_mcmc_steps"):
+        OnlineEM(lds, kernel=BackwardKernel("mcmc", num_mcmc_steps=0))

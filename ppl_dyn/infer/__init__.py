@@ -1,5 +1,6 @@
 """Inference plug-ins: E-steps, M-steps and the EM driver."""
 
+from ppl_dyn.infer.backward import BackwardKernel
 from ppl_dyn.infer.cpf import CPFAS, CPFState
 from ppl_dyn.infer.eks import ExtendedKalmanSmoother
 from ppl_dyn.infer.em import EM, EMResult, EMState, fit_em
@@ -39,6 +40,7 @@ __all__ = [
     "LinearGaussianMStep",
     "GradientMStep",
     "ParticleSmoother",
+    "BackwardKernel",
     "ParticlePosterior",
     "PARISSmoother",
     "PARISPosterior",

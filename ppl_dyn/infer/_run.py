@@ -431,7 +431,7 @@ def adapt_params(model, given: dict, kwargs) -> dict:
         reg = next((r for r in regs if r.weight == name), None)
         if (
             reg is not None
-            and reg.feature == "rbf"
+            and reg.feature_map.state_columns == "last"
             and value.ndim == 2
             and len(want) == 2
             and value.shape[0] == want[0]

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ppl_dyn.infer import _linalg as la
 from ppl_dyn.requirements import additive_gaussian
@@ -57,6 +58,41 @@ __all__ = [
 ]
 
 DEFAULT_MAX_TRIALS = 10
+
+
+#: The backward kernels: ``"mcmc"`` (independent Metropolis-Hastings moves started at
+#: the genealogical ancestor) and ``"hybrid"`` (rejection rounds, then the exact draw).
+KERNELS = ("hybrid", "mcmc")
+
+
+class BackwardKernel(NamedTuple):
+    """How backward indices are drawn, one value for every smoother that draws them:
+    ``ParticleSmoother(mode="ffbsi", kernel=...)`` (``M`` paths), ``PARISSmoother(kernel=
+    ...)`` and ``OnlineEM`` (``num_backward`` draws per particle). Hashable, static.
+
+    Attributes:
+        name: ``"mcmc"`` or ``"hybrid"``.
+        num_backward: draws per particle and step (PaRIS's ``K``; FFBSi draws
+            ``num_trajectories`` paths instead and ignores it).
+        num_mcmc_steps: Metropolis-Hastings moves per draw (``"mcmc"``).
+        max_trials: rejection rounds before the exact fallback (``"hybrid"``).
+    """
+
+    name: str = "mcmc"
+    num_backward: int = 2
+    num_mcmc_steps: int = 1
+    max_trials: int = DEFAULT_MAX_TRIALS
+
+    def check(self) -> "BackwardKernel":
+        if self.name not in KERNELS:
+            raise ValueError(f"kernel must be one of {list(KERNELS)}; got {self.name!r}")
+        for name, low in (("num_backward", 1), ("num_mcmc_steps", 1), ("max_trials", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}; got {value!r}")
+        return self
+
+
 _FALLBACK_BLOCK = 1 << 22  # entries of one (rows x N) block of the exact fallback
 
 

@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ppl_dyn.features import linear_features, rbf_features, tanh_features
 from ppl_dyn.infer import _linalg as la
 from ppl_dyn.state_space import Regression
 
@@ -78,14 +79,25 @@ def feature_moments(reg: Regression, m, P, *, num_nodes: int = 32) -> FeatureMom
     dtype = jnp.result_type(m, P, float)
     m = jnp.asarray(m, dtype)
     P = jnp.asarray(P, dtype)
-    if reg.feature == "linear":
+    fmap = reg.feature_map
+    if fmap.moments is not None:  # the user's own, declared with the map
+        mean, second, jac = fmap.moments(m, P, *fmap.args)
+        return FeatureMoments(*(jnp.asarray(a, dtype) for a in (mean, second, jac)))
+    # the built-in maps (by the function itself: a user's map named "tanh" is not ours)
+    if fmap.fn is linear_features:
         return _from_mean_jac(m, m, P, jnp.eye(m.shape[-1], dtype=dtype), None)
-    if reg.feature == "tanh":
+    if fmap.fn is tanh_features:
         return _tanh_moments(m, P, num_nodes)
-    if reg.feature == "rbf":
-        centres, widths = reg.feature_args
+    if fmap.fn is rbf_features:
+        centres, widths = fmap.args
         return _rbf_moments(m, P, jnp.asarray(centres, dtype), jnp.asarray(widths, dtype))
-    raise ValueError(f"feature_moments: unknown feature {reg.feature!r}")
+    raise ValueError(
+        f"the feature map {fmap.name!r} of {reg.weight} has no Gaussian moments "
+        "(Features(..., moments=None)): a Gaussian E-step (KalmanSmoother, "
+        "ExtendedKalmanSmoother) cannot compute the closed-form M-step's statistics. Use "
+        "a particle E-step (ParticleSmoother, PARISSmoother, CPFAS), which needs phi "
+        "only, or give Features(..., moments=fn)"
+    )
 
 
 def _from_mean_jac(m, mean, P, jac, block):

@@ -182,6 +182,7 @@ def solve_regression(
     ridge: float = 0.0,
     priors: dict | None = None,
     max_radius: float | None = None,
+    dx: int | None = None,
 ):
     """Maximise the expected log-likelihood of one regression; returns (updates, floors).
 
@@ -191,12 +192,14 @@ def solve_regression(
     each in closed form, so EM increases the log posterior at every iteration.
 
     ``max_radius`` bounds the spectral radius of the weight's linear columns (all of them
-    for linear features, the last ``dz`` for RBF features ``[rho(x); x]``): a larger
-    block is scaled back onto the bound before the noise is estimated.
+    for linear features, the last ``dx`` for RBF features ``[rho(x); x]``: the
+    :class:`~ppl_dyn.Features` value's ``state_columns``): a larger block is scaled back
+    onto the bound before the noise is estimated.
 
     ``ridge > 0`` adds ``ridge * I`` to ``S_rr`` on the columns of the nonlinear
     features (RBF weights ``h``; all weight columns for tanh features), the MAP estimate
     under a zero-mean Gaussian prior on those weights (``docs/math.md`` section 1).
+    ``dx``: the state dimension (None: ``dz``, right for the dynamics).
     """
     blocks = regression_blocks(reg, k, du)
     cols = np.concatenate([np.arange(s.start, s.stop) for _, s in blocks])
@@ -231,8 +234,10 @@ def solve_regression(
             x = np.concatenate(fixed_idx)
             rhs = rhs - W[:, _index(x)] @ _sub(S_rr, x, f)
         S_ff = _sub(S_rr, f, f)
-        if ridge and reg.feature != "linear" and reg.weight in free:
-            n_ridge = k - (int(reg.feature_args[0].shape[-1]) if reg.feature == "rbf" else 0)
+        fmap = reg.feature_map
+        n_state = (dz if dx is None else dx) if fmap.state_columns == "last" else 0
+        if ridge and not fmap.is_identity and reg.weight in free:
+            n_ridge = k - n_state  # the nonlinear columns, in front of [g(x); x]
             a = dict((n, a) for n, a, _ in pos)[reg.weight]
             on = (f >= a) & (f < a + n_ridge)
             S_ff = S_ff + ridge * jnp.diag(jnp.asarray(on, S_ff.dtype))
@@ -246,9 +251,9 @@ def solve_regression(
         else:
             W_f = rhs @ _pinv_psd(S_ff)
         W = W_f if not fixed_idx else W.at[:, _index(f)].set(W_f)  # f: every column
-        if max_radius is not None and reg.weight in free and reg.feature in ("linear", "rbf"):
+        if max_radius is not None and reg.weight in free and fmap.state_columns is not None:
             a, b = next((a, b) for n, a, b in pos if n == reg.weight)
-            lin = slice(a, b) if reg.feature == "linear" else slice(b - dz, b)
+            lin = slice(a, b) if fmap.is_identity else slice(b - n_state, b)
             W = W.at[:, lin].set(limit_spectral_radius(W[:, lin], max_radius))
         for n, a, b in pos:
             if n in free:
@@ -471,8 +476,9 @@ class LinearGaussianMStep(NamedTuple):
             k = p - du - 1
             bound = self.max_spectral_radius if reg is structure.dynamics else None
             o, f = solve_regression(
-                s, reg, params, free, k, du, self.covariance_floor, self.ridge, priors, bound
-            )
+                s, reg, params, free, k, du, self.covariance_floor, self.ridge, priors, bound,
+                dx=ss.state_dim,
+            )  # fmt: skip
             new.update(o)
             floors.update(f)
         o, f = solve_init(stats.init, structure, params, free, self.covariance_floor, priors)

@@ -107,7 +107,9 @@ class OnlineEM:
         num_backward: PaRIS draws ``K`` per particle and step (``K >= 2``; ``K = 1`` is
             degenerate).
         kernel: ``"mcmc"`` (default) or ``"hybrid"`` backward kernel
-            (:class:`~ppl_dyn.infer.paris.PARISSmoother`).
+            (:class:`~ppl_dyn.infer.paris.PARISSmoother`), or a
+            :class:`~ppl_dyn.infer.backward.BackwardKernel` value (its fields replace
+            ``num_backward``, ``num_mcmc_steps`` and ``max_trials``).
         step_size: the exponent :math:`\alpha \in (0.5, 1]` of
             :math:`\gamma_t = t^{-\alpha}` (default 0.6), or a callable mapping the
             1-based global step numbers (a numpy int array) to step sizes in ``(0, 1]``.
@@ -139,7 +141,7 @@ class OnlineEM:
         model: Callable,
         num_particles: int = 500,
         num_backward: int = 2,
-        kernel: str = "mcmc",
+        kernel: Union[str, BackwardKernel] = "mcmc",
         step_size: Union[float, Callable] = 0.6,
         burn_in: int = 100,
         update_every: int = 10,
@@ -152,7 +154,10 @@ class OnlineEM:
         monitor_decay: float = 0.9,
     ):
         check_filter_args(num_particles, resampling, ess_threshold)
-        self.kernel = BackwardKernel(kernel, num_backward, num_mcmc_steps, max_trials).check()
+        if isinstance(kernel, BackwardKernel):  # the value fixes the three settings
+            self.kernel = kernel.check()
+        else:
+            self.kernel = BackwardKernel(kernel, num_backward, num_mcmc_steps, max_trials).check()
         _check_int("burn_in", burn_in, 0)
         _check_int("update_every", update_every, 1)
         _check_int("num_passes", num_passes, 1)

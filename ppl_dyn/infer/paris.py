@@ -47,14 +47,18 @@ and online EM (:mod:`ppl_dyn.infer.online`) the stochastic-approximation pair
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ppl_dyn.infer._pattern import COMPLETE, pattern_hint
-from ppl_dyn.infer.backward import backward_indices_hybrid, backward_indices_mcmc
+from ppl_dyn.infer.backward import (
+    BackwardKernel,
+    backward_indices_hybrid,
+    backward_indices_mcmc,
+)
 from ppl_dyn.infer.particle import (
     FilterOutput,
     _imputed_y_moments,
@@ -65,8 +69,6 @@ from ppl_dyn.infer.resampling import RESAMPLERS
 from ppl_dyn.infer.stats import InitStats, LinearStats, RegressionStats, sum_stats
 from ppl_dyn.requirements import is_builtin_model, verify_structure
 from ppl_dyn.state_space import StateSpace
-
-KERNELS = ("hybrid", "mcmc")
 
 
 class PARISInfo(NamedTuple):
@@ -108,23 +110,6 @@ class PARISPosterior(NamedTuple):
         pass took the time mask already: nothing left to drop)."""
         del ss, y, u, time_mask
         return paris_linear_statistics(self)
-
-
-class BackwardKernel(NamedTuple):
-    """How the ``K`` backward indices per particle are drawn (hashable, static)."""
-
-    name: str = "mcmc"
-    num_backward: int = 2
-    num_mcmc_steps: int = 1
-    max_trials: int = 10
-
-    def check(self) -> "BackwardKernel":
-        if self.name not in KERNELS:
-            raise ValueError(f"kernel must be one of {list(KERNELS)}; got {self.name!r}")
-        _check_int("num_backward", self.num_backward, 1)
-        _check_int("num_mcmc_steps", self.num_mcmc_steps, 1)
-        _check_int("max_trials", self.max_trials, 0)
-        return self
 
 
 DEFAULT_KERNEL = BackwardKernel()
@@ -411,7 +396,10 @@ class PARISSmoother(NamedTuple):
         kernel: ``"mcmc"`` (the default: independent Metropolis-Hastings moves started
             at the ancestor; fixed cost, consistent, but not exact given the particles)
             or ``"hybrid"`` (rejection with the exact fallback: exact draws given the
-            particles, the setting of the PaRIS theory; random cost, slower on CPU).
+            particles, the setting of the PaRIS theory; random cost, slower on CPU), or
+            a :class:`~ppl_dyn.infer.backward.BackwardKernel` value (the same value
+            ``ParticleSmoother(mode="ffbsi", kernel=...)`` takes); a value's fields then
+            replace ``num_backward``, ``num_mcmc_steps`` and ``max_trials``.
         resampling: ``"systematic"``, ``"stratified"`` or ``"multinomial"``.
         ess_threshold: resample when ``ESS < ess_threshold * N``.
         num_mcmc_steps: MH moves per draw (``kernel="mcmc"``).
@@ -434,13 +422,15 @@ class PARISSmoother(NamedTuple):
 
     num_particles: int = 100
     num_backward: int = 2
-    kernel: str = "mcmc"
+    kernel: Union[str, BackwardKernel] = "mcmc"
     resampling: str = "systematic"
     ess_threshold: float = 0.5
     num_mcmc_steps: int = 1
     max_trials: int = 10
 
     def backward_kernel(self) -> BackwardKernel:
+        if isinstance(self.kernel, BackwardKernel):
+            return self.kernel.check()
         return BackwardKernel(
             self.kernel, self.num_backward, self.num_mcmc_steps, self.max_trials
         ).check()

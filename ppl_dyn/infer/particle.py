@@ -29,7 +29,13 @@ from jax.scipy.special import logsumexp
 
 from ppl_dyn.infer import _linalg as la
 from ppl_dyn.infer._mesh import MeshAxes, mesh_axes
-from ppl_dyn.infer.backward import DEFAULT_MAX_TRIALS, ffbsi_hybrid, ffbsi_mcmc, path_statistics
+from ppl_dyn.infer.backward import (
+    DEFAULT_MAX_TRIALS,
+    BackwardKernel,
+    ffbsi_hybrid,
+    ffbsi_mcmc,
+    path_statistics,
+)
 from ppl_dyn.infer.resampling import RESAMPLERS
 from ppl_dyn.infer.stats import InitStats, LinearStats, RegressionStats, keep, sum_stats
 from ppl_dyn.requirements import additive_gaussian
@@ -627,6 +633,11 @@ class ParticleSmoother(NamedTuple):
         num_mcmc_steps: Metropolis-Hastings moves per backward step (``"ffbsi-mcmc"``).
         max_trials: rejection rounds per backward step before the exact fallback
             (``"ffbsi-hybrid"``).
+        kernel: a :class:`~ppl_dyn.infer.backward.BackwardKernel` value (the one
+            ``PARISSmoother`` and ``OnlineEM`` take) instead of the two settings above:
+            ``mode="ffbsi", kernel=BackwardKernel("mcmc", num_mcmc_steps=3)`` is
+            ``mode="ffbsi-mcmc", num_mcmc_steps=3``; ``BackwardKernel("hybrid",
+            max_trials=5)`` is ``mode="ffbsi-hybrid", max_trials=5``.
         particle_mesh: a ``jax.sharding.Mesh`` to split the particle axis over (one long
             sequence, many particles; ``docs/scale.md``), or None. ``num_particles``
             must be a multiple of its device count. The particles, log-weights and
@@ -662,6 +673,24 @@ class ParticleSmoother(NamedTuple):
     max_trials: int = DEFAULT_MAX_TRIALS
     particle_mesh: Optional[jax.sharding.Mesh] = None
     particle_axes: Optional[tuple] = None
+    kernel: Optional[BackwardKernel] = None
+
+    def backward_settings(self) -> tuple[str, int, int]:
+        """``(mode, num_mcmc_steps, max_trials)`` with a ``kernel`` value folded in."""
+        if self.kernel is None:
+            return self.mode, self.num_mcmc_steps, self.max_trials
+        if not isinstance(self.kernel, BackwardKernel):
+            raise ValueError(
+                f"kernel must be a BackwardKernel value (or None); got {self.kernel!r}"
+            )
+        k = self.kernel.check()
+        mode = f"ffbsi-{k.name}"
+        if self.mode not in ("ffbsi", mode):
+            raise ValueError(
+                f"kernel={k!r} draws backward paths: use mode='ffbsi' with it; got "
+                f"mode={self.mode!r}"
+            )
+        return mode, k.num_mcmc_steps, k.max_trials
 
     def _check(self):
         if self.resampling not in RESAMPLERS:
@@ -687,6 +716,7 @@ class ParticleSmoother(NamedTuple):
         two linear-cost modes run through the padded steps (valid draws, a little more
         Monte Carlo noise)."""
         self._check()
+        mode, num_mcmc_steps, max_trials = self.backward_settings()
         feature = ss.structure.dynamics.features if ss.structure is not None else (lambda x: x)
         S = y.shape[0]
         keys = jax.random.split(rng_key, S)
@@ -706,17 +736,17 @@ class ParticleSmoother(NamedTuple):
                 ancestors=shard_particles(filt.ancestors, mesh, axis=1),
             )
             traj = fallback = paths = None
-            if self.mode in ("ffbsm", "ffbsi"):
+            if mode in ("ffbsm", "ffbsi"):
                 log_v, pair = ffbsm(ss, filt, u_s, feature, self.chunk_size, mask_s, mesh)
-            if self.mode == "ffbsi":
+            if mode == "ffbsi":
                 traj = ffbsi(k_b, ss, filt, u_s, self.num_trajectories, mask_s)
-            elif self.mode == "ffbsi-mcmc":
-                back = ffbsi_mcmc(k_b, ss, filt, u_s, self.num_trajectories, self.num_mcmc_steps)
-            elif self.mode == "ffbsi-hybrid":
-                back = ffbsi_hybrid(k_b, ss, filt, u_s, self.num_trajectories, self.max_trials)
+            elif mode == "ffbsi-mcmc":
+                back = ffbsi_mcmc(k_b, ss, filt, u_s, self.num_trajectories, num_mcmc_steps)
+            elif mode == "ffbsi-hybrid":
+                back = ffbsi_hybrid(k_b, ss, filt, u_s, self.num_trajectories, max_trials)
                 draws = max(back.indices.shape[0] - 1, 1) * self.num_trajectories
                 fallback = jnp.sum(back.info.num_fallback) / draws
-            if self.mode in ("ffbsi-mcmc", "ffbsi-hybrid"):
+            if mode in ("ffbsi-mcmc", "ffbsi-hybrid"):
                 traj, paths = back.trajectories, back.indices
                 log_v, pair = path_statistics(filt.particles, back.indices, feature)
             return ParticlePosterior(

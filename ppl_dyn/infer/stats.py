@@ -93,7 +93,7 @@ def feature_statistics(reg, means, covs):
     Linear features are exact; tanh (Gauss-Hermite) and RBF (closed form) come from
     :func:`ppl_dyn.infer.feature_moments.feature_moments`.
     """
-    if reg.feature == "linear":
+    if reg.feature_map.is_identity:
         eye = jnp.eye(means.shape[-1], dtype=means.dtype)
         return means, covs, jnp.broadcast_to(eye, covs.shape)
     from ppl_dyn.infer.feature_moments import feature_moments
@@ -161,7 +161,7 @@ def gaussian_linear_statistics(post, ss: StateSpace, y, u, time_mask=None) -> Li
         r_bar = weigh(_regressor_means(f_mean, u_s[1:]), wd)
         p = r_bar.shape[-1]
         S_rr = r_bar.T @ r_bar + _pad_top_left(jnp.sum(keep(v_next, f_cov), 0), p)
-        if st.dynamics.feature == "linear":
+        if st.dynamics.feature_map.is_identity:
             cz = jnp.sum(cross, 0)  # sum Cov[x_t, x_{t-1}]
         else:
             cz = jnp.einsum("tij,tkj->ik", cross, f_jac)  # sum Cov[x_t, x_{t-1}] E[J]^T
@@ -174,7 +174,7 @@ def gaussian_linear_statistics(post, ss: StateSpace, y, u, time_mask=None) -> Li
         q = psi.shape[-1]
         E_rr = psi.T @ psi + _pad_top_left(jnp.sum(keep(valid, g_cov), 0), q)
         if impute:
-            linear = st.emission.feature == "linear"
+            linear = st.emission.feature_map.is_identity
             H, e = _linear_emission(ss, u_s) if linear else _emission_design(ss, u_s)
             R = ss.emission_cov(u_s[0])
             Ey, Cyf, Cyy = imputed_observations(H, e, R, y_s, g_mean, g_cov)
