@@ -94,6 +94,24 @@ def test_compile_ahead_gives_the_same_fit_and_one_compilation(monkeypatch):
     for k in plain.params:
         np.testing.assert_array_equal(np.asarray(ahead.params[k]), np.asarray(plain.params[k]))
 
+    # XLA compiles the step once: the loop's call finds the ahead compilation (a call
+    # signature other than the lowered one would compile it again, unseen by the cache
+    # count above). Everything else is warm from the runs above.
+    monkeypatch.setattr(em_mod, "compile_ahead", real)
+    em_mod._cached_step.cache_clear()
+    compiles = []
+
+    def listen(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        em.run(jax.random.key(4), 5, y=y, state_dim=2, init_params=init, progress_bar=False)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert len(compiles) == 1, compiles
+
 
 @pytest.mark.parametrize(
     "bad, match",

@@ -550,7 +550,9 @@ def compile_ahead(step, init_params, dynamic, rng_key, extra):
     (XLA's CPU compiler already uses both cores)."""
     try:
         params = {k: device_array(v) for k, v in _params_of(init_params).items()}
-        lowered = step.lower(params, dynamic, rng_key, np.int32(0), *extra)
+        # the same call signature as the loop's (the empty states as keywords): a
+        # different one would miss JAX's caches and compile the step twice
+        lowered = step.lower(params, dynamic, rng_key, np.int32(0), *extra, e_state=(), m_state=())
     except Exception:
         return None
 
