@@ -120,8 +120,8 @@ def test_wrong_declarations_are_refused(features, match):
     with pytest.raises(ValueError, match=match):
         features.check(1)
     model = make_tanh_model(features)
-    with pytest.raises(ValueError, match=match):
-        one_update(model, ParticleSmoother(50))
+    with pytest.raises(ValueError, match=match):  # at the model check, before any work
+        EM(model, ParticleSmoother(50)).init(jax.random.key(0), init_params=START, y=Y)
 
 
 def quadratic_model(y=None, num_steps=None):
@@ -158,11 +158,14 @@ def test_bound_and_ridge_act_on_the_declared_columns():
                 r=jnp.array([0.02]), m0=jnp.zeros(1), p0=jnp.ones(1))  # fmt: skip
     y = ppl_dyn.simulate(jax.random.key(3), quadratic_model, true, num_steps=150)["y"]
     assert np.shape(y) == (150, 1)
-    kw = dict(init_params=true, y=np.asarray(y), progress_bar=False)
+    ss, spec = ppl_dyn.bind(quadratic_model, true, y=np.asarray(y))
+    post = jax.jit(lambda k: ParticleSmoother(300).posterior(k, ss, spec.y, spec.u))(
+        jax.random.key(4)
+    )
+    stats = LinearGaussianMStep().statistics(post, ss, spec.y, spec.u)
 
-    def A_after(m_step):
-        res = EM(quadratic_model, ParticleSmoother(300), m_step).run(jax.random.key(4), 1, **kw)
-        return np.asarray(res.params["A"])[0]
+    def A_after(m_step):  # the M-step on the same statistics
+        return np.asarray(m_step.update(stats, ss, frozenset(true))[0]["A"])[0]
 
     free = A_after(LinearGaussianMStep())
     bounded = A_after(LinearGaussianMStep(max_spectral_radius=0.3))
