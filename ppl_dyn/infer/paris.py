@@ -64,6 +64,7 @@ from ppl_dyn.infer.particle import (
     _imputed_y_moments,
     filter_init,
     filter_step,
+    scan_with_noise,
 )
 from ppl_dyn.infer.resampling import RESAMPLERS
 from ppl_dyn.infer.stats import InitStats, LinearStats, RegressionStats, sum_stats
@@ -350,7 +351,7 @@ def paris_filter(
 
     def step(carry, inp):
         x_prev, lw_prev, logZ, tau = carry
-        k_res, k_mov, k_back, u_t, y_t, m_t, valid_t = inp
+        k_res, k_mov, k_back, u_t, y_t, m_t, valid_t, eps = inp
         degenerate = ~jnp.isfinite(logZ)
         x, lw, anc, step_lz, ess, _ = filter_step(
             ss,
@@ -364,6 +365,7 @@ def paris_filter(
             u_t,
             y_t,
             m_t,
+            noise=eps,
         )
         new_tau, info = paris_update(
             kernel, k_back, ss, x_prev, lw_prev, tau, x, anc, u_t, y_t, m_t
@@ -375,7 +377,11 @@ def paris_filter(
         return carry, (ess, info)
 
     xs = (step_keys[:, 0], step_keys[:, 1], back_keys, u[1:], y[1:], mask[1:], valid[1:])
-    (_, lw, logZ, tau), (ess, infos) = jax.lax.scan(step, (x1, lw1, logZ1, tau1), xs)
+    # the filter's noise drawn per block of steps, as particle_filter draws it
+    carry = (x1, lw1, logZ1, tau1)
+    (_, lw, logZ, tau), (ess, infos) = scan_with_noise(
+        step, carry, xs, k_rest, ss, num_particles, y.dtype
+    )
     return PARISOutput(
         weighted_sum(tau, lw), logZ, jnp.concatenate([ess1[None], ess]), _sum_info(infos)
     )

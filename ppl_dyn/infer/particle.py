@@ -261,6 +261,46 @@ def filter_step(
     return x, lw_new, idx, step_lz, ess, do_res
 
 
+def scan_with_noise(step, carry, xs, k_rest, ss: StateSpace, N: int, dtype, mesh=None):
+    """``lax.scan(step, carry, (*xs, eps))`` over the ``T - 1`` filter steps, with
+    ``eps`` the step's standard normal transition noise ``(N, dx)`` drawn a block of
+    steps at once (about 2^16 numbers, at most 64 steps) where the transitions are
+    Gaussian with a state-independent covariance (proved from the traced model), else
+    None (the step draws from the model's own law). Per step, a small draw (2,000
+    numbers at N = 1,000) cost three times as much per number as a block of about 64k.
+    The block keys come from ``fold_in(k_rest, 1)``: the bootstrap filter and PaRIS's
+    one-pass filter (same ``k_rest``) draw the same noise. Returns ``(carry, ys)``
+    with ``ys`` over the steps."""
+    gaussian = additive_gaussian(ss, "transition")
+    dx = ss.state_dim
+    n_steps = xs[0].shape[0]
+    block = max(1, min(NOISE_BLOCK_NUMBERS // (N * dx), 64)) if gaussian else max(n_steps, 1)
+
+    def steps(carry, inp):
+        """A block of steps: its noise drawn at once, then the steps in a scan."""
+        k_noise, rest = inp
+        B = rest[0].shape[0]
+        eps = None
+        if gaussian:
+            eps = jax.random.normal(k_noise, (B, N, dx), dtype)
+            eps = shard_particles(eps, mesh, axis=1)
+        return jax.lax.scan(step, carry, (*rest, eps))
+
+    n_blocks, tail = divmod(n_steps, block)
+    noise_keys = jax.random.split(jax.random.fold_in(k_rest, 1), n_blocks + 1)
+    parts = []
+    if n_blocks:
+        main = tuple(a[: n_blocks * block].reshape((n_blocks, block) + a.shape[1:]) for a in xs)
+        carry, ys = jax.lax.scan(steps, carry, (noise_keys[:-1], main))
+        parts.append(jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[2:]), ys))
+    if tail or not n_blocks:
+        carry, ys = steps(carry, (noise_keys[-1], tuple(a[n_blocks * block :] for a in xs)))
+        parts.append(ys)
+    if len(parts) == 1:
+        return carry, parts[0]
+    return carry, jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), *parts)
+
+
 def particle_filter(
     rng_key,
     ss: StateSpace,
@@ -302,14 +342,6 @@ def particle_filter(
         buffer(logZ1),
     )
 
-    # Gaussian transitions (state-independent Q, proved): their standard normal noise is
-    # drawn for a block of steps at once; per step, a small draw (2,000 numbers at
-    # N = 1,000) cost three times as much per number as a block of about 64k
-    gaussian = additive_gaussian(ss, "transition")
-    dx = x1.shape[-1]
-    n_steps = max(T - 1, 0)
-    block = max(1, min(NOISE_BLOCK_NUMBERS // (N * dx), 64)) if gaussian else max(n_steps, 1)
-
     def step(carry, inp):
         x_prev, lw_prev, logZ, hist = carry  # lw_prev normalised
         k_res, k_mov, t, u_t, y_t, m_t, eps = inp
@@ -336,26 +368,8 @@ def particle_filter(
         )
         return (x, lw_new, logZ + step_lz, hist), None
 
-    def steps(carry, inp):
-        """A block of steps: its noise drawn at once, then the steps in a scan."""
-        k_noise, rest = inp
-        B = rest[0].shape[0]
-        eps = None
-        if gaussian:
-            eps = jax.random.normal(k_noise, (B, N, dx), y.dtype)
-            eps = shard_particles(eps, mesh, axis=1)
-        carry, _ = jax.lax.scan(step, carry, (*rest, eps))
-        return carry, None
-
     xs = (step_keys[:, 0], step_keys[:, 1], jnp.arange(1, T), u[1:], y[1:], mask[1:])
-    n_blocks, tail = divmod(n_steps, block)
-    noise_keys = jax.random.split(jax.random.fold_in(k_rest, 1), n_blocks + 1)
-    carry = (x1, lw1n, logZ1, hist)
-    if n_blocks:
-        main = tuple(a[: n_blocks * block].reshape((n_blocks, block) + a.shape[1:]) for a in xs)
-        carry, _ = jax.lax.scan(steps, carry, (noise_keys[:-1], main))
-    if tail:
-        carry, _ = steps(carry, (noise_keys[-1], tuple(a[n_blocks * block :] for a in xs)))
+    carry, _ = scan_with_noise(step, (x1, lw1n, logZ1, hist), xs, k_rest, ss, N, y.dtype, mesh)
     _, _, logZ, (X, LW, anc, ess, res, lz) = carry
     return FilterOutput(
         particles=X,
