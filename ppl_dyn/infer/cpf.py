@@ -28,7 +28,11 @@ import jax.numpy as jnp
 from blackjax.smc import resampling as bj_resampling
 from jax.scipy.special import logsumexp
 
-from ppl_dyn.infer.particle import emission_log_lik, pairwise_transition_log_prob
+from ppl_dyn.infer.particle import (
+    dynamics_features,
+    emission_log_lik,
+    pairwise_transition_log_prob,
+)
 from ppl_dyn.state_space import StateSpace
 
 __all__ = [
@@ -275,7 +279,7 @@ class CPFAS(NamedTuple):
         return CPFState(references=refs, conditional=jnp.asarray(False))
 
     def step(self, rng_key, ss, y, u, state: CPFState, time_mask=None):
-        feature = _features_of(ss)
+        feature = dynamics_features(ss)
         keys = jax.random.split(rng_key, y.shape[0])
         masks = jnp.ones(y.shape[:2], bool) if time_mask is None else time_mask
 
@@ -301,12 +305,3 @@ class CPFAS(NamedTuple):
         the weighted ancestral paths, for use outside EM."""
         post, _ = self.step(rng_key, ss, y, u, self.init(ss, y, u), time_mask=time_mask)
         return post
-
-
-def _features_of(ss):
-    """The dynamics features of the model's :class:`~ppl_dyn.LinearStructure` (for the
-    pair moments of the paths), or the identity for a model without one."""
-    structure = getattr(ss, "structure", None)
-    if structure is None:
-        return lambda x: x
-    return structure.dynamics.features

@@ -261,6 +261,14 @@ def filter_step(
     return x, lw_new, idx, step_lz, ess, do_res
 
 
+def dynamics_features(ss: StateSpace):
+    """The dynamics features ``phi`` of the model's :class:`~ppl_dyn.LinearStructure`
+    (for the pair moments of the smoothers), or the identity for a model without one."""
+    if ss.structure is None:
+        return lambda x: x
+    return ss.structure.dynamics.features
+
+
 def scan_with_noise(step, carry, xs, k_rest, ss: StateSpace, N: int, dtype, mesh=None):
     """``lax.scan(step, carry, (*xs, eps))`` over the ``T - 1`` filter steps, with
     ``eps`` the step's standard normal transition noise ``(N, dx)`` drawn a block of
@@ -731,7 +739,7 @@ class ParticleSmoother(NamedTuple):
         Monte Carlo noise)."""
         self._check()
         mode, num_mcmc_steps, max_trials = self.backward_settings()
-        feature = ss.structure.dynamics.features if ss.structure is not None else (lambda x: x)
+        feature = dynamics_features(ss)
         S = y.shape[0]
         keys = jax.random.split(rng_key, S)
 
