@@ -1,4 +1,5 @@
-"""XLA compiler options of the Kalman E-step programs (``KalmanSmoother.compiler_options``).
+"""XLA compiler options of the Kalman E-step programs (``ppl_dyn.infer._compile``: the
+E-steps declare ``small_matrix_programs``, the compile configuration picks the options).
 
 The EM step and ``smooth`` compile with the E-step's options when they are called at top
 level, and without them inside a user's ``jit`` / ``grad`` (XLA takes options from the
@@ -10,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import ppl_dyn
-from ppl_dyn.infer import EM, ExtendedKalmanSmoother, KalmanSmoother
-from ppl_dyn.infer._linalg import SMALL_MATRIX_CPU_OPTIONS
+from ppl_dyn.infer import EM, ExtendedKalmanSmoother, KalmanSmoother, ParticleSmoother
+from ppl_dyn.infer._compile import SMALL_MATRIX_CPU_OPTIONS, small_matrix_compiler_options
 from ppl_dyn.infer._run import compiler_options, jit_model
 from ppl_dyn.models import lds
 
@@ -35,10 +36,14 @@ def _xla_knows(options) -> bool:
 def test_kalman_options_apply_on_cpu_only():
     # newer XLA (jaxlib >= 0.11) dropped the loop emitter's switch: then no options
     want = SMALL_MATRIX_CPU_OPTIONS if _xla_knows(SMALL_MATRIX_CPU_OPTIONS) else None
-    assert KalmanSmoother().compiler_options("cpu") == want
-    assert KalmanSmoother().compiler_options("gpu") is None
-    assert ExtendedKalmanSmoother().compiler_options("cpu") == want
-    assert compiler_options(object()) is None  # E-steps without the method: XLA defaults
+    assert small_matrix_compiler_options("cpu") == want
+    assert small_matrix_compiler_options("gpu") is None
+    assert jax.default_backend() == "cpu"  # (this suite runs on the CPU)
+    assert compiler_options(KalmanSmoother()) == want
+    assert compiler_options(ExtendedKalmanSmoother()) == want
+    # E-steps that do not declare small-matrix programs: XLA's defaults
+    assert compiler_options(ParticleSmoother(10)) is None
+    assert compiler_options(object()) is None
 
 
 def test_tuned_em_step_equals_default_compilation_and_runs_inside_jit():

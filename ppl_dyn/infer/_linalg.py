@@ -10,8 +10,6 @@ d = 2 on CPU). Above ``SMALL`` (or on accelerators) the library calls are used.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
@@ -121,32 +119,3 @@ def cho_solve(L, B):
 
 def log_det_from_cholesky(L):
     return 2.0 * jnp.sum(jnp.log(jnp.diagonal(L, axis1=-2, axis2=-1)), -1)
-
-
-# XLA's CPU fusion emitters (the default) take about twice as long to compile the
-# small-matrix programs of the Kalman-type E-steps as the older loop emitter, for the same
-# run time. EM step, T=1000, compile / run per iteration, default -> this:
-#   LDS + KalmanSmoother, dx=2, dy=1:  1.63 s -> 0.80 s,  2.37 -> 2.33 ms
-#   LDS + KalmanSmoother, dx=5, dy=10: 3.79 s -> 2.01 s,  5.73 -> 5.58 ms
-#   tanh-RNN + EKS, dx=2 / dx=5:       2.39 -> 1.23 s / 2.64 -> 1.63 s, same run time
-# Not for the particle E-steps: their large element-wise blocks ran 1.5x slower.
-SMALL_MATRIX_CPU_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
-
-
-def small_matrix_compiler_options(backend: str):
-    """XLA compiler options for a program of small-matrix work on ``backend`` (only
-    those this jaxlib's XLA knows: newer ones dropped the loop emitter's switch)."""
-    if backend != "cpu":
-        return None
-    known = {k: v for k, v in SMALL_MATRIX_CPU_OPTIONS.items() if _cpu_option_known(k, v)}
-    return known or None
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_option_known(name: str, value) -> bool:
-    """Whether XLA's CPU compiler accepts the option (one tiny compile, once)."""
-    try:
-        jax.jit(lambda x: x + 1, compiler_options={name: value}).lower(1.0).compile()
-    except Exception:  # JaxRuntimeError: "No such compile option"
-        return False
-    return True

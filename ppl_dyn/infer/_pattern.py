@@ -1,18 +1,20 @@
-"""Trace-time hints about the missing-data pattern of the observations.
+"""The missing-data pattern of the observations, for the plug-ins that can use it.
 
 The E-steps and the statistics choose between code paths by the NaN pattern of ``y``:
 sequences with one shared pattern share a covariance pass, and fully observed data skip
 the imputation terms. Inside ``jit`` the data are tracers, so by default both paths are
 compiled and ``lax.cond`` picks one at run time. The eager entry points (``EM``,
-``smooth``) know the data, so they compute the pattern once with NumPy, make it part of
-the compiled function's cache key, and trace under :func:`assume_pattern`: only the
-path taken is compiled (compilation is a large part of a short fit).
+``smooth``, ``OnlineEM``) know the data, so they compute the pattern once with NumPy,
+make it part of the compiled function's cache key, and give it to the plug-ins before
+tracing (:func:`with_data_pattern`: a plug-in that can use it has a ``data_pattern``
+field and a ``with_data_pattern`` method returning a copy with that field set). Only the
+path taken is then compiled (compilation is a large part of a short fit). The pattern
+travels as a static field of the plug-in values and as explicit arguments below them; no
+global or context state is involved.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 from typing import Optional
 
 import jax
@@ -26,10 +28,6 @@ MIXED = "mixed"  # sequences differ
 # statistics as COMPLETE within the mask (no imputation terms). Code that does not know
 # this value takes its general path, which is also correct.
 RAGGED = "ragged"
-
-_HINT: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
-    "ppl_dyn_missing_pattern", default=None
-)
 
 
 def data_pattern(y, time_mask=None) -> Optional[str]:
@@ -50,16 +48,11 @@ def data_pattern(y, time_mask=None) -> Optional[str]:
     return MIXED
 
 
-@contextlib.contextmanager
-def assume_pattern(pattern: Optional[str]):
-    """Trace the code inside under the given pattern (``None``: unknown)."""
-    token = _HINT.set(pattern)
-    try:
-        yield
-    finally:
-        _HINT.reset(token)
-
-
-def pattern_hint() -> Optional[str]:
-    """The pattern assumed by the enclosing :func:`assume_pattern`, if any."""
-    return _HINT.get()
+def with_data_pattern(plugin, pattern: Optional[str]):
+    """``plugin`` told the data's pattern (its ``with_data_pattern(pattern)``) when it
+    has that method and the pattern is known; otherwise ``plugin`` itself (a user's
+    plug-in needs nothing of this)."""
+    tell = getattr(plugin, "with_data_pattern", None)
+    if pattern is None or not callable(tell):
+        return plugin
+    return tell(pattern)

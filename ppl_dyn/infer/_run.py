@@ -4,69 +4,19 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import numpy as np
 
 from ppl_dyn._validation import check_inputs, check_observations, check_params
-from ppl_dyn.infer._pattern import assume_pattern, data_pattern
+from ppl_dyn.infer._compile import compiler_options, jit_model, without_validation  # noqa: F401
+from ppl_dyn.infer._pattern import data_pattern, with_data_pattern
 from ppl_dyn.state_space import bind, inspect_model
 
 
 def is_array(v: Any) -> bool:
     return isinstance(v, (jax.Array, np.ndarray))
-
-
-def without_validation(fn):
-    """``fn`` run with NumPyro's distribution argument checks switched off.
-
-    NumPyro validates distribution arguments by default. Under ``jax.jit`` the checks
-    cannot raise (the values are tracers), but evaluating them still costs: their
-    constant parts (triangular masks, diagonals) run eagerly, op by op, each compiling
-    its own small XLA program -- about 1.3 s of a fresh process's first EM step on the
-    LDS. Our jitted entry points validate the parameters eagerly beforehand
-    (:func:`inspect_checked`), so the traced body runs without the checks.
-    """
-    from numpyro.distributions.distribution import validation_enabled
-
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        with validation_enabled(False):
-            return fn(*args, **kwargs)
-
-    return wrapped
-
-
-def jit_model(fn, e_step=None, **jit_kwargs):
-    """``jax.jit`` of :func:`without_validation` ``(fn)``: what our compiled E-steps,
-    EM steps and samplers are built with. ``e_step``: the E-step inside ``fn``; its
-    :func:`compiler_options` go to XLA."""
-    fn = without_validation(fn)
-    plain = jax.jit(fn, **jit_kwargs)
-    options = compiler_options(e_step)
-    if not options:
-        return plain
-    # XLA takes options from the top-level program only (a jit inside a user's jit or
-    # grad raises): called with tracers, the plain jit runs and becomes part of theirs
-    tuned = jax.jit(fn, compiler_options=options, **jit_kwargs)
-
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-        leaves = jax.tree_util.tree_leaves((args, kwargs))
-        traced = any(isinstance(v, jax.core.Tracer) for v in leaves)
-        return (plain if traced else tuned)(*args, **kwargs)
-
-    call.lower = tuned.lower
-    call._cache_size = lambda: tuned._cache_size() + plain._cache_size()  # compilations
-    return call
-
-
-def compiler_options(e_step) -> Optional[dict]:
-    """The XLA compiler options for a program built around ``e_step``: its
-    ``compiler_options(backend)`` (a dict or None) for the default backend."""
-    get = getattr(e_step, "compiler_options", None)
-    return get(jax.default_backend()) if callable(get) else None
 
 
 def split_static(kwargs: dict):
@@ -381,8 +331,8 @@ def statistics_with_mask(m_step, post, ss, y, u, time_mask=None):
 
 def _make_smoother(model, e_step, static_items, pattern=None):
     static = dict(static_items)
+    e_step = with_data_pattern(e_step, pattern)  # only the path for that pattern traces
 
-    @assume_pattern(pattern)
     def run(params, dynamic, rng_key, time_mask=None):
         ss, spec = bind(model, params, **static, **dynamic)
         return posterior_with_mask(e_step, rng_key, ss, spec.y, spec.u, time_mask)

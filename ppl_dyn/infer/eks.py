@@ -145,10 +145,9 @@ class ExtendedKalmanSmoother(NamedTuple):
 
     num_iterations: int = 1
 
-    def compiler_options(self, backend: str):
-        """XLA options for the programs built around this E-step: on the CPU, the loop
-        emitter (half the compile time; ``_linalg.SMALL_MATRIX_CPU_OPTIONS``)."""
-        return la.small_matrix_compiler_options(backend)
+    # its programs are small-matrix work: the drivers' compile configuration picks the
+    # XLA options for that (``ppl_dyn.infer._compile.compiler_options``)
+    small_matrix_programs = True
 
     def posterior(
         self,

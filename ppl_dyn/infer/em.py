@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import threading
 import warnings
 from typing import Any, Callable, NamedTuple, Optional, Union
 
@@ -13,8 +12,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ppl_dyn._validation import check_params, check_rng_key, check_some_observed, device_array
+from ppl_dyn.infer._compile import compile_ahead
 from ppl_dyn.infer._mesh import MeshAxes, mesh_axes
-from ppl_dyn.infer._pattern import assume_pattern, data_pattern
+from ppl_dyn.infer._pattern import data_pattern, with_data_pattern
 from ppl_dyn.infer._run import (
     adapt_params,
     check_mask_support,
@@ -420,8 +420,7 @@ class EM:
         e_state = e_init(params, dynamic)
         if not is_stateful(self.m_step):
             return e_state, ()
-        with assume_pattern(pattern):
-            shapes = jax.eval_shape(stats_of, params, e_state, dynamic, *mask_arg(time_mask))
+        shapes = jax.eval_shape(stats_of, params, e_state, dynamic, *mask_arg(time_mask))
         zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
         return e_state, init_m_state(self.m_step, zeros, num_iters)
 
@@ -537,36 +536,6 @@ def _inspect_as_given(model, given: dict, rng_key, kwargs):
     return info
 
 
-def compile_ahead(step, init_params, dynamic, rng_key, extra):
-    """Trace and lower the EM step with the given starting values, then compile it in a
-    background thread while :meth:`EM.init` validates those values (XLA compiles without
-    holding Python's lock; the validation is Python and small eager programs). Returns
-    the thread (join it before the first call: the call then finds the trace, lowering
-    and executable in JAX's caches), or None when the values cannot be traced as they
-    are. A guess that differs from what ``init`` returns (extra or missing sites, other
-    dtypes) only costs the wasted compilation; an invalid value raises in ``init``, not
-    here. Measured (fresh process, LDS dx=2, T=1000, 100 iterations): 1.40 -> 1.27 s.
-    Splitting the step into two programs compiled on two threads gained nothing more
-    (XLA's CPU compiler already uses both cores)."""
-    try:
-        params = {k: device_array(v) for k, v in _params_of(init_params).items()}
-        # the same call signature as the loop's (the empty states as keywords): a
-        # different one would miss JAX's caches and compile the step twice
-        lowered = step.lower(params, dynamic, rng_key, np.int32(0), *extra, e_state=(), m_state=())
-    except Exception:
-        return None
-
-    def work():
-        try:
-            lowered.compile()
-        except Exception:  # the real first call compiles again and reports it
-            pass
-
-    thread = threading.Thread(target=work, name="ppl_dyn-compile-ahead", daemon=True)
-    thread.start()
-    return thread
-
-
 def _params_of(init):
     if init is None:
         return {}
@@ -588,8 +557,9 @@ def iteration_keys(rng_key, iteration):
 
 def _make_step(model, e_step, m_step, static_items, pattern=None):
     static = dict(static_items)
+    # the plug-ins told the data's NaN pattern: only the code path for it is traced
+    e_step, m_step = with_data_pattern(e_step, pattern), with_data_pattern(m_step, pattern)
 
-    @assume_pattern(pattern)  # traced knowing the data's NaN pattern (one path compiles)
     def step(params, dynamic, rng_key, iteration, time_mask=None, e_state=(), m_state=()):
         # time_mask (S, T), ragged lengths: a traced argument (new lengths, same shapes:
         # no recompilation); None compiles the step without it. rng_key: the run's key,
@@ -619,8 +589,8 @@ def _make_init(model, e_step, m_step, static_items, pattern=None):
     (compiled) and ``(params, e_state, dynamic[, time_mask]) -> stats`` (for the shapes
     of the M-step's statistics, by ``jax.eval_shape``)."""
     static = dict(static_items)
+    e_step, m_step = with_data_pattern(e_step, pattern), with_data_pattern(m_step, pattern)
 
-    @assume_pattern(pattern)
     def e_init(params, dynamic):
         ss, spec = bind(model, params, **static, **dynamic)
         return init_e_state(e_step, ss, spec.y, spec.u)

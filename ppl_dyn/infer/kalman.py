@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from ppl_dyn.infer import _linalg as la
-from ppl_dyn.infer._pattern import COMPLETE, MIXED, RAGGED, SHARED, pattern_hint
+from ppl_dyn.infer._pattern import COMPLETE, MIXED, RAGGED, SHARED
 from ppl_dyn.infer.stats import gaussian_linear_statistics
 from ppl_dyn.requirements import LinearGaussianForm, gaussian_moments, linear_gaussian_form
 from ppl_dyn.state_space import StateSpace, mask_covariance
@@ -69,11 +69,11 @@ class GaussianPosterior(NamedTuple):
     predicted_log_probs: jax.Array
     log_marginal: jax.Array
 
-    def linear_statistics(self, ss, y, u, time_mask=None):
+    def linear_statistics(self, ss, y, u, time_mask=None, data_pattern=None):
         """Expected sufficient statistics of the closed-form M-step: Gaussian moments of
         the model's features under these marginals and pairs
         (:func:`~ppl_dyn.infer.stats.gaussian_linear_statistics`)."""
-        return gaussian_linear_statistics(self, ss, y, u, time_mask)
+        return gaussian_linear_statistics(self, ss, y, u, time_mask, data_pattern)
 
 
 def linear_gaussian_view(
@@ -154,18 +154,19 @@ def covariance_update(m_pred, P_pred, H, e_t, R, y_t, mask_t):
     return m_f, P_f, ll
 
 
-def kalman_filter(view: LinearGaussianView, y: jax.Array):
+def kalman_filter(view: LinearGaussianView, y: jax.Array, complete: bool = False):
     """Forward pass. Returns predicted and filtered moments and per-step log-densities.
 
     Uses the covariance (Joseph) form when ``obs_dim <= state_dim`` and the information
     form otherwise, so that the work inside the time loop never scales with ``obs_dim``
-    beyond ``state_dim``.
+    beyond ``state_dim``. ``complete``: ``y`` has no missing entry (known when the
+    program is traced): the masks are not traced.
     """
     if is_time_varying(view):
         return _filter_time_varying(per_step(view), y)
     if view.H.shape[0] > view.F.shape[0]:
-        return _filter_information(view, y)
-    return _filter_covariance(view, y)
+        return _filter_information(view, y, complete)
+    return _filter_covariance(view, y, complete)
 
 
 def _filter_time_varying(view: LinearGaussianView, y: jax.Array):
@@ -187,10 +188,10 @@ def _filter_time_varying(view: LinearGaussianView, y: jax.Array):
     return m_p, P_p, m_f, P_f, ll
 
 
-def _filter_covariance(view: LinearGaussianView, y: jax.Array):
+def _filter_covariance(view: LinearGaussianView, y: jax.Array, complete: bool = False):
     F, FT, Q = view.F, view.F.T, view.Q
     c_next = jnp.concatenate([view.c[1:], jnp.zeros_like(view.c[:1])], 0)
-    if pattern_hint() == COMPLETE:  # no missing entry (known at trace time): no masks
+    if complete:  # no missing entry (known at trace time): no masks
         inputs = (y, view.e, c_next)
     else:
         mask = ~jnp.isnan(y)
@@ -221,7 +222,7 @@ def _information_update(P_pred, G, eye):
     return B, la.mm(B.T, B), Lm
 
 
-def _filter_information(view: LinearGaussianView, y: jax.Array):
+def _filter_information(view: LinearGaussianView, y: jax.Array, complete: bool = False):
     """Information-form update: per step only state-sized factorisations.
 
     With ``Rt = LR LR^T`` the masked emission covariance, the whitened ``W_t = LR^{-1} H_t``,
@@ -236,7 +237,7 @@ def _filter_information(view: LinearGaussianView, y: jax.Array):
     mask = ~jnp.isnan(y)
     resid0 = jnp.where(mask, y - view.e, 0.0)  # y_t - e_t, zero where missing
     n_obs = jnp.sum(mask, -1).astype(dtype)
-    if pattern_hint() == COMPLETE:
+    if complete:
         # no missing entries (known at trace time): one factor of R for all steps. Its
         # time-vectorised form below is the bulk of this function's compile time. Outside
         # the loop: library calls (unrolled, they took 0.7 s of compile at dy = 10)
@@ -352,15 +353,18 @@ def rts_smoother(view: LinearGaussianView, m_p, P_p, m_f, P_f, time_mask=None):
 
 
 def kalman_smooth_view(
-    view: LinearGaussianView, y: jax.Array, time_mask: Optional[jax.Array] = None
+    view: LinearGaussianView,
+    y: jax.Array,
+    time_mask: Optional[jax.Array] = None,
+    complete: bool = False,
 ) -> GaussianPosterior:
     """Filter + RTS for one sequence ``y`` ``(T, dy)`` (NaN = missing).
 
     ``time_mask`` ``(T,)`` (ragged lengths): steps where it is False lie past the
     sequence's end (``y`` NaN there); they add exactly 0 to the log-marginal, the
     smoother restarts at the last step inside, and the moments returned past the end are
-    the filter's predictions."""
-    m_p, P_p, m_f, P_f, ll = kalman_filter(view, y)
+    the filter's predictions. ``complete``: see :func:`kalman_filter`."""
+    m_p, P_p, m_f, P_f, ll = kalman_filter(view, y, complete)
     if time_mask is not None:
         ll = jnp.where(time_mask, ll, 0.0)
     means, covs, cross = rts_smoother(view, m_p, P_p, m_f, P_f, time_mask)
@@ -441,7 +445,9 @@ def _rows_times(m, A):
     return m @ A.T
 
 
-def kalman_smooth_shared(view: LinearGaussianView, c, e, y: jax.Array) -> GaussianPosterior:
+def kalman_smooth_shared(
+    view: LinearGaussianView, c, e, y: jax.Array, complete: bool = False
+) -> GaussianPosterior:
     """Filter + RTS for ``S`` sequences ``y`` ``(S, T, dy)`` that share the parameters
     and the missing-data pattern (offsets ``c``, ``e`` ``(S, T, dim)`` may differ): one
     covariance pass, then the means of all sequences together.
@@ -450,11 +456,11 @@ def kalman_smooth_shared(view: LinearGaussianView, c, e, y: jax.Array) -> Gaussi
     ``m_f,t = G_t m_p,t + g_t`` with ``G_t = I - K_t H_t`` and ``g_t = K_t (y_t - e_t)``
     (missing entries zero), so ``m_p,t+1 = F G_t m_p,t + (F g_t + c_t+1)``. Smoother:
     ``m_s,t = J_t m_s,t+1 + (m_f,t - J_t m_p,t+1)``. Everything but the two recursions is
-    computed for all steps at once; each loop step is one small product."""
+    computed for all steps at once; each loop step is one small product. ``complete``:
+    no missing entry at all (known when the program is traced)."""
     S = y.shape[0]
     mask = ~jnp.isnan(y)
-    whole = pattern_hint() == COMPLETE  # no missing entry at all (known at trace time)
-    P_f, K, Z1, Z2, logdet, J, covs, cross = _covariance_pass(view, mask[0], whole_rows=whole)
+    P_f, K, Z1, Z2, logdet, J, covs, cross = _covariance_pass(view, mask[0], whole_rows=complete)
     F, H = view.F, view.H
     dtype = F.dtype
     n_obs = jnp.sum(mask[0], -1).astype(dtype)
@@ -569,13 +575,22 @@ class KalmanSmoother(NamedTuple):
         >>> post = KalmanSmoother().smooth(sim["params"], lds, y=sim["y"], state_dim=2)
         >>> post.means.shape
         (20, 2)
+
+    ``data_pattern``: the missing-data pattern of the data (``ppl_dyn.infer._pattern``),
+    set by the drivers (``EM``, ``smooth``) through :meth:`with_data_pattern`, which know
+    the data: only the code path for that pattern is traced. None (the default, and
+    inside a user's own ``jit``): every path is traced and the data choose at run time.
     """
 
-    def compiler_options(self, backend: str):
-        """XLA options for the programs built around this E-step (EM steps, ``smooth``):
-        on the CPU, the loop emitter, which compiles these small-matrix programs in
-        about half the time (see ``_linalg.SMALL_MATRIX_CPU_OPTIONS``)."""
-        return la.small_matrix_compiler_options(backend)
+    data_pattern: Optional[str] = None
+
+    def with_data_pattern(self, pattern: Optional[str]) -> "KalmanSmoother":
+        """This E-step told the missing-data pattern of the data it will see."""
+        return self._replace(data_pattern=pattern)
+
+    # its programs are small-matrix work: the drivers' compile configuration picks the
+    # XLA options for that (``ppl_dyn.infer._compile.compiler_options``)
+    small_matrix_programs = True
 
     def posterior(
         self,
@@ -594,15 +609,17 @@ class KalmanSmoother(NamedTuple):
         del rng_key  # exact: no randomness
         # proves the model linear-Gaussian (or raises, naming what fits): trace time only
         form = linear_gaussian_form(ss, "KalmanSmoother", dtype=y.dtype)
+        hint = self.data_pattern
+        complete = hint == COMPLETE
 
         def one(y_s, u_s, mask_s=None):
-            return kalman_smooth_view(linear_gaussian_view(ss, u_s, form), y_s, mask_s)
+            view = linear_gaussian_view(ss, u_s, form)
+            return kalman_smooth_view(view, y_s, mask_s, complete)
 
         if form.time_varying:  # matrices change with each sequence's inputs
             if time_mask is None:
                 return jax.vmap(one)(y, u)
             return jax.vmap(one)(y, u, time_mask)
-        hint = pattern_hint()
         if time_mask is not None and hint == RAGGED and _ragged_pays(y, ss.state_dim):
             # complete up to each end: covariances depend on the length only
             views = jax.vmap(lambda u_s: linear_gaussian_view(ss, u_s, form))(u)
@@ -617,7 +634,7 @@ class KalmanSmoother(NamedTuple):
         view0 = jax.tree_util.tree_map(lambda a: a[0], views)
 
         def shared():
-            return kalman_smooth_shared(view0, views.c, views.e, y)
+            return kalman_smooth_shared(view0, views.c, views.e, y, complete)
 
         # sequences with the same missing-data pattern share every covariance; the
         # pattern is known at trace time under EM / smooth (only one path compiles)

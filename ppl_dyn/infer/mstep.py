@@ -26,6 +26,7 @@ import numpy as np
 import numpyro.distributions as dist
 
 from ppl_dyn.infer import _linalg as la
+from ppl_dyn.infer._run import accepts_keyword
 from ppl_dyn.infer.stats import InitStats, LinearStats, RegressionStats, sample_smoothed_paths
 from ppl_dyn.requirements import UnsupportedModelError, verify_structure
 from ppl_dyn.state_space import LinearStructure, Regression, inspect_model
@@ -379,6 +380,9 @@ class LinearGaussianMStep(NamedTuple):
             (conditional maximisation: weights given the current noise, then the
             noise); ``EMResult.objective`` is the log posterior, non-decreasing with an
             exact E-step. A prior of another family is refused by name.
+        data_pattern: the missing-data pattern of the data (``ppl_dyn.infer._pattern``),
+            set by the drivers through :meth:`with_data_pattern`; leave it None. A
+            posterior whose ``linear_statistics`` takes ``data_pattern=`` is given it.
         max_spectral_radius: a bound on the spectral radius of the linear part of the
             dynamics (``A`` of an LDS; the weights of ``x`` in RBF dynamics
             ``A [rho(x); x]``); None: unconstrained. An update beyond it is scaled back
@@ -392,6 +396,11 @@ class LinearGaussianMStep(NamedTuple):
     ridge: float = 0.0
     map_estimate: bool = False
     max_spectral_radius: Optional[float] = None
+    data_pattern: Optional[str] = None
+
+    def with_data_pattern(self, pattern: Optional[str]) -> "LinearGaussianMStep":
+        """This M-step told the missing-data pattern of the data it will see."""
+        return self._replace(data_pattern=pattern)
 
     def check(self, structure, free_names, method: str = "EM") -> None:
         """Raise if the model has free sites this M-step cannot estimate. ``method``
@@ -449,6 +458,8 @@ class LinearGaussianMStep(NamedTuple):
                 "returning LinearStats (GaussianPosterior, ParticlePosterior and "
                 "PARISPosterior have one; docs/plugins.md)"
             )
+        if self.data_pattern is not None and accepts_keyword(get, "data_pattern"):
+            return get(ss, y, u, time_mask, data_pattern=self.data_pattern)
         return get(ss, y, u, time_mask)
 
     def update(self, stats: LinearStats, ss, free, *, model=None, model_kwargs=None, **unused):

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppl_dyn._validation import check_rng_key
-from ppl_dyn.infer._pattern import assume_pattern, data_pattern
+from ppl_dyn.infer._pattern import COMPLETE, data_pattern
 from ppl_dyn.infer._run import hashable_items, jit_model, split_static
 from ppl_dyn.infer.em import EMResult, check_m_step, initial_params
 from ppl_dyn.infer.mstep import LinearGaussianMStep
@@ -326,8 +326,8 @@ def _make_pass(model, kernel, N, resampling, thr, m_step, every, B, static_items
     (params, S, outputs)``."""
     static = dict(static_items)
     free = frozenset(updated)
+    complete = pattern == COMPLETE  # known from the data: no imputation terms traced
 
-    @assume_pattern(pattern)
     def one_pass(params, S_prev, dynamic, key, gammas, n0, burn_in):
         kwargs = {**static, **dynamic}
         ss0, spec = bind(model, params, **kwargs)
@@ -349,7 +349,7 @@ def _make_pass(model, kernel, N, resampling, thr, m_step, every, B, static_items
 
         k_init, k_run = jax.random.split(key)
         x1, lw1, lz1, _ = filter_init(k_init, ss0, y[0], u[0], mask[0], N)
-        s1 = initial_tau(ss0, x1, u[0], y[0], mask[0])
+        s1 = initial_tau(ss0, x1, u[0], y[0], mask[0], complete)
         g1 = gammas[0].astype(dtype)
         tau1 = jax.tree_util.tree_map(lambda a, s: (1 - g1) * s + g1 * a, s1, S_prev)
 
@@ -390,6 +390,7 @@ def _make_pass(model, kernel, N, resampling, thr, m_step, every, B, static_items
                     m_t,
                     1 - g,
                     g,
+                    complete,
                 )
                 new = (xn, lwn, logZ + lz, taun)
                 out = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, c)

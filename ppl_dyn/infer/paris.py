@@ -47,13 +47,13 @@ and online EM (:mod:`ppl_dyn.infer.online`) the stochastic-approximation pair
 
 from __future__ import annotations
 
-from typing import NamedTuple, Union
+from typing import NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppl_dyn.infer._pattern import COMPLETE, pattern_hint
+from ppl_dyn.infer._pattern import COMPLETE
 from ppl_dyn.infer.backward import (
     BackwardKernel,
     backward_indices_hybrid,
@@ -166,13 +166,14 @@ def dynamics_terms(ss: StateSpace, x_prev_J, x_t, u_t) -> RegressionStats:
     return RegressionStats(S_zr, S_rr, S_zz, jnp.ones((N,), x_t.dtype))
 
 
-def emission_terms(ss: StateSpace, x_t, u_t, y_t, mask_t) -> RegressionStats:
+def emission_terms(ss: StateSpace, x_t, u_t, y_t, mask_t, complete=False) -> RegressionStats:
     """``s^emi(x_t^i)`` per particle: ``z = y_t`` (missing entries imputed from their
     conditional Gaussian given ``x_t^i`` and the observed entries), ``r = [psi(x_t); u_t;
-    1]``."""
+    1]``. ``complete``: the data have no missing entry (known when the program is
+    traced): the imputation is not traced."""
     st = ss.structure
     N = x_t.shape[0]
-    if pattern_hint() == COMPLETE:  # known at trace time: nothing to impute
+    if complete:
         Ey = jnp.broadcast_to(y_t, (N,) + y_t.shape).astype(x_t.dtype)
         Rc = jnp.zeros(y_t.shape * 2, x_t.dtype)
     else:
@@ -184,9 +185,9 @@ def emission_terms(ss: StateSpace, x_t, u_t, y_t, mask_t) -> RegressionStats:
     return RegressionStats(S_zr, S_rr, S_zz, jnp.ones((N,), x_t.dtype))
 
 
-def initial_tau(ss: StateSpace, x1, u1, y1, mask1) -> LinearStats:
+def initial_tau(ss: StateSpace, x1, u1, y1, mask1, complete=False) -> LinearStats:
     """``tau_1^i = s_1(x_1^i)``: emission and initial-state terms (no transition)."""
-    emi = emission_terms(ss, x1, u1, y1, mask1)
+    emi = emission_terms(ss, x1, u1, y1, mask1, complete)
     dyn = jax.tree_util.tree_map(jnp.zeros_like, dynamics_terms(ss, x1[:, None, :], x1, u1))
     init = InitStats(x1, x1[:, :, None] * x1[:, None, :], jnp.ones(x1.shape[:1], x1.dtype))
     return LinearStats(dyn, emi, init)
@@ -243,14 +244,15 @@ def paris_update(
     m_t,
     c_old=1.0,
     c_new=1.0,
+    complete=False,
 ):
     """``tau_t = c_old * (1/K) sum_k tau_{t-1}^{J^{i,k}} + c_new * s_t`` and the draw
-    diagnostics."""
+    diagnostics (``complete``: see :func:`emission_terms`)."""
     J, info = backward_draws(kernel, key, ss, x_prev, lw_prev, x_t, anc, u_t)
     old = jax.tree_util.tree_map(lambda a: jnp.mean(a[J], axis=1), tau_prev)
     new = LinearStats(
         dynamics_terms(ss, x_prev[J], x_t, u_t),
-        emission_terms(ss, x_t, u_t, y_t, m_t),
+        emission_terms(ss, x_t, u_t, y_t, m_t, complete),
         jax.tree_util.tree_map(jnp.zeros_like, tau_prev.init),
     )
     tau = jax.tree_util.tree_map(lambda a, b: c_old * a + c_new * b, old, new)
@@ -319,6 +321,7 @@ def paris_filter(
     resampling: str = "systematic",
     ess_threshold: float = 0.5,
     time_mask=None,
+    complete: bool = False,
 ) -> PARISOutput:
     """Bootstrap filter and PaRIS in one forward ``lax.scan`` (one sequence).
 
@@ -332,7 +335,8 @@ def paris_filter(
     values from the last step inside (a length-0 sequence gives zero statistics and
     log-marginal 0). The keys of step ``t`` do not depend on ``T`` (``jax.random.split``
     of a partitionable key), so the result equals the run on the sequence cut at its
-    length, to rounding.
+    length, to rounding. ``complete``: ``y`` has no missing entry (known when the program
+    is traced; see :func:`emission_terms`).
     """
     _require_structure(ss)
     kernel = kernel.check()
@@ -345,7 +349,7 @@ def paris_filter(
     back_keys = jax.random.split(k_b, max(T - 1, 0))
     valid = jnp.ones((T,), bool) if time_mask is None else jnp.asarray(time_mask, bool)
     x1, lw1, logZ1, ess1 = filter_init(k_init, ss, y[0], u[0], mask[0], num_particles)
-    tau1 = initial_tau(ss, x1, u[0], y[0], mask[0])
+    tau1 = initial_tau(ss, x1, u[0], y[0], mask[0], complete)
     tau1 = jax.tree_util.tree_map(lambda a: jnp.where(valid[0], a, 0.0), tau1)
     logZ1 = jnp.where(valid[0], logZ1, 0.0)
 
@@ -368,7 +372,7 @@ def paris_filter(
             noise=eps,
         )
         new_tau, info = paris_update(
-            kernel, k_back, ss, x_prev, lw_prev, tau, x, anc, u_t, y_t, m_t
+            kernel, k_back, ss, x_prev, lw_prev, tau, x, anc, u_t, y_t, m_t, complete=complete
         )
         new = (x, lw, logZ + step_lz, new_tau)
         # past the sequence's end: the carry stays (a select: the step may be junk)
@@ -410,6 +414,8 @@ class PARISSmoother(NamedTuple):
         ess_threshold: resample when ``ESS < ess_threshold * N``.
         num_mcmc_steps: MH moves per draw (``kernel="mcmc"``).
         max_trials: rejection rounds before the exact fallback (``kernel="hybrid"``).
+        data_pattern: the missing-data pattern of the data (``ppl_dyn.infer._pattern``),
+            set by the drivers through :meth:`with_data_pattern`; leave it None.
 
     Example:
         >>> import jax, ppl_dyn
@@ -433,6 +439,12 @@ class PARISSmoother(NamedTuple):
     ess_threshold: float = 0.5
     num_mcmc_steps: int = 1
     max_trials: int = 10
+    data_pattern: Optional[str] = None
+
+    def with_data_pattern(self, pattern: Optional[str]) -> "PARISSmoother":
+        """This E-step told the missing-data pattern of the data it will see (set by
+        the drivers, which know the data: complete data skip the imputation terms)."""
+        return self._replace(data_pattern=pattern)
 
     def backward_kernel(self) -> BackwardKernel:
         if isinstance(self.kernel, BackwardKernel):
@@ -465,6 +477,7 @@ class PARISSmoother(NamedTuple):
                 self.resampling,
                 self.ess_threshold,
                 mask_s,
+                self.data_pattern == COMPLETE,
             )
 
         out = jax.vmap(one)(keys, y, u, time_mask)

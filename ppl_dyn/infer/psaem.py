@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ppl_dyn.infer._pattern import with_data_pattern
 from ppl_dyn.infer.cpf import CPFAS
 from ppl_dyn.infer.em import EM, EMResult
 from ppl_dyn.infer.mstep import GradientMStep, LinearGaussianMStep
@@ -129,6 +130,10 @@ class StochasticApproximation:
             step_size = tuple(float(g) for g in np.ravel(step_size))
         self.m_step = m_step
         self.step_size = step_size
+
+    def with_data_pattern(self, pattern):
+        """This M-step with the wrapped one told the data's missing-data pattern."""
+        return type(self)(with_data_pattern(self.m_step, pattern), self.step_size)
 
     # The compiled EM step depends on the wrapped M-step only (the step sizes travel in
     # the state), so two schedules share one compilation: equality and hash say so.

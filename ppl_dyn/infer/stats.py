@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from ppl_dyn.infer import _linalg as la
-from ppl_dyn.infer._pattern import COMPLETE, RAGGED, pattern_hint
+from ppl_dyn.infer._pattern import COMPLETE, RAGGED
 from ppl_dyn.state_space import StateSpace, mask_covariance
 
 
@@ -123,7 +123,9 @@ def keep(valid, a):
     return jnp.where(valid.reshape(valid.shape + (1,) * (a.ndim - 1)), a, jnp.zeros((), a.dtype))
 
 
-def gaussian_linear_statistics(post, ss: StateSpace, y, u, time_mask=None) -> LinearStats:
+def gaussian_linear_statistics(
+    post, ss: StateSpace, y, u, time_mask=None, data_pattern=None
+) -> LinearStats:
     """Statistics for the regression M-step under a Gaussian posterior (batched ``S``).
 
     Dynamics: ``z = x_t``, ``r = [phi(x_{t-1}); u_t; 1]``; emission: ``z = y_t``
@@ -135,6 +137,10 @@ def gaussian_linear_statistics(post, ss: StateSpace, y, u, time_mask=None) -> Li
     sequence's end and contribute nothing: no emission term, no transition into them,
     and a sequence of length 0 (internal padding) not even an initial-state term. The
     pooled statistics then equal the sum over the sequences cut at their lengths.
+
+    ``data_pattern`` (``ppl_dyn.infer._pattern``): the missing-data pattern when it is
+    known as the program is traced (the driver knows it); only the path for it (with or
+    without imputation terms) is traced. None: both, chosen at run time.
     """
     st = ss.structure
     if st is None:
@@ -200,9 +206,8 @@ def gaussian_linear_statistics(post, ss: StateSpace, y, u, time_mask=None) -> Li
         return sum_stats(per_seq)
 
     # imputation costs a dy x dy factorisation per step: skip it when nothing is missing
-    hint = pattern_hint()
-    if hint is not None:  # known at trace time (EM): compile one path only
-        return run(hint not in (COMPLETE, RAGGED))
+    if data_pattern is not None:  # known at trace time (EM): compile one path only
+        return run(data_pattern not in (COMPLETE, RAGGED))
     mask = jnp.ones(y.shape[:2], bool) if time_mask is None else time_mask
     missing = jnp.any(jnp.isnan(y) & mask[..., None])
     return jax.lax.cond(missing, lambda: run(True), lambda: run(False))
