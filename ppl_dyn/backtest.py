@@ -20,7 +20,6 @@ shapes only runs it.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Sequence
 
 import jax
@@ -30,13 +29,8 @@ from blackjax.smc import resampling as bj_resampling
 
 from ppl_dyn._validation import check_rng_key
 from ppl_dyn.infer import _linalg as la
-from ppl_dyn.infer._run import (
-    hashable_items,
-    jit_model,
-    prepare_eager,
-    split_static,
-    validate_data,
-)
+from ppl_dyn.infer._compile import cached_program, jit_model
+from ppl_dyn.infer._run import prepare_eager, split_static, static_items, validate_data
 from ppl_dyn.infer.particle import particle_filter
 from ppl_dyn.requirements import UnsupportedModelError, linear_gaussian_form
 from ppl_dyn.state_space import bind
@@ -175,12 +169,9 @@ def backtest(
         "kalman" if type(e_step).__name__ == "KalmanSmoother" else type(e_step).__name__
     )  # fmt: skip
     dynamic, static = split_static(kwargs)
-    items = hashable_items(static)
     config = (horizons, float(level), int(num_paths), int(num_particles))
-    if items is None:
-        fn = _make_forecaster(model, e_step, tuple(static.items()), config)
-    else:
-        fn = _cached_forecaster(model, e_step, items, config)
+    args = (model, e_step, static_items(static), config)
+    fn = cached_program(("forecaster",) + args, lambda: _make_forecaster(*args))
     free = {k: v for k, v in params.items()}
     # (S, K', T, dy) each, K' the horizons; targets and scores on the host
     mean, median, lower, upper, crps = (np.asarray(a) for a in fn(rng_key, free, dynamic))
@@ -275,8 +266,3 @@ def _make_forecaster(model, e_step, static_items, config):
         return means, qs[0], qs[1], qs[2], jnp.stack(rows, axis=1)
 
     return jit_model(run, e_step)
-
-
-@functools.lru_cache(maxsize=32)
-def _cached_forecaster(model, e_step, static_items, config):
-    return _make_forecaster(model, e_step, static_items, config)

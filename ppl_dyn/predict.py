@@ -18,7 +18,6 @@ confident and are wrong; :func:`predict` warns when it happens and says what to 
 
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import NamedTuple, Optional, Sequence
 
@@ -29,7 +28,8 @@ from blackjax.smc import resampling as bj_resampling
 
 from ppl_dyn._validation import check_rng_key
 from ppl_dyn.infer import _linalg as la
-from ppl_dyn.infer._run import hashable_items, jit_model, split_static, validate_data
+from ppl_dyn.infer._compile import cached_program, jit_model
+from ppl_dyn.infer._run import split_static, static_items, validate_data
 from ppl_dyn.infer.particle import particle_filter
 from ppl_dyn.requirements import UnsupportedModelError, linear_gaussian_form
 from ppl_dyn.state_space import bind
@@ -115,13 +115,9 @@ def predict(
     )  # fmt: skip
 
     dynamic, static = split_static(validate_data(dict(model_kwargs, y=y)))
-    items = hashable_items(static)
     config = (method, K, int(num_particles), gaussian)
-    e_arg = e_step if gaussian else None
-    if items is None:
-        fn = _make_predictor(model, e_arg, tuple(static.items()), config)
-    else:
-        fn = _cached_predictor(model, e_arg, items, config)
+    args = (model, e_step if gaussian else None, static_items(static), config)
+    fn = cached_program(("predictor",) + args, lambda: _make_predictor(*args))
     m, means, lo, hi, lm, min_ess = fn(rng_key, dict(params), dynamic)
     if not gaussian:
         _warn_if_degenerate(np.asarray(min_ess), num_particles)
@@ -205,11 +201,6 @@ def _make_predictor(model, e_step, static_items, config):
         return jax.vmap(one)(keys, y_all, u_all, jnp.arange(S))
 
     return jit_model(run, e_step)
-
-
-@functools.lru_cache(maxsize=32)
-def _cached_predictor(model, e_step, static_items, config):
-    return _make_predictor(model, e_step, static_items, config)
 
 
 def _warn_if_degenerate(min_ess: np.ndarray, num_particles: int) -> None:

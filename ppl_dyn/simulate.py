@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, Optional
 
 import jax
@@ -10,13 +9,8 @@ import numpy as np
 from numpyro import handlers
 
 from ppl_dyn._validation import check_rng_key, device_array
-from ppl_dyn.infer._run import (
-    hashable_items,
-    inspect_checked,
-    is_array,
-    split_static,
-    without_validation,
-)
+from ppl_dyn.infer._compile import cached_program, without_validation
+from ppl_dyn.infer._run import inspect_checked, is_array, split_static, static_items
 from ppl_dyn.state_space import is_markov_site
 
 
@@ -67,9 +61,8 @@ def simulate(
     # name: inside the compiled draw a bad value would only give NaN
     inspect_checked(model, given, False, **model_kwargs)
     dynamic, static = split_static(model_kwargs)
-    items = hashable_items(static)
-    make = _simulator if items is not None else _simulator.__wrapped__
-    fn = make(model, items if items is not None else tuple(static.items()))
+    items = static_items(static)
+    fn = cached_program(("simulator", model, items), lambda: _simulator(model, items))
     values = {k: device_array(np.asarray(v)) if not is_array(v) else v for k, v in given.items()}
     result, drawn = fn(rng_key, values, dynamic)
     if not isinstance(result, dict):
@@ -77,7 +70,6 @@ def simulate(
     return {**result, "params": drawn}
 
 
-@functools.lru_cache(maxsize=64)
 def _simulator(model, static_items):
     """The model's draw, compiled once per model, static arguments and shapes: the
     parameters (given or drawn from their priors inside), the states and observations."""

@@ -41,6 +41,7 @@ from ppl_dyn._validation import check_observations, device_array, is_concrete
 from ppl_dyn.features import Features, features_named
 from ppl_dyn.requirements import (
     abstract_distribution,
+    additive_gaussian,
     gaussian_form,
     gaussian_moments,
     is_gaussian,
@@ -531,6 +532,24 @@ def masked_gaussian_logpdf(y, mean, cov, mask):
     logdet = la.log_det_from_cholesky(L)
     n_obs = jnp.sum(mask.astype(cov.dtype), -1)
     return -0.5 * (jnp.sum(z**2, -1) + logdet + n_obs * jnp.log(2 * jnp.pi))
+
+
+def emission_log_lik(ss: "StateSpace", x, u_t, y_t, mask_t):
+    """``log p(y_t | x)`` for particles ``x`` ``(N, dx)``, observed entries only (the
+    particle E-steps and the gradient M-step evaluate it).
+
+    A Gaussian emission whose covariance does not depend on the state (proved from the
+    traced model, :func:`~ppl_dyn.requirements.additive_gaussian`): one factorisation
+    per step serves all particles, and missing entries are marginalised exactly. Other
+    models use their own distributions (which may depend on ``x``).
+    """
+    d = ss.emission(x, u_t)
+    yf = jnp.where(mask_t, y_t, 0.0)
+    if additive_gaussian(ss, "emission"):
+        cov = ss.emission_cov(u_t)
+        ll = masked_gaussian_logpdf(yf, d.mean, cov, mask_t)
+        return jnp.broadcast_to(ll, x.shape[:1])
+    return masked_log_prob(d, yf, mask_t)  # any family; missing entries drop out
 
 
 def _sample_latent(spec: MarkovSpec, noncentered: bool = False):

@@ -13,6 +13,7 @@ from scipy import stats
 import ppl_dyn
 from ppl_dyn.backtest import crps_samples
 from ppl_dyn.infer import ExtendedKalmanSmoother
+from ppl_dyn.infer._compile import _PROGRAMS
 from ppl_dyn.models import lds, tanh_rnn
 
 P = {"A": np.array([[0.8, 0.2], [-0.3, 0.7]]), "C": np.array([[1.0, 0.5]]),
@@ -91,16 +92,12 @@ def test_intervals_are_calibrated_on_data_from_the_model():
 
 
 def test_one_compilation_for_new_parameters_and_data():
-    import importlib
-
-    bt_mod = importlib.import_module("ppl_dyn.backtest")  # (ppl_dyn.backtest: the function)
-
     y1 = np.asarray(ppl_dyn.simulate(jax.random.key(5), lds, P, num_steps=30, state_dim=2,
                                      obs_dim=1)["y"])  # fmt: skip
     kw = dict(state_dim=2, horizons=(1, 3), num_paths=200, rng_key=jax.random.key(0))
     a = ppl_dyn.backtest(P, lds, y=y1, **kw)
-    fn = bt_mod._cached_forecaster(lds, a_filter(), (("state_dim", 2),),
-                                   ((1, 3), 0.9, 200, 1000))  # fmt: skip
+    fn = _PROGRAMS[("forecaster", lds, a_filter(), (("state_dim", 2),),
+                    ((1, 3), 0.9, 200, 1000))]  # fmt: skip
     before = fn._cache_size()
     b = ppl_dyn.backtest(dict(P, R=np.array([[0.6]])), lds, y=y1[::-1].copy(), **kw)
     assert fn._cache_size() == before >= 1  # the same program ran again
@@ -145,16 +142,14 @@ def test_bad_arguments_are_named(kwargs, problem):
 def test_predict_compiles_once_for_new_parameters_and_data():
     """ppl_dyn.predict: one compiled program per model, filter and sizes (each call
     used to compile again: 6-20 s)."""
-    import importlib
 
     from ppl_dyn.infer import KalmanSmoother
 
-    pr = importlib.import_module("ppl_dyn.predict")
     y = np.asarray(ppl_dyn.simulate(jax.random.key(8), lds, P, num_steps=30, state_dim=2,
                                     obs_dim=1)["y"])  # fmt: skip
     a = ppl_dyn.predict(P, lds, y=y, state_dim=2, horizons=(1, 3), rng_key=jax.random.key(0))
-    fn = pr._cached_predictor(lds, KalmanSmoother(), (("state_dim", 2),),
-                              ("rollout", 3, 1000, True))  # fmt: skip
+    fn = _PROGRAMS[("predictor", lds, KalmanSmoother(), (("state_dim", 2),),
+                    ("rollout", 3, 1000, True))]  # fmt: skip
     before = fn._cache_size()
     b = ppl_dyn.predict(dict(P, R=np.array([[0.6]])), lds, y=y[::-1].copy(), state_dim=2,
                         horizons=(1, 3), rng_key=jax.random.key(1))  # fmt: skip

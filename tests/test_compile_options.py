@@ -12,7 +12,11 @@ import numpy as np
 
 import ppl_dyn
 from ppl_dyn.infer import EM, ExtendedKalmanSmoother, KalmanSmoother, ParticleSmoother
-from ppl_dyn.infer._compile import SMALL_MATRIX_CPU_OPTIONS, small_matrix_compiler_options
+from ppl_dyn.infer._compile import (
+    SMALL_MATRIX_CPU_OPTIONS,
+    clear_programs,
+    small_matrix_compiler_options,
+)
 from ppl_dyn.infer._run import compiler_options, jit_model
 from ppl_dyn.models import lds
 
@@ -47,9 +51,7 @@ def test_kalman_options_apply_on_cpu_only():
 
 
 def test_tuned_em_step_equals_default_compilation_and_runs_inside_jit():
-    from ppl_dyn.infer import em as em_mod
-
-    em_mod._cached_step.cache_clear()  # counted below: none compiled by earlier tests
+    clear_programs()  # counted below: none compiled by earlier tests
     params, y = _data()
     em = EM(lds, KalmanSmoother())
     state = em.init(jax.random.key(0), y=y, state_dim=2)

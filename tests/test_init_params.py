@@ -8,6 +8,7 @@ import pytest
 
 import ppl_dyn.infer.em as em_mod
 from ppl_dyn.infer import EM, KalmanSmoother
+from ppl_dyn.infer._compile import clear_programs
 from ppl_dyn.models import lds
 
 
@@ -88,7 +89,7 @@ def test_compile_ahead_gives_the_same_fit_and_one_compilation(monkeypatch):
     assert real(step, _values(rng), dynamic, jax.random.key(4), ()) is None
 
     monkeypatch.setattr(em_mod, "compile_ahead", lambda *a: None)
-    em_mod._cached_step.cache_clear()
+    clear_programs()
     plain = em.run(jax.random.key(4), 5, y=y, state_dim=2, init_params=init, progress_bar=False)
     np.testing.assert_array_equal(ahead.log_marginals, plain.log_marginals)
     for k in plain.params:
@@ -98,7 +99,7 @@ def test_compile_ahead_gives_the_same_fit_and_one_compilation(monkeypatch):
     # signature other than the lowered one would compile it again, unseen by the cache
     # count above). Everything else is warm from the runs above.
     monkeypatch.setattr(em_mod, "compile_ahead", real)
-    em_mod._cached_step.cache_clear()
+    clear_programs()
     compiles = []
 
     def listen(event, duration, **kw):

@@ -7,14 +7,17 @@ How our programs are compiled is decided here, not in the algorithm code:
 * :func:`compiler_options`: E-steps only declare that their programs are small-matrix
   work (``small_matrix_programs = True``); on the CPU that selects XLA's loop emitter;
 * :func:`compile_ahead`: ``EM.run`` compiles its step in a background thread while it
-  validates the starting values.
+  validates the starting values;
+* :func:`cached_program`: one cache of the built programs (EM steps, smoothers, online
+  EM passes, SGD steps, predictors), keyed by what they are built from.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import threading
-from typing import Optional
+from typing import Any, Callable, Hashable, Optional
 
 import jax
 import numpy as np
@@ -27,6 +30,8 @@ __all__ = [
     "compiler_options",
     "small_matrix_compiler_options",
     "compile_ahead",
+    "cached_program",
+    "clear_programs",
     "SMALL_MATRIX_CPU_OPTIONS",
 ]
 
@@ -144,3 +149,32 @@ def compile_ahead(step, init_params, dynamic, rng_key, extra):
     thread = threading.Thread(target=work, name="ppl_dyn-compile-ahead", daemon=True)
     thread.start()
     return thread
+
+
+_PROGRAMS: "collections.OrderedDict[Hashable, Any]" = collections.OrderedDict()
+MAX_PROGRAMS = 256  # the least recently used program is dropped beyond this
+
+
+def cached_program(key: Hashable, build: Callable[[], Any]):
+    """``build()``, cached under ``key``: the drivers' programs are jitted functions
+    built from a model, plug-ins and static arguments, and JAX's own caches only hit
+    for the same function object. A key that cannot be hashed (a static argument that
+    is an unhashable value) builds afresh each call. ``key`` starts with the builder's
+    name, so that two kinds of program never share an entry."""
+    try:
+        hash(key)
+    except TypeError:
+        return build()
+    if key in _PROGRAMS:
+        _PROGRAMS.move_to_end(key)
+        return _PROGRAMS[key]
+    value = build()
+    _PROGRAMS[key] = value
+    if len(_PROGRAMS) > MAX_PROGRAMS:
+        _PROGRAMS.popitem(last=False)
+    return value
+
+
+def clear_programs() -> None:
+    """Forget every cached program (tests that count compilations start here)."""
+    _PROGRAMS.clear()

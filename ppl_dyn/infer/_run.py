@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Any
 
@@ -10,7 +9,12 @@ import jax
 import numpy as np
 
 from ppl_dyn._validation import check_inputs, check_observations, check_params
-from ppl_dyn.infer._compile import compiler_options, jit_model, without_validation  # noqa: F401
+from ppl_dyn.infer._compile import (  # noqa: F401  (re-exported: callers import them here)
+    cached_program,
+    compiler_options,
+    jit_model,
+    without_validation,
+)
 from ppl_dyn.infer._pattern import data_pattern, with_data_pattern
 from ppl_dyn.state_space import bind, inspect_model
 
@@ -33,6 +37,14 @@ def hashable_items(static: dict):
         return items
     except TypeError:
         return None
+
+
+def static_items(static: dict) -> tuple:
+    """The static arguments as a tuple for a program's cache key
+    (:func:`~ppl_dyn.infer._compile.cached_program`): sorted when they can be hashed,
+    else as given (the key then cannot be hashed and the program is built afresh)."""
+    items = hashable_items(static)
+    return tuple(static.items()) if items is None else items
 
 
 def _as_float_dtype(dtypes):
@@ -282,12 +294,8 @@ def smooth_eager(e_step, params, model, args, kwargs, rng_key=None, lengths=None
     kwargs, time_mask = ragged_data(kwargs, lengths)
     _, spec = prepare_eager(model, params, args, kwargs, check)
     dynamic, static = split_static(validate_data(kwargs))
-    items = hashable_items(static)
-    pattern = data_pattern(dynamic.get("y"), time_mask)
-    if items is None:
-        fn = _make_smoother(model, e_step, tuple(static.items()), pattern)
-    else:
-        fn = _cached_smoother(model, e_step, items, pattern)
+    args = (model, e_step, static_items(static), data_pattern(dynamic.get("y"), time_mask))
+    fn = cached_program(("smoother",) + args, lambda: _make_smoother(*args))
     key = jax.random.key(0) if rng_key is None else rng_key
     extra = () if time_mask is None else (time_mask,)
     post = fn(dict(params), dynamic, key, *extra)
@@ -338,11 +346,6 @@ def _make_smoother(model, e_step, static_items, pattern=None):
         return posterior_with_mask(e_step, rng_key, ss, spec.y, spec.u, time_mask)
 
     return jit_model(run, e_step)
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_smoother(model, e_step, static_items, pattern=None):
-    return _make_smoother(model, e_step, static_items, pattern)
 
 
 def site_shapes(model, kwargs) -> tuple[dict, Any]:

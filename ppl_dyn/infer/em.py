@@ -2,29 +2,28 @@
 
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from ppl_dyn._validation import check_params, check_rng_key, check_some_observed, device_array
-from ppl_dyn.infer._compile import compile_ahead
+from ppl_dyn.infer._compile import cached_program, compile_ahead
+from ppl_dyn.infer._loop import run_loop
 from ppl_dyn.infer._mesh import MeshAxes, mesh_axes
 from ppl_dyn.infer._pattern import data_pattern, with_data_pattern
 from ppl_dyn.infer._run import (
     adapt_params,
     check_mask_support,
-    hashable_items,
     inspect_checked,
     jit_model,
     mask_arg,
     pad_to_multiple,
     ragged_data,
     split_static,
+    static_items,
     statistics_with_mask,
     validate_data,
 )
@@ -315,30 +314,26 @@ class EM:
         lps: list[float] = []
         history: list[dict] = []
         floor_counts: dict = {}
-        converged = False
         method = self._method
-        bar = tqdm(range(num_iters), disable=not progress_bar, desc=method, leave=False)
         map_estimate = bool(getattr(self.m_step, "map_estimate", False))
         key = state.rng_key
-        e_state, m_state = state.e_state, state.m_state
+        last = [(params, state.e_state, state.m_state)]  # the accepted iterate
 
-        def launch(it, params, e_state, m_state):
+        def launch(it, carry):
             """Dispatch iteration ``it`` (asynchronous: returns before it has run)."""
+            params, e_state, m_state = carry
             fn = step
             if e_step_schedule is not None:
                 fn, _ = self._compiled(kwargs, e_step_schedule(it), time_mask, pattern)
             it = np.int32(state.iteration + it)
             return fn(params, dynamic, key, it, *extra, e_state=e_state, m_state=m_state)
 
-        pending = launch(0, params, e_state, m_state)
-        for it in bar:
+        def carry_of(pending):
+            new_params, *_, e_state, m_state = pending
+            return new_params, e_state, m_state
+
+        def accept(it, pending):
             new_params, ll, floors, finite, lp, e_state, m_state = pending
-            if it + 1 < num_iters:
-                # the next iteration is queued before this one's results are read, so the
-                # device never waits for the host's checks and dispatch (0.25 ms an
-                # iteration at dx=2, T=1000); it is dropped when the run stops here
-                # (convergence or an error): at most one iteration's work is wasted
-                pending = launch(it + 1, new_params, e_state, m_state)
             ll, floors, finite, lp = host_values((ll, floors, finite, lp))  # one transfer
             ll, lp = float(ll), float(lp)
             finite = {k: bool(v) for k, v in finite.items()}
@@ -356,18 +351,25 @@ class EM:
                 floor_counts[k] = floor_counts.get(k, 0) + int(v)
             lls.append(ll)
             lps.append(lp)
-            params = new_params
+            last[0] = (new_params, e_state, m_state)
             if keep_params_history:
-                history.append(params)
+                history.append(new_params)
             if callback is not None:
-                callback(it, params, e_state, m_state)
-            if progress_bar and (it % 10 == 0 or it == num_iters - 1):
-                bar.set_postfix(log_marginal=f"{ll:.4f}", refresh=False)
-            objective = np.add(lls, lps) if map_estimate else lls
-            if rtol is not None and _converged(objective, rtol, smoothing_window):
-                converged = True
-                break
-        bar.close()
+                callback(it, new_params, e_state, m_state)
+            return (ll + lp if map_estimate else ll), ll
+
+        _, converged = run_loop(
+            launch,
+            carry_of,
+            accept,
+            last[0],
+            num_iters,
+            desc=method,
+            progress_bar=progress_bar,
+            rtol=rtol,
+            smoothing_window=smoothing_window,
+        )
+        params, e_state, m_state = last[0]
         warn_floors(method, floor_counts)
         params = host_values(params) if mesh is not None else params
         final = EMState(params, state.iteration + len(lls), key, e_state, m_state)
@@ -397,14 +399,11 @@ class EM:
         e_step = self.e_step if e_step is None else e_step
         check_mask_support(self.m_step, time_mask)
         dynamic, static = split_static(kwargs)
-        items = hashable_items(static)
+        items = static_items(static)
         if pattern is None:  # (given when the processes agreed on it)
             pattern = data_pattern(dynamic.get("y"), time_mask)
-        if items is None:
-            fn = _make_step(self.model, e_step, self.m_step, tuple(static.items()), pattern)
-        else:
-            fn = _cached_step(self.model, e_step, self.m_step, items, pattern)
-        return fn, dynamic
+        args = (self.model, e_step, self.m_step, items, pattern)
+        return cached_program(("em_step",) + args, lambda: _make_step(*args)), dynamic
 
     def _initial_states(self, params, kwargs, time_mask=None, num_iters=None):
         """``(e_state, m_state)``: the stateful plug-ins' first states (``()`` for a
@@ -439,15 +438,6 @@ def warn_floors(method: str, floor_counts: dict, stacklevel: int = 3) -> None:
             RuntimeWarning,
             stacklevel=stacklevel,
         )
-
-
-def _converged(lls, rtol, window) -> bool:
-    if window is None:
-        return len(lls) > 1 and abs(lls[-1] - lls[-2]) <= rtol * abs(lls[-2])
-    if len(lls) < 2 * window:
-        return False
-    new, old = np.mean(lls[-window:]), np.mean(lls[-2 * window : -window])
-    return abs(new - old) <= rtol * abs(old)
 
 
 def check_m_step(m_step, info, method: str = "EM", model=None) -> None:
@@ -610,11 +600,6 @@ def _log_prior(m_step, params, model, kwargs):
     if fn is None or not getattr(m_step, "map_estimate", False):
         return jnp.zeros(())
     return fn(params, model, kwargs)
-
-
-@functools.lru_cache(maxsize=128)
-def _cached_step(model, e_step, m_step, static_items, pattern=None):
-    return _make_step(model, e_step, m_step, static_items, pattern)
 
 
 def shard_sequences(mesh, params: dict, dynamic: dict, mask_arg: tuple, process_local=False):

@@ -29,7 +29,7 @@ from ppl_dyn.infer import _linalg as la
 from ppl_dyn.infer._run import accepts_keyword
 from ppl_dyn.infer.stats import InitStats, LinearStats, RegressionStats, sample_smoothed_paths
 from ppl_dyn.requirements import UnsupportedModelError, verify_structure
-from ppl_dyn.state_space import LinearStructure, Regression, inspect_model
+from ppl_dyn.state_space import LinearStructure, Regression, emission_log_lik, inspect_model
 
 
 def floor_covariance(P, rel_floor):
@@ -604,8 +604,6 @@ class GradientMStep(NamedTuple):
 def complete_data_log_lik(ss, traj, y, u, time_mask=None):
     """``sum_{s,m} log p(x^{s,m}, y^s)`` for trajectories ``(S, M, T, dx)``; with a
     ``time_mask`` ``(S, T)`` (ragged lengths) only the steps inside each sequence."""
-    from ppl_dyn.infer.particle import emission_log_lik
-
     if time_mask is None:
         time_mask = jnp.ones(y.shape[:2], bool)
 

@@ -26,7 +26,6 @@ information about them beyond its first step (their statistic decays like
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, NamedTuple, Optional, Union
 
 import jax
@@ -34,8 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppl_dyn._validation import check_rng_key
+from ppl_dyn.infer._compile import cached_program, jit_model
+from ppl_dyn.infer._loop import run_loop
 from ppl_dyn.infer._pattern import COMPLETE, data_pattern
-from ppl_dyn.infer._run import hashable_items, jit_model, split_static
+from ppl_dyn.infer._run import split_static, static_items
 from ppl_dyn.infer.em import EMResult, check_m_step, initial_params
 from ppl_dyn.infer.mstep import LinearGaussianMStep
 from ppl_dyn.infer.paris import (
@@ -210,6 +211,7 @@ class OnlineEM:
         rng_key: jax.Array,
         *,
         init_params: Union[dict, EMResult, None] = None,
+        progress_bar: bool = True,
         **kwargs,
     ) -> OnlineEMResult:
         """One or more passes of online EM over ``y`` (one sequence, ``(T, dy)``).
@@ -219,6 +221,7 @@ class OnlineEM:
                 backward draws).
             init_params: starting values (dict or :class:`EMResult`); missing free sites
                 are drawn from their priors.
+            progress_bar: show a tqdm progress bar over the passes.
             **kwargs: the model's arguments (``y=...``, ``state_dim=...``, ...).
         """
         check_rng_key(rng_key)
@@ -250,9 +253,7 @@ class OnlineEM:
         B = -(-(T - 1) // self.update_every)
         gammas = self.step_sizes(self.num_passes * T).reshape(self.num_passes, T)
         dynamic, static = split_static(kwargs)
-        items = hashable_items(static)
-        make = _cached_pass if items is not None else _make_pass
-        fn = make(
+        args = (
             self.model,
             self.kernel,
             self.num_particles,
@@ -261,10 +262,11 @@ class OnlineEM:
             self.m_step,
             self.update_every,
             B,
-            items if items is not None else tuple(static.items()),
+            static_items(static),
             updated,
             data_pattern(dynamic.get("y")),
         )
+        fn = cached_program(("online_em_pass",) + args, lambda: _make_pass(*args))
         # the averaged statistic carried between passes (zeros before the first: with
         # tau_1 = (1 - gamma_1) S_prev + gamma_1 s_1 the start is forgotten at gamma_1 = 1)
         x0 = jnp.zeros((1, spec.state_dim), spec.y.dtype)
@@ -276,11 +278,15 @@ class OnlineEM:
         )
         S_prev = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         blocks, lls, floor_counts = [], [], {}
-        for p in range(self.num_passes):
+        last = [(params, S_prev)]  # the accepted pass's parameters and statistic
+
+        def launch(p, carry):  # one compiled pass (asynchronous)
+            params, S_prev = carry
             key = jax.random.fold_in(run_key, p)
-            params, S_prev, out = fn(
-                params, S_prev, dynamic, key, jnp.asarray(gammas[p]), p * T, self.burn_in
-            )
+            return fn(params, S_prev, dynamic, key, jnp.asarray(gammas[p]), p * T, self.burn_in)
+
+        def accept(p, pending):
+            params, S_prev, out = pending
             out = jax.tree_util.tree_map(np.asarray, out)
             blocks.append(out)
             lls.append(float(out["log_marginal"]))
@@ -289,6 +295,19 @@ class OnlineEM:
             if not all(np.all(np.isfinite(np.asarray(v))) for v in params.values()):
                 bad = [k for k, v in params.items() if not np.all(np.isfinite(np.asarray(v)))]
                 raise FloatingPointError(f"online EM pass {p}: non-finite values for {bad}")
+            last[0] = (params, S_prev)
+            return lls[-1], lls[-1]
+
+        run_loop(
+            launch,
+            lambda pending: pending[:2],
+            accept,
+            last[0],
+            self.num_passes,
+            desc="OnlineEM",
+            progress_bar=progress_bar,
+        )
+        params, S_prev = last[0]
         cat = {k: np.concatenate([b[k] for b in blocks]) for k in ("step", "lp", "dtheta", "upd")}
         traj = {k: np.concatenate([b["traj"][k] for b in blocks]) for k in updated}
         smooth = np.empty_like(cat["lp"])
@@ -429,11 +448,6 @@ def _make_pass(model, kernel, N, resampling, thr, m_step, every, B, static_items
         return params, weighted_sum(tau, lw), rec
 
     return jit_model(one_pass)
-
-
-@functools.lru_cache(maxsize=32)
-def _cached_pass(*args):
-    return _make_pass(*args)
 
 
 __all__ = ["OnlineEM", "OnlineEMMonitor", "OnlineEMResult"]

@@ -18,7 +18,6 @@ Cholesky factor of the noise covariance per step; other transitions use their ow
 
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import NamedTuple, Optional
 
@@ -27,8 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
 
+from ppl_dyn._validation import check_rng_key
 from ppl_dyn.infer import _linalg as la
+from ppl_dyn.infer._compile import cached_program, jit_model
 from ppl_dyn.infer._mesh import MeshAxes, mesh_axes
+from ppl_dyn.infer._run import prepare_eager, ragged_data, split_static, static_items
 from ppl_dyn.infer.backward import (
     DEFAULT_MAX_TRIALS,
     BackwardKernel,
@@ -41,9 +43,9 @@ from ppl_dyn.infer.stats import InitStats, LinearStats, RegressionStats, keep, s
 from ppl_dyn.requirements import additive_gaussian
 from ppl_dyn.state_space import (
     StateSpace,
+    bind,
+    emission_log_lik,
     mask_covariance,
-    masked_gaussian_logpdf,
-    masked_log_prob,
 )
 
 
@@ -119,23 +121,6 @@ class ParticlePosterior(NamedTuple):
 # --------------------------------------------------------------------------------------
 # log-densities through the bridge
 # --------------------------------------------------------------------------------------
-
-
-def emission_log_lik(ss: StateSpace, x, u_t, y_t, mask_t):
-    """``log p(y_t | x)`` for particles ``x`` ``(N, dx)``, observed entries only.
-
-    A Gaussian emission whose covariance does not depend on the state (proved from the
-    traced model, :func:`~ppl_dyn.requirements.additive_gaussian`): one factorisation
-    per step serves all particles, and missing entries are marginalised exactly. Other
-    models use their own distributions (which may depend on ``x``).
-    """
-    d = ss.emission(x, u_t)
-    yf = jnp.where(mask_t, y_t, 0.0)
-    if additive_gaussian(ss, "emission"):
-        cov = ss.emission_cov(u_t)
-        ll = masked_gaussian_logpdf(yf, d.mean, cov, mask_t)
-        return jnp.broadcast_to(ll, x.shape[:1])
-    return masked_log_prob(d, yf, mask_t)  # any family; missing entries drop out
 
 
 def pairwise_transition_log_prob(ss: StateSpace, x_next, x_prev, u_next):
@@ -795,8 +780,6 @@ class ParticleSmoother(NamedTuple):
 
         Ragged sequences: lists of arrays or ``lengths=``, as in
         :meth:`KalmanSmoother.smooth` (the posterior is padded to the longest)."""
-        from ppl_dyn._validation import check_rng_key
-        from ppl_dyn.infer._run import hashable_items, prepare_eager, ragged_data, split_static
 
         check_rng_key(rng_key)
         self._check()
@@ -805,9 +788,8 @@ class ParticleSmoother(NamedTuple):
         has_u = kwargs.get("u") is not None
         rest = {k: v for k, v in kwargs.items() if k not in ("y", "u")}
         dynamic, static = split_static(rest)
-        items = hashable_items(static)
-        make = _smooth_kernel if items is not None else _smooth_kernel.__wrapped__
-        kernel = make(self, model, items if items is not None else tuple(static.items()), has_u)
+        args = (self, model, static_items(static), has_u)
+        kernel = cached_program(("particle_smoother",) + args, lambda: _smooth_kernel(*args))
         post = kernel(rng_key, params, spec.y, spec.u, dynamic, time_mask)
         if post.backward_fallback_rate is not None:
             warn_backward_fallback(np.asarray(post.backward_fallback_rate), stacklevel=3)
@@ -835,10 +817,7 @@ def warn_backward_fallback(rate, stacklevel: int = 2) -> None:
         )
 
 
-@functools.lru_cache(maxsize=64)
 def _smooth_kernel(e_step: ParticleSmoother, model, static_items, has_u: bool):
-    from ppl_dyn.infer._run import jit_model
-    from ppl_dyn.state_space import bind
 
     def kernel(rng_key, params, y, u, dynamic, time_mask=None):
         data = {"y": y, "u": u} if has_u else {"y": y}

@@ -31,12 +31,13 @@ import numpy as np
 import optax
 from numpyro.distributions.transforms import biject_to
 from numpyro.infer.util import compute_log_probs, transform_fn
-from tqdm.auto import tqdm
 
 from ppl_dyn._validation import check_rng_key
 from ppl_dyn.handlers import marginalize, marginalized_e_step
-from ppl_dyn.infer._run import inspect_checked, jit_model, split_static, validate_data
-from ppl_dyn.infer.em import EMResult, _converged, initial_params
+from ppl_dyn.infer._compile import cached_program, jit_model
+from ppl_dyn.infer._loop import run_loop
+from ppl_dyn.infer._run import inspect_checked, split_static, static_items, validate_data
+from ppl_dyn.infer.em import EMResult, initial_params
 from ppl_dyn.infer.kalman import KalmanSmoother
 from ppl_dyn.infer.particle import ParticleSmoother
 from ppl_dyn.state_space import bind, log_marginal_name
@@ -244,14 +245,23 @@ class SGD:
         else:
             state = self.init(rng_key, init_params=init_params, **kwargs)
         core = self._core(kwargs)
-        z, opt_state, key = state.unconstrained, state.opt_state, state.rng_key
         lls: list[float] = []
-        best_z, best_ll = z, -np.inf  # the best iterate seen (params returned)
-        converged = False
-        bar = tqdm(range(num_steps), disable=not progress_bar, desc="SGD", leave=False)
-        for it in bar:
+        best = {"z": state.unconstrained, "objective": -np.inf}  # the best iterate seen
+        last = [(state.unconstrained, state.opt_state, state.rng_key)]  # the accepted step's
+
+        def launch(it, carry):
+            """Dispatch step ``it`` (asynchronous); keeps the parameters entering it."""
+            z, opt_state, key = carry
             key, sub = jax.random.split(key)
-            new_z, new_opt, obj, finite = core.step(z, opt_state, core.dynamic, sub, core.num_obs)
+            out = core.step(z, opt_state, core.dynamic, sub, core.num_obs)
+            return z, key, out
+
+        def carry_of(pending):
+            _, key, (new_z, new_opt, _, _) = pending
+            return new_z, new_opt, key
+
+        def accept(it, pending):
+            z, key, (new_z, new_opt, obj, finite) = pending
             obj = float(obj)
             if not np.isfinite(obj):
                 raise FloatingPointError(
@@ -265,19 +275,27 @@ class SGD:
                     f"SGD step {it}: the optimizer produced non-finite values for {sorted(bad)}"
                 )
             lls.append(obj)
-            if obj > best_ll:  # obj is the objective at z, the parameters entering step it
-                best_z, best_ll = z, obj
-            z, opt_state = new_z, new_opt
-            if progress_bar and (it % 10 == 0 or it == num_steps - 1):
-                bar.set_postfix(log_marginal=f"{obj:.4f}", refresh=False)
-            if rtol is not None and _converged(lls, rtol, smoothing_window):
-                converged = True
-                break
-        bar.close()
+            if obj > best["objective"]:  # obj: the objective at z, entering step it
+                best.update(z=z, objective=obj)
+            last[0] = (new_z, new_opt, key)
+            return obj, obj
+
+        _, converged = run_loop(
+            launch,
+            carry_of,
+            accept,
+            last[0],
+            num_steps,
+            desc="SGD",
+            progress_bar=progress_bar,
+            rtol=rtol,
+            smoothing_window=smoothing_window,
+        )
+        z, opt_state, key = last[0]
         final = SGDState(
             transform_fn(core.transforms, z), state.iteration + len(lls), key, z, opt_state
         )
-        params = transform_fn(core.transforms, best_z)
+        params = transform_fn(core.transforms, best["z"])
         ss, _ = bind(self.model, params, **kwargs)
         return EMResult(
             params=dict(ss.params),
@@ -318,31 +336,18 @@ class SGD:
         instances with the same model, E-step, optimizer and options, like EM's step)."""
         dynamic, static = split_static(kwargs)
         shapes = tuple(sorted((k, np.shape(v), jnp.result_type(v).str) for k, v in dynamic.items()))
-        cache_key = (
+        key = (
+            "sgd_step",
             self.model,
             self.e_step,
             self.optimizer,
             self.batch_size,
             self.map_estimate,
-            tuple(sorted(static.items())),
+            static_items(static),
             shapes,
         )
-        try:
-            hash(cache_key)
-        except TypeError:
-            cache_key = None
-        if cache_key is not None and cache_key in _CORES:
-            return _CORES[cache_key]._replace(dynamic=dynamic, num_obs=_num_obs(kwargs))
-        core = _build_core(self, kwargs, dynamic, static)
-        if cache_key is not None:
-            if len(_CORES) >= _MAX_CORES:
-                _CORES.pop(next(iter(_CORES)))
-            _CORES[cache_key] = core
-        return core
-
-
-_CORES: dict = {}  # insertion-ordered: the oldest entry is evicted first
-_MAX_CORES = 64
+        core = cached_program(key, lambda: _build_core(self, kwargs, dynamic, static))
+        return core._replace(dynamic=dynamic, num_obs=_num_obs(kwargs))
 
 
 class _Core(NamedTuple):

@@ -44,7 +44,6 @@ Fit time is the wall time of the fit call, compilation included.
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from pathlib import Path
@@ -118,7 +117,8 @@ def kalman_forecasts(
     """
     import jax.numpy as jnp
 
-    from ppl_dyn.infer._run import hashable_items, split_static, validate_data
+    from ppl_dyn.infer._compile import cached_program
+    from ppl_dyn.infer._run import split_static, static_items, validate_data
 
     if model_kwargs.get("u") is not None:
         raise ValueError("kalman_forecasts supports models without inputs only")
@@ -129,10 +129,9 @@ def kalman_forecasts(
         raise ValueError(f"pass one sequence y of shape (T, obs_dim); got shape {yy.shape}")
     kwargs = validate_data(dict(model_kwargs, y=yy))
     dynamic, static = split_static(kwargs)
-    items = hashable_items(static)
     K = max(int(k) for k in horizons)
-    args = (model, tuple(static.items()) if items is None else items, K)
-    kernel = _make_kalman_kernel(*args) if items is None else _kalman_kernel(*args)
+    args = (model, static_items(static), K)
+    kernel = cached_program(("kalman_forecast",) + args, lambda: _make_kalman_kernel(*args))
     params = {k: jnp.asarray(v) for k, v in params.items()}
     ym, S, first_mean, first_cov = (np.asarray(a) for a in kernel(params, dynamic))
     mean, lower, upper = {}, {}, {}
@@ -181,9 +180,6 @@ def _make_kalman_kernel(model, static_items, num_horizons: int):
     return jax.jit(run)
 
 
-_kalman_kernel = functools.lru_cache(maxsize=32)(_make_kalman_kernel)
-
-
 def particle_forecasts(
     rng_key,
     params: dict,
@@ -208,7 +204,8 @@ def particle_forecasts(
     import jax.numpy as jnp
 
     from ppl_dyn._validation import check_rng_key
-    from ppl_dyn.infer._run import hashable_items, split_static, validate_data
+    from ppl_dyn.infer._compile import cached_program
+    from ppl_dyn.infer._run import split_static, static_items, validate_data
 
     check_rng_key(rng_key)
     if np.ndim(y) != 2:
@@ -218,15 +215,8 @@ def particle_forecasts(
         raise ValueError(f"level must lie in (0, 1); got {level!r}")
     K = max(int(k) for k in horizons)
     dynamic, static = split_static(kwargs)
-    items = hashable_items(static)
-    args = (
-        model,
-        tuple(static.items()) if items is None else items,
-        int(num_particles),
-        K,
-        float(level),
-    )
-    kernel = _make_particle_kernel(*args) if items is None else _particle_kernel(*args)
+    args = (model, static_items(static), int(num_particles), K, float(level))
+    kernel = cached_program(("particle_forecast",) + args, lambda: _make_particle_kernel(*args))
     params = {k: jnp.asarray(v) for k, v in params.items()}
     means, bands, lp = (np.asarray(a) for a in kernel(rng_key, params, dynamic))
     mean = {k: means[k - 1] for k in range(1, K + 1)}
@@ -285,9 +275,6 @@ def _make_particle_kernel(model, static_items, num_particles: int, num_horizons:
         return means, bands, lp
 
     return jax.jit(run)
-
-
-_particle_kernel = functools.lru_cache(maxsize=32)(_make_particle_kernel)
 
 
 def network_forecasts(
