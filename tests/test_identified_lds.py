@@ -56,19 +56,38 @@ def test_identified_form_needs_as_many_observations_as_states():
 @pytest.mark.slow
 def test_nuts_on_identified_marginal_lds_has_no_divergences():
     """The setting of the issue: a stable 2-state system, T = 200, 2 chains x 300 + 300,
-    NUTS with default settings. Measured (2-core CPU): 0 divergences, split R-hat at most
-    1.016 over the sites (the signal/noise split between C and R is the slowest
-    direction: posterior correlation 0.8)."""
+    NUTS with default settings, on the identified form with P0 conditioned (one sequence
+    does not inform it: docs/mcmc.md). Measured (2-core CPU, seeds 1-6): 0 divergences
+    in every run, max split R-hat over all sites 1.008-1.022. (With P0 sampled, seed 3
+    gave 17 divergences in P0's prior tail.) The R-hat bound is loose on purpose: with
+    exactly independent draws the largest of 17 split R-hats at 600 draws exceeds 1.01 in
+    about a quarter of runs."""
     p = {"A": np.array([[0.8, 0.2], [-0.2, 0.7]]), "C": np.array([[1.0, 0.0], [0.5, 1.0]]),
          "Q": 0.1 * np.eye(2), "R": 0.1 * np.eye(2), "b": np.zeros(2), "d": np.zeros(2),
          "m0": np.zeros(2), "P0": np.eye(2)}  # fmt: skip
     y = np.asarray(ppl_dyn.simulate(jax.random.key(0), lds, p, num_steps=200, state_dim=2,
                                     obs_dim=2)["y"])  # fmt: skip
-    mcmc = MCMC(NUTS(marginalize(lds)), num_warmup=300, num_samples=300, num_chains=2,
+    model = handlers.condition(lds, {"P0": np.eye(2)})
+    mcmc = MCMC(NUTS(marginalize(model)), num_warmup=300, num_samples=300, num_chains=2,
                 chain_method="sequential", progress_bar=False)  # fmt: skip
-    mcmc.run(jax.random.key(1), y=y, state_dim=2, identified=True)
+    mcmc.run(jax.random.key(3), y=y, state_dim=2, identified=True)
     assert int(mcmc.get_extra_fields()["diverging"].sum()) == 0
     idata = az.from_numpyro(mcmc)
-    rhat = az.rhat(idata, var_names=["A", "C_diag", "C_lower", "R", "d", "m0", "P0"])
+    assert "P0" not in idata.posterior
+    rhat = az.rhat(idata, var_names=["A", "C_diag", "C_lower", "R", "d", "m0"])
     worst = max(float(np.max(v)) for v in rhat.data_vars.values())
     assert worst < 1.03, worst
+
+
+def test_iid_draws_alone_exceed_an_rhat_of_1_01_often():
+    """Why the slow test above does not ask for R-hat < 1.01: split R-hat of exactly
+    independent normal draws, 2 chains x 300, maximum over 17 sites, exceeds 1.01 in a
+    sizeable fraction of runs (simulated: about 23%; 200 runs here)."""
+    rng = np.random.default_rng(0)
+    runs = 200
+    over = sum(
+        max(float(az.rhat(x)) for x in rng.normal(size=(17, 2, 300))) > 1.01 for _ in range(runs)
+    )
+    frac = over / runs
+    se = np.sqrt(0.23 * 0.77 / runs)
+    assert abs(frac - 0.23) < 4 * se + 0.05, frac  # well away from 0: the target is noise
