@@ -529,6 +529,7 @@ def test_mcmc_primitive_checks_its_arguments():
         ffbsi_mcmc(jax.random.key(0), ss, filt, jnp.zeros((T_STD, 0)), 4, 0)
 
 
+@pytest.mark.slow  # default-suite budget (~15 min on 2 cores): runs in the slow tier
 def test_hybrid_reports_its_fallback_rate_and_warns_when_it_is_high():
     """The rate is the share of backward draws made by the exact O(N) draw, checked
     against the low-level pass's own counts; a transition density far narrower than the

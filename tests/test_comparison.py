@@ -109,6 +109,7 @@ def test_score_aligns_targets_with_origins():
         comparison.score(fc, y, 5)
 
 
+@pytest.mark.slow  # default-suite budget (~15 min on 2 cores): runs in the slow tier
 def test_small_cli_run_writes_finite_metrics_for_every_dataset_and_model(tmp_path):
     out = tmp_path / "cmp"
     rc = cli.main(["reproduce", "comparison", "--small", "--out", str(out)])

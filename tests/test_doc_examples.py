@@ -31,8 +31,10 @@ PAGES = [
     "docs/scale.md",
     "docs/forecasting.md",
 ]
-# pages whose examples take minutes (NUTS and BlackJAX runs, compiled per call): slow tier
-SLOW_PAGES = {"docs/mcmc.md"}
+# pages whose examples take minutes (NUTS and BlackJAX runs, compiled per call), or half
+# a minute and more (particle EM, online EM, PSAEM/PGAS, sharding): slow tier, to keep the
+# default suite within its budget (~15 min on 2 cores)
+SLOW_PAGES = {"docs/mcmc.md", "docs/particle.md", "docs/psaem.md", "docs/scale.md"}
 _BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 

@@ -5,6 +5,7 @@ import importlib.util
 import pathlib
 
 import numpy as np
+import pytest
 from scipy import integrate, stats
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -28,6 +29,7 @@ def test_gaussian_crps_is_the_integral_of_the_squared_cdf_gap():
         np.testing.assert_allclose(crps, integral, rtol=1e-7)
 
 
+@pytest.mark.slow  # default-suite budget (~15 min on 2 cores): runs in the slow tier
 def test_quick_run_writes_a_table_with_every_method(tmp_path):
     mod = _script()
     out = tmp_path / "table.md"

@@ -97,6 +97,7 @@ def _log_marginals(param_sets, y, u, key, reps=8, N=300):
     return out
 
 
+@pytest.mark.slow  # default-suite budget (~15 min on 2 cores): runs in the slow tier
 def test_particle_em_with_gradient_mstep_increases_log_marginal():
     p = {k: jnp.asarray(v) for k, v in _params().items()}
     T = 30

@@ -68,6 +68,7 @@ def test_plugins_are_told_the_pattern_as_a_field():
     assert with_data_pattern(mine, COMPLETE) is mine
 
 
+@pytest.mark.slow  # default-suite budget (~15 min on 2 cores): runs in the slow tier
 def test_paris_step_knowing_complete_data_equals_unknowing():
     """PaRIS skips the imputation terms when it knows the data are complete: same
     statistics (same keys) as the general path, which imputes nothing here."""
