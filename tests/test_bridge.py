@@ -269,7 +269,7 @@ def test_jitted_entry_points_trace_without_numpyro_validation_and_restore_it():
     # raise but cost eager compilations, so our compiled steps trace without them
     from numpyro.distributions.distribution import Distribution
 
-    from ppl_dyn.infer._run import jit_model, without_validation
+    from ppl_dyn.infer._compile import jit_model, without_validation
 
     seen = []
 

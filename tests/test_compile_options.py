@@ -15,9 +15,10 @@ from ppl_dyn.infer import EM, ExtendedKalmanSmoother, KalmanSmoother, ParticleSm
 from ppl_dyn.infer._compile import (
     SMALL_MATRIX_CPU_OPTIONS,
     clear_programs,
+    compiler_options,
+    jit_model,
     small_matrix_compiler_options,
 )
-from ppl_dyn.infer._run import compiler_options, jit_model
 from ppl_dyn.models import lds
 
 

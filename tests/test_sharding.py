@@ -108,7 +108,7 @@ PARTICLE_SCRIPT = textwrap.dedent(
     from jax.sharding import Mesh
     import ppl_dyn
     from ppl_dyn.infer import EM, ParticleSmoother
-    from ppl_dyn.infer._run import jit_model
+    from ppl_dyn.infer._compile import jit_model
     from ppl_dyn.infer.particle import particle_linear_statistics
     from ppl_dyn.models import lds
     from ppl_dyn.state_space import bind

@@ -9,12 +9,7 @@ import jax
 import numpy as np
 
 from ppl_dyn._validation import check_inputs, check_observations, check_params
-from ppl_dyn.infer._compile import (  # noqa: F401  (re-exported: callers import them here)
-    cached_program,
-    compiler_options,
-    jit_model,
-    without_validation,
-)
+from ppl_dyn.infer._compile import cached_program, jit_model
 from ppl_dyn.infer._pattern import data_pattern, with_data_pattern
 from ppl_dyn.state_space import bind, inspect_model
 
@@ -30,21 +25,16 @@ def split_static(kwargs: dict):
     return dynamic, static
 
 
-def hashable_items(static: dict):
+def static_items(static: dict) -> tuple:
+    """The static arguments as a tuple for a program's cache key
+    (:func:`~ppl_dyn.infer._compile.cached_program`): sorted when they can be hashed,
+    else as given (the key then cannot be hashed and the program is built afresh)."""
     try:
         items = tuple(sorted(static.items()))
         hash(items)
         return items
     except TypeError:
-        return None
-
-
-def static_items(static: dict) -> tuple:
-    """The static arguments as a tuple for a program's cache key
-    (:func:`~ppl_dyn.infer._compile.cached_program`): sorted when they can be hashed,
-    else as given (the key then cannot be hashed and the program is built afresh)."""
-    items = hashable_items(static)
-    return tuple(static.items()) if items is None else items
+        return tuple(static.items())
 
 
 def _as_float_dtype(dtypes):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppl_dyn._validation import check_params, check_rng_key, check_some_observed, device_array
-from ppl_dyn.infer._compile import cached_program, compile_ahead
+from ppl_dyn.infer._compile import cached_program, compile_ahead, jit_model
 from ppl_dyn.infer._loop import run_loop
 from ppl_dyn.infer._mesh import MeshAxes, mesh_axes
 from ppl_dyn.infer._pattern import data_pattern, with_data_pattern
@@ -18,7 +18,6 @@ from ppl_dyn.infer._run import (
     adapt_params,
     check_mask_support,
     inspect_checked,
-    jit_model,
     mask_arg,
     pad_to_multiple,
     ragged_data,
