@@ -227,3 +227,57 @@ def test_bad_data_raise():
         OnlineEM(MODEL).run(jax.random.key(0), init_params=START, y=y[0, :1], **KW)
     with pytest.raises(ValueError, match="rng_key"):
         OnlineEM(MODEL).run(None, init_params=START, y=y[0], **KW)
+
+
+def test_online_em_is_the_em_driver_with_a_streaming_e_step():
+    """``OnlineEM.run`` is a thin alias: the EM driver running ``OnlineEM.parts`` (the
+    streaming PaRIS E-step and the held M-step) from the same start and key gives the
+    same iterates, block by block. A user schedule (evaluated on the host inside the
+    compiled step) equal to the built-in exponent gives the same run up to rounding."""
+    y, _, _ = mle(300, 1)
+    alg = OnlineEM(MODEL, num_particles=50, burn_in=30, update_every=25, num_passes=2)
+    res = alg.run(jax.random.key(4), init_params=START, y=y, progress_bar=False, **KW)
+    e_step, m_step = alg.parts(300)
+    assert e_step.update_every == 25 and m_step.hold == int(np.sum(res.monitor.step <= 30))
+    # the run's key after OnlineEM's split of the caller's key (initial_params)
+    _, run_key = jax.random.split(jax.random.key(4))
+    em = EM(MODEL, e_step, m_step).run(
+        run_key, 2 * 12, init_params=START, y=y, progress_bar=False, keep_params_history=True, **KW
+    )
+    for k in ("A", "Q", "R"):
+        np.testing.assert_array_equal(res.trajectory[k], em.params_history[k])
+    np.testing.assert_allclose(res.log_marginals, em.log_marginals.reshape(2, 12).sum(1))
+    # blocks: 12 per pass of 300 steps (steps 2..300 in runs of 25), the first block of
+    # each pass also predicting the pass's first observation
+    np.testing.assert_array_equal(
+        res.monitor.step[:12], [1 + 25 * (b + 1) for b in range(11)] + [300]
+    )
+    np.testing.assert_array_equal(res.monitor.step[12:], 300 + res.monitor.step[:12])
+    lam = OnlineEM(
+        MODEL,
+        num_particles=50,
+        burn_in=30,
+        update_every=25,
+        num_passes=2,
+        step_size=lambda t: np.asarray(t, float) ** -0.6,
+    ).run(jax.random.key(4), init_params=START, y=y, progress_bar=False, **KW)
+    for k in ("A", "Q", "R"):
+        np.testing.assert_allclose(lam.trajectory[k], res.trajectory[k], rtol=1e-8)
+
+
+def test_streaming_e_step_refuses_what_it_cannot_do():
+    from ppl_dyn.handlers import marginalize
+    from ppl_dyn.infer import StreamingPARIS
+
+    y = np.random.default_rng(0).normal(size=(40, 1))
+    em = EM(MODEL, StreamingPARIS(20), OnlineEM(MODEL).parts(40)[1])
+    with pytest.raises(ValueError, match="ragged"):
+        em.run(jax.random.key(0), 2, init_params=START, y=[y, y[:30]], progress_bar=False, **KW)
+    with pytest.raises(ValueError, match="one sequence"):
+        em.run(
+            jax.random.key(0), 2, init_params=START, y=np.stack([y, y]), progress_bar=False, **KW
+        )
+    with pytest.raises(ValueError, match="PARISSmoother"):
+        StreamingPARIS(20).posterior(None, None, y, None)
+    with pytest.raises(ValueError, match="StreamingPARIS gives a random estimate"):
+        marginalize(MODEL, StreamingPARIS(20))

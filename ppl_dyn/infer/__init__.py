@@ -7,7 +7,13 @@ from ppl_dyn.infer.em import EM, EMResult, EMState, fit_em
 from ppl_dyn.infer.kalman import GaussianPosterior, KalmanSmoother
 from ppl_dyn.infer.mstep import GradientMStep, LinearGaussianMStep
 from ppl_dyn.infer.nested import NestedFit, factor_analysis_init, fit_nested
-from ppl_dyn.infer.online import OnlineEM, OnlineEMMonitor, OnlineEMResult
+from ppl_dyn.infer.online import (
+    OnlineEM,
+    OnlineEMMonitor,
+    OnlineEMResult,
+    OnlineMStep,
+    StreamingPARIS,
+)
 from ppl_dyn.infer.paris import PARISPosterior, PARISSmoother
 from ppl_dyn.infer.particle import ParticlePosterior, ParticleSmoother
 from ppl_dyn.infer.pgas import PGAS, GibbsMStep, MNIWPrior, PathDraws, PGASResult
@@ -47,6 +53,8 @@ __all__ = [
     "OnlineEM",
     "OnlineEMResult",
     "OnlineEMMonitor",
+    "OnlineMStep",
+    "StreamingPARIS",
     "PSAEM",
     "PSAEMResult",
     "PSAEMState",

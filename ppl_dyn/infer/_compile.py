@@ -8,8 +8,8 @@ How our programs are compiled is decided here, not in the algorithm code:
   work (``small_matrix_programs = True``); on the CPU that selects XLA's loop emitter;
 * :func:`compile_ahead`: ``EM.run`` compiles its step in a background thread while it
   validates the starting values;
-* :func:`cached_program`: one cache of the built programs (EM steps, smoothers, online
-  EM passes, SGD steps, predictors), keyed by what they are built from.
+* :func:`cached_program`: one cache of the built programs (EM steps and the plug-ins'
+  initial states, smoothers, SGD steps, predictors), keyed by what they are built from.
 """
 
 from __future__ import annotations

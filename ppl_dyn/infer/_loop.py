@@ -1,8 +1,8 @@
 """The drivers' iteration loop: dispatch, host checks, progress bar, convergence.
 
-:class:`~ppl_dyn.infer.EM` (and through it PSAEM and PGAS), :class:`~ppl_dyn.infer.SGD`
-and :class:`~ppl_dyn.infer.OnlineEM` run their compiled steps through :func:`run_loop`;
-they differ only in what one step is and what they record of it.
+:class:`~ppl_dyn.infer.EM` (and through it PSAEM, PGAS and online EM) and
+:class:`~ppl_dyn.infer.SGD` run their compiled steps through :func:`run_loop`; they differ
+only in what one step is and what they record of it.
 """
 
 from __future__ import annotations

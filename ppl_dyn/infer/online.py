@@ -22,6 +22,11 @@ passes and :math:`\gamma_1 = 1` forgets the arbitrary start.
 The initial-state sites (``m0``, ``P0``) are not updated: a single stream carries no
 information about them beyond its first step (their statistic decays like
 :math:`\prod_t (1 - \gamma_t)`); they keep their starting values.
+
+Online EM is a run of the EM driver: :class:`StreamingPARIS` is the stateful E-step (one
+block of ``update_every`` steps per EM iteration) and :class:`OnlineMStep` the M-step
+(held during the burn-in); :class:`OnlineEM` builds the pair and reads its monitor off
+the iterations.
 """
 
 from __future__ import annotations
@@ -33,11 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppl_dyn._validation import check_rng_key
-from ppl_dyn.infer._compile import cached_program, jit_model
-from ppl_dyn.infer._loop import run_loop
-from ppl_dyn.infer._pattern import COMPLETE, data_pattern
-from ppl_dyn.infer._run import split_static, static_items
-from ppl_dyn.infer.em import EMResult, check_m_step, initial_params
+from ppl_dyn.infer._pattern import COMPLETE, with_data_pattern
+from ppl_dyn.infer.em import EM, EMResult, check_m_step, initial_params
 from ppl_dyn.infer.mstep import LinearGaussianMStep
 from ppl_dyn.infer.paris import (
     BackwardKernel,
@@ -48,6 +50,7 @@ from ppl_dyn.infer.paris import (
     weighted_sum,
 )
 from ppl_dyn.infer.particle import filter_init, filter_step
+from ppl_dyn.infer.stats import LinearStats
 from ppl_dyn.state_space import bind
 
 
@@ -216,12 +219,16 @@ class OnlineEM:
     ) -> OnlineEMResult:
         """One or more passes of online EM over ``y`` (one sequence, ``(T, dy)``).
 
+        Runs ``EM(model, StreamingPARIS(...), OnlineMStep(m_step, hold))`` for
+        ``num_passes * ceil((T - 1) / update_every)`` iterations, one block per
+        iteration (:meth:`parts`), and reads the monitor off the iterations.
+
         Args:
             rng_key: PRNG key (initial draws of sites without ``init_params``, filter,
                 backward draws).
             init_params: starting values (dict or :class:`EMResult`); missing free sites
                 are drawn from their priors.
-            progress_bar: show a tqdm progress bar over the passes.
+            progress_bar: show a tqdm progress bar over the blocks.
             **kwargs: the model's arguments (``y=...``, ``state_dim=...``, ...).
         """
         check_rng_key(rng_key)
@@ -250,77 +257,45 @@ class OnlineEM:
                 "no free dynamics or emission sites: online EM does not update the "
                 "initial-state sites"
             )
-        B = -(-(T - 1) // self.update_every)
-        gammas = self.step_sizes(self.num_passes * T).reshape(self.num_passes, T)
-        dynamic, static = split_static(kwargs)
-        args = (
-            self.model,
-            self.kernel,
-            self.num_particles,
-            self.resampling,
-            self.ess_threshold,
-            self.m_step,
-            self.update_every,
-            B,
-            static_items(static),
-            updated,
-            data_pattern(dynamic.get("y")),
-        )
-        fn = cached_program(("online_em_pass",) + args, lambda: _make_pass(*args))
-        # the averaged statistic carried between passes (zeros before the first: with
-        # tau_1 = (1 - gamma_1) S_prev + gamma_1 s_1 the start is forgotten at gamma_1 = 1)
-        x0 = jnp.zeros((1, spec.state_dim), spec.y.dtype)
-        shapes = jax.eval_shape(
-            lambda: weighted_sum(
-                initial_tau(ss, x0, spec.u[0, 0], spec.y[0, 0], ~jnp.isnan(spec.y[0, 0])),
-                jnp.zeros((1,), spec.y.dtype),
-            )
-        )
-        S_prev = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        blocks, lls, floor_counts = [], [], {}
-        last = [(params, S_prev)]  # the accepted pass's parameters and statistic
-
-        def launch(p, carry):  # one compiled pass (asynchronous)
-            params, S_prev = carry
-            key = jax.random.fold_in(run_key, p)
-            return fn(params, S_prev, dynamic, key, jnp.asarray(gammas[p]), p * T, self.burn_in)
-
-        def accept(p, pending):
-            params, S_prev, out = pending
-            out = jax.tree_util.tree_map(np.asarray, out)
-            blocks.append(out)
-            lls.append(float(out["log_marginal"]))
-            for k, v in out["floors"].items():
-                floor_counts[k] = floor_counts.get(k, 0) + int(np.sum(v))
-            if not all(np.all(np.isfinite(np.asarray(v))) for v in params.values()):
-                bad = [k for k, v in params.items() if not np.all(np.isfinite(np.asarray(v)))]
-                raise FloatingPointError(f"online EM pass {p}: non-finite values for {bad}")
-            last[0] = (params, S_prev)
-            return lls[-1], lls[-1]
-
-        run_loop(
-            launch,
-            lambda pending: pending[:2],
-            accept,
-            last[0],
-            self.num_passes,
-            desc="OnlineEM",
+        self.step_sizes(self.num_passes * T)  # a user schedule checked here, by name
+        ends = block_ends(T, self.update_every, self.num_passes)
+        e_step, m_step = self.parts(T)
+        em = EM(self.model, e_step, m_step)
+        em._method = "OnlineEM"
+        res = em.run(
+            run_key,
+            len(ends),
+            init_params=params,
             progress_bar=progress_bar,
+            keep_params_history=True,
+            **kwargs,
         )
-        params, S_prev = last[0]
-        cat = {k: np.concatenate([b[k] for b in blocks]) for k in ("step", "lp", "dtheta", "upd")}
-        traj = {k: np.concatenate([b["traj"][k] for b in blocks]) for k in updated}
-        smooth = np.empty_like(cat["lp"])
-        acc = cat["lp"][0]
-        for i, v in enumerate(cat["lp"]):
+        B = len(ends) // self.num_passes
+        lls = np.asarray(res.log_marginals)
+        # steps per block (the first block of a pass also predicts the pass's first
+        # observation: the previous block ended at the end of the previous pass)
+        counts = ends - np.concatenate([[0], ends[:-1]])
+        lp = lls / counts
+        traj = {k: np.asarray(res.params_history[k]) for k in updated}
+        before = {k: np.asarray(params[k])[None] for k in updated}
+        flat_old = np.concatenate(
+            [np.concatenate([before[k], traj[k][:-1]]).reshape(len(ends), -1) for k in updated],
+            axis=1,
+        )
+        flat_new = np.concatenate([traj[k].reshape(len(ends), -1) for k in updated], axis=1)
+        upd = ends > self.burn_in
+        change = np.linalg.norm(flat_new - flat_old, axis=1) / np.maximum(
+            np.linalg.norm(flat_old, axis=1), 1.0
+        )
+        smooth = np.empty_like(lp)
+        acc = lp[0]
+        for i, v in enumerate(lp):
             acc = self.monitor_decay * acc + (1 - self.monitor_decay) * v if i else v
             smooth[i] = acc
-        monitor = OnlineEMMonitor(
-            cat["step"], cat["lp"], smooth, cat["dtheta"], cat["upd"].astype(bool)
-        )
-        all_params = dict(bind(self.model, params, **kwargs)[0].params)
+        monitor = OnlineEMMonitor(ends, lp, smooth, np.where(upd, change, 0.0), upd)
+        all_params = dict(res.params)
         averaged = dict(all_params)
-        upd_idx = np.flatnonzero(monitor.updated)
+        upd_idx = np.flatnonzero(upd)
         if upd_idx.size:
             half = upd_idx[upd_idx.size // 2 :]
             for k in updated:
@@ -330,124 +305,262 @@ class OnlineEM:
             averaged_params=averaged,
             trajectory=traj,
             monitor=monitor,
-            log_marginals=np.asarray(lls),
-            floor_counts=floor_counts,
+            log_marginals=lls.reshape(self.num_passes, B).sum(1),
+            floor_counts=dict(res.floor_counts),
             num_steps=self.num_passes * T,
         )
 
-
-def _flat(params, names):
-    return jnp.concatenate([jnp.ravel(params[k]) for k in names])
-
-
-def _make_pass(model, kernel, N, resampling, thr, m_step, every, B, static_items, updated, pattern):
-    """A jitted pass: ``(params, S_prev, dynamic, key, gammas, n0, burn_in) ->
-    (params, S, outputs)``."""
-    static = dict(static_items)
-    free = frozenset(updated)
-    complete = pattern == COMPLETE  # known from the data: no imputation terms traced
-
-    def one_pass(params, S_prev, dynamic, key, gammas, n0, burn_in):
-        kwargs = {**static, **dynamic}
-        ss0, spec = bind(model, params, **kwargs)
-        y, u = spec.y[0], spec.u[0]
-        T = y.shape[0]
-        dtype = y.dtype
-        mask = ~jnp.isnan(y)
-        pad = B * every - (T - 1)
-
-        # steps 2..T in B blocks of `every`, padded with invalid steps
-        def blocked(a, fill):
-            tail = jnp.full((pad,) + a.shape[1:], fill, a.dtype)
-            return jnp.concatenate([a[1:], tail]).reshape((B, every) + a.shape[1:])
-
-        ys, us, ms = blocked(y, 0.0), blocked(u, 0.0), blocked(mask, False)
-        valid = blocked(jnp.ones((T,), bool), False)
-        gs = blocked(gammas.astype(dtype), 0.0)
-        tt = blocked(jnp.arange(T), 0)  # 0-based time in the pass
-
-        k_init, k_run = jax.random.split(key)
-        x1, lw1, lz1, _ = filter_init(k_init, ss0, y[0], u[0], mask[0], N)
-        s1 = initial_tau(ss0, x1, u[0], y[0], mask[0], complete)
-        g1 = gammas[0].astype(dtype)
-        tau1 = jax.tree_util.tree_map(lambda a, s: (1 - g1) * s + g1 * a, s1, S_prev)
-
-        def block(carry, inp):
-            params, x, lw, logZ, tau, nfl = carry
-            y_b, u_b, m_b, v_b, g_b, t_b = inp
-            ss, _ = bind(model, params, **kwargs)
-
-            def step(c, s_in):
-                x_prev, lw_prev, logZ, tau = c
-                y_t, u_t, m_t, ok, g, t = s_in
-                k = jax.random.fold_in(k_run, t)
-                k_res, k_mov, k_back = jax.random.split(k, 3)
-                xn, lwn, anc, lz, _, _ = filter_step(
-                    ss,
-                    resampling,
-                    thr,
-                    k_res,
-                    k_mov,
-                    x_prev,
-                    lw_prev,
-                    ~jnp.isfinite(logZ),
-                    u_t,
-                    y_t,
-                    m_t,
-                )
-                taun, _ = paris_update(
-                    kernel,
-                    k_back,
-                    ss,
-                    x_prev,
-                    lw_prev,
-                    tau,
-                    xn,
-                    anc,
-                    u_t,
-                    y_t,
-                    m_t,
-                    1 - g,
-                    g,
-                    complete,
-                )
-                new = (xn, lwn, logZ + lz, taun)
-                out = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, c)
-                return out, jnp.where(ok, lz, 0.0)
-
-            (x, lw, logZ, tau), lzs = jax.lax.scan(step, (x, lw, logZ, tau), inp)
-            n_valid = jnp.sum(v_b)
-            n_end = n0 + 1 + jnp.max(jnp.where(v_b, t_b, 0))  # global 1-based step
-            S = weighted_sum(tau, lw)
-            do = (n_valid > 0) & (n_end > burn_in)
-            new, floors = m_step.update(S, ss, free)
-            new = {k: jnp.where(do, new[k], params[k]) for k in updated}
-            d_old, d_new = _flat(params, updated), _flat(new, updated)
-            change = jnp.linalg.norm(d_new - d_old) / jnp.maximum(jnp.linalg.norm(d_old), 1.0)
-            params = {**params, **new}
-            nfl = {k: nfl[k] + (do & (v > 0)).astype(jnp.int32) for k, v in floors.items()}
-            rec = dict(
-                step=n_end,
-                lp=jnp.sum(lzs) / jnp.maximum(n_valid, 1),
-                dtheta=jnp.where(do, change, 0.0),
-                upd=do,
-                traj={k: params[k] for k in updated},
-            )
-            return (params, x, lw, logZ, tau, nfl), rec
-
-        st = ss0.structure
-        nfl0 = {
-            r.noise: jnp.zeros((), jnp.int32) for r in (st.dynamics, st.emission) if r.noise in free
-        }
-        carry0 = (params, x1, lw1, lz1, tau1, nfl0)
-        (params, x, lw, logZ, tau, nfl), rec = jax.lax.scan(
-            block, carry0, (ys, us, ms, valid, gs, tt)
+    def parts(self, num_steps: int) -> tuple["StreamingPARIS", "OnlineMStep"]:
+        """The (E-step, M-step) pair :meth:`run` hands the EM driver for a series of
+        ``num_steps`` steps: ``StreamingPARIS`` (one block of ``update_every`` steps per
+        iteration) and ``OnlineMStep`` holding the parameters for the blocks that end
+        within ``burn_in``."""
+        ends = block_ends(num_steps, self.update_every, self.num_passes)
+        hold = int(np.sum(ends <= self.burn_in))  # the blocks' ends increase
+        e_step = StreamingPARIS(
+            num_particles=self.num_particles,
+            kernel=self.kernel,
+            update_every=self.update_every,
+            step_size=self.step_size,
+            resampling=self.resampling,
+            ess_threshold=self.ess_threshold,
         )
-        rec["log_marginal"] = logZ
-        rec["floors"] = nfl
-        return params, weighted_sum(tau, lw), rec
-
-    return jit_model(one_pass)
+        return e_step, OnlineMStep(self.m_step, hold)
 
 
-__all__ = ["OnlineEM", "OnlineEMMonitor", "OnlineEMResult"]
+def block_ends(num_steps: int, update_every: int, num_passes: int = 1) -> np.ndarray:
+    """The global 1-based step at which each block ends, over ``num_passes`` passes of a
+    series of ``num_steps`` steps: a pass starts with step 1 and its blocks cover steps
+    ``2..T`` in runs of ``update_every`` (the last one possibly shorter), so the first
+    block of a pass ends at step ``1 + update_every``."""
+    T, every = int(num_steps), int(update_every)
+    B = -(-(T - 1) // every)
+    last = np.minimum((np.arange(B) + 1) * every, T - 1)  # 0-based time in the pass
+    return (np.arange(num_passes)[:, None] * T + 1 + last[None, :]).reshape(-1)
+
+
+class StreamState(NamedTuple):
+    """What :class:`StreamingPARIS` carries from one block to the next.
+
+    Attributes:
+        particles: the filter's particles at the last step processed ``(N, dx)``.
+        log_weights: their normalised log-weights ``(N,)``.
+        log_marginal: ``log p_hat`` of the pass so far (its sign of life: all weights
+            zero make it ``-inf``).
+        tau: the PaRIS statistic of each particle (:class:`LinearStats`, leading ``N``).
+        block: blocks processed (over all passes).
+    """
+
+    particles: jax.Array
+    log_weights: jax.Array
+    log_marginal: jax.Array
+    tau: LinearStats
+    block: jax.Array
+
+
+class StreamPosterior(NamedTuple):
+    r"""What one :class:`StreamingPARIS` block hands the M-step.
+
+    Attributes:
+        stats: the running average :math:`\hat S_t = \sum_i w_t^i \tau_t^i` at the
+            block's last step (already averaged: the M-step maps it as it is).
+        log_marginal: the sum of the block's one-step predictive log-likelihoods
+            ``(1,)`` (under the parameters entering the block).
+        num_steps: the block's steps ``(1,)``.
+    """
+
+    stats: LinearStats
+    log_marginal: jax.Array
+    num_steps: jax.Array
+
+    def linear_statistics(self, ss, y, u, time_mask=None):
+        del ss, y, u, time_mask
+        return self.stats
+
+
+class StreamingPARIS(NamedTuple):
+    r"""Online PaRIS as a streaming E-step (:class:`~ppl_dyn.infer.protocols.StatefulEStep`):
+    each EM iteration advances the bootstrap filter and the PaRIS statistic by one block
+    of ``update_every`` steps of the single sequence, under the parameters entering the
+    iteration, and hands the M-step the running average :math:`\hat S_t` (see the module
+    docstring). After the last block of the series the next iteration starts a new pass
+    from the initial distribution, the averaged statistic carried over.
+
+    :class:`OnlineEM` builds it with :class:`OnlineMStep`; it runs in
+    ``EM(model, StreamingPARIS(...), OnlineMStep(LinearGaussianMStep(), hold))`` for
+    ``num_passes * ceil((T - 1) / update_every)`` iterations.
+
+    Args:
+        num_particles, kernel (a :class:`BackwardKernel`), resampling, ess_threshold:
+            as :class:`~ppl_dyn.infer.PARISSmoother`.
+        update_every: steps per block (per EM iteration).
+        step_size: the exponent :math:`lpha` of :math:`\gamma_t = t^{-lpha}`, or a
+            callable of the 1-based global step numbers (numpy ints; evaluated on the
+            host through ``jax.pure_callback``).
+        data_pattern: set by the driver (``with_data_pattern``); leave it None.
+    """
+
+    deterministic = False  # a random likelihood estimate: marginalize refuses it
+
+    num_particles: int = 100
+    kernel: BackwardKernel = BackwardKernel()
+    update_every: int = 10
+    step_size: Union[float, Callable] = 0.6
+    resampling: str = "systematic"
+    ess_threshold: float = 0.5
+    data_pattern: Optional[str] = None
+
+    def with_data_pattern(self, pattern: Optional[str]) -> "StreamingPARIS":
+        return self._replace(data_pattern=pattern)
+
+    def _gammas(self, steps, dtype):
+        r""":math:`\gamma` at the 1-based global ``steps`` (int array)."""
+        if not callable(self.step_size):
+            return steps.astype(dtype) ** -jnp.asarray(self.step_size, dtype)
+        fn = self.step_size
+
+        def host(t):
+            return np.asarray(fn(np.asarray(t)), dtype=dtype).reshape(np.shape(t))
+
+        return jax.pure_callback(host, jax.ShapeDtypeStruct(steps.shape, dtype), steps)
+
+    def _check(self, y, time_mask):
+        if time_mask is not None:
+            raise ValueError(
+                "StreamingPARIS (online EM) runs over one sequence: ragged lengths "
+                "(lengths= or list-valued y) are not supported"
+            )
+        if y.shape[0] != 1:
+            raise ValueError(
+                f"y must hold one sequence for StreamingPARIS (online EM); got {y.shape[0]}"
+            )
+        if y.shape[1] < 2:
+            raise ValueError(f"y must have at least 2 time steps; got {y.shape[1]}")
+
+    def init(self, ss, y, u) -> StreamState:  # (step checks the data)
+        N, dtype = self.num_particles, y.dtype
+        x = jnp.zeros((N, ss.state_dim), dtype)
+        tau = initial_tau(ss, x, u[0, 0], y[0, 0], ~jnp.isnan(y[0, 0]))
+        return StreamState(
+            particles=x,
+            log_weights=jnp.full((N,), -jnp.log(N), dtype),
+            log_marginal=jnp.zeros((), dtype),
+            tau=jax.tree_util.tree_map(jnp.zeros_like, tau),  # S_prev = 0 before a pass
+            block=jnp.zeros((), jnp.int32),
+        )
+
+    def step(self, rng_key, ss, y, u, state: StreamState, time_mask=None):
+        self._check(y, time_mask)
+        y, u = y[0], u[0]
+        T, every, N = y.shape[0], self.update_every, self.num_particles
+        dtype = y.dtype
+        complete = self.data_pattern == COMPLETE  # no imputation terms traced
+        B = -(-(T - 1) // every)
+        p, b = state.block // B, state.block % B
+        mask = ~jnp.isnan(y)
+        k_init, k_run = jax.random.split(rng_key)
+
+        def fresh(_):  # a pass starts: step 1 from the initial distribution
+            x1, lw1, lz1, _ = filter_init(k_init, ss, y[0], u[0], mask[0], N)
+            s1 = initial_tau(ss, x1, u[0], y[0], mask[0], complete)
+            g1 = self._gammas(jnp.reshape(p * T + 1, (1,)), dtype)[0]
+            S_prev = weighted_sum(state.tau, state.log_weights)
+            tau1 = jax.tree_util.tree_map(lambda a, s: (1 - g1) * s + g1 * a, s1, S_prev)
+            return x1, lw1, lz1, tau1, lz1
+
+        def carry_on(_):
+            zero = jnp.zeros((), dtype)
+            return (state.particles, state.log_weights, state.log_marginal, state.tau, zero)
+
+        x, lw, logZ, tau, lz1 = jax.lax.cond(b == 0, fresh, carry_on, None)
+        t0 = 1 + b * every  # the block's first (0-based) time in the pass
+        tt = t0 + jnp.arange(every)
+        valid = tt < T
+        ti = jnp.minimum(tt, T - 1)  # (steps past the end: masked out below)
+        gs = jnp.where(valid, self._gammas(p * T + ti + 1, dtype), 0.0)
+
+        def one(c, inp):
+            x_prev, lw_prev, logZ, tau = c
+            t, ok, g = inp
+            k_res, k_mov, k_back = jax.random.split(jax.random.fold_in(k_run, t), 3)
+            y_t, u_t, m_t = y[t], u[t], mask[t]
+            xn, lwn, anc, lz, _, _ = filter_step(
+                ss, self.resampling, self.ess_threshold, k_res, k_mov, x_prev, lw_prev,
+                ~jnp.isfinite(logZ), u_t, y_t, m_t,
+            )  # fmt: skip
+            taun, _ = paris_update(
+                self.kernel, k_back, ss, x_prev, lw_prev, tau, xn, anc, u_t, y_t, m_t,
+                1 - g, g, complete,
+            )  # fmt: skip
+            new = (xn, lwn, logZ + lz, taun)
+            out = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, c)
+            return out, jnp.where(ok, lz, 0.0)
+
+        (x, lw, logZ, tau), lzs = jax.lax.scan(one, (x, lw, logZ, tau), (ti, valid, gs))
+        n = jnp.sum(valid) + (b == 0)
+        post = StreamPosterior(
+            stats=weighted_sum(tau, lw),
+            log_marginal=jnp.reshape(jnp.sum(lzs) + lz1, (1,)),
+            num_steps=jnp.reshape(n, (1,)),
+        )
+        return post, StreamState(x, lw, logZ, tau, state.block + 1)
+
+    def posterior(self, rng_key, ss, y, u, time_mask=None):
+        raise ValueError(
+            "StreamingPARIS is a streaming E-step: it runs inside EM, which carries its "
+            "state from block to block (OnlineEM builds that run). For the statistics of a "
+            "whole series at fixed parameters use PARISSmoother"
+        )
+
+
+class OnlineMStep(NamedTuple):
+    r"""The closed-form M-step of online EM (:class:`~ppl_dyn.infer.protocols.StatefulMStep`):
+    the wrapped M-step's map of the running-average statistic that
+    :class:`StreamingPARIS` hands it, applied to every free site except the
+    initial-state ones (a single stream carries no information about them: their
+    statistic decays like :math:`\prod_t (1 - \gamma_t)`), and not during the first
+    ``hold`` iterations (the burn-in; the statistic still accumulates). Its state counts
+    the iterations."""
+
+    m_step: LinearGaussianMStep = LinearGaussianMStep()
+    hold: int = 0
+
+    def with_data_pattern(self, pattern):
+        return self._replace(m_step=with_data_pattern(self.m_step, pattern))
+
+    def check(self, structure, free_names, method: str = "OnlineEM") -> None:
+        self.m_step.check(structure, free_names, method)
+
+    def verify_model(self, info) -> None:
+        verify = getattr(self.m_step, "verify_model", None)
+        if verify is not None:
+            verify(info)
+
+    def statistics(self, posterior, ss, y, u, time_mask=None):
+        return self.m_step.statistics(posterior, ss, y, u, time_mask)
+
+    def update(self, stats, ss, free, **kwargs):
+        st = ss.structure
+        return self.m_step.update(stats, ss, frozenset(free) - {st.init_mean, st.init_cov})
+
+    def init(self, stats, num_iters: Optional[int] = None):
+        return jnp.zeros((), jnp.int32)
+
+    def step(self, stats, state, ss, free, **kwargs):
+        new, floors = self.update(stats, ss, free)
+        do = state >= self.hold
+        new = {k: jnp.where(do, v, ss.params[k]) for k, v in new.items()}
+        floors = {k: jnp.where(do, v, jnp.zeros_like(v)) for k, v in floors.items()}
+        return new, floors, state + 1
+
+
+__all__ = [
+    "OnlineEM",
+    "OnlineEMMonitor",
+    "OnlineEMResult",
+    "OnlineMStep",
+    "StreamPosterior",
+    "StreamState",
+    "StreamingPARIS",
+    "block_ends",
+]
