@@ -43,13 +43,11 @@ from ppl_dyn.infer.em import EM, EMResult, check_m_step, initial_params
 from ppl_dyn.infer.mstep import LinearGaussianMStep
 from ppl_dyn.infer.paris import (
     BackwardKernel,
-    _check_int,
-    check_filter_args,
     initial_tau,
     paris_update,
     weighted_sum,
 )
-from ppl_dyn.infer.particle import filter_init, filter_step
+from ppl_dyn.infer.particle import check_filter_args, check_int, filter_init, filter_step
 from ppl_dyn.infer.stats import LinearStats
 from ppl_dyn.state_space import bind
 
@@ -162,9 +160,9 @@ class OnlineEM:
             self.kernel = kernel.check()
         else:
             self.kernel = BackwardKernel(kernel, num_backward, num_mcmc_steps, max_trials).check()
-        _check_int("burn_in", burn_in, 0)
-        _check_int("update_every", update_every, 1)
-        _check_int("num_passes", num_passes, 1)
+        check_int("burn_in", burn_in, 0)
+        check_int("update_every", update_every, 1)
+        check_int("num_passes", num_passes, 1)
         if not callable(step_size):
             if isinstance(step_size, bool) or not isinstance(step_size, (int, float)):
                 raise ValueError(f"step_size must be a float or a callable; got {step_size!r}")

@@ -51,7 +51,6 @@ from typing import NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ppl_dyn.infer._pattern import COMPLETE
 from ppl_dyn.infer.backward import (
@@ -62,11 +61,11 @@ from ppl_dyn.infer.backward import (
 from ppl_dyn.infer.particle import (
     FilterOutput,
     _imputed_y_moments,
+    check_filter_args,
     filter_init,
     filter_step,
     scan_with_noise,
 )
-from ppl_dyn.infer.resampling import RESAMPLERS
 from ppl_dyn.infer.stats import InitStats, LinearStats, RegressionStats, sum_stats
 from ppl_dyn.requirements import is_builtin_model, verify_structure
 from ppl_dyn.state_space import StateSpace
@@ -114,20 +113,6 @@ class PARISPosterior(NamedTuple):
 
 
 DEFAULT_KERNEL = BackwardKernel()
-
-
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
-
-
-def check_filter_args(num_particles, resampling, ess_threshold) -> None:
-    """ValueError naming the bad particle-filter argument."""
-    _check_int("num_particles", num_particles, 1)
-    if resampling not in RESAMPLERS:
-        raise ValueError(f"resampling must be one of {sorted(RESAMPLERS)}; got {resampling!r}")
-    if not (0.0 <= float(ess_threshold) <= 1.0):
-        raise ValueError(f"ess_threshold must be in [0, 1]; got {ess_threshold!r}")
 
 
 def _require_structure(ss: StateSpace):

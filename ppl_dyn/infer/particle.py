@@ -194,6 +194,21 @@ def _normalise(logw):
 NOISE_BLOCK_NUMBERS = 2**16
 
 
+def check_int(name, value, minimum):
+    """ValueError unless ``value`` is an int (not a bool) ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+
+
+def check_filter_args(num_particles, resampling, ess_threshold) -> None:
+    """ValueError naming the bad bootstrap-filter argument (every particle E-step's)."""
+    check_int("num_particles", num_particles, 1)
+    if resampling not in RESAMPLERS:
+        raise ValueError(f"resampling must be one of {sorted(RESAMPLERS)}; got {resampling!r}")
+    if not (0.0 <= float(ess_threshold) <= 1.0):
+        raise ValueError(f"ess_threshold must be in [0, 1]; got {ess_threshold!r}")
+
+
 def filter_init(key, ss, y1, u1, m1, num_particles):
     """Initial particles, normalised log-weights, ``log p_hat(y_1)`` and ESS."""
     N = num_particles
@@ -700,18 +715,13 @@ class ParticleSmoother(NamedTuple):
         return mode, k.num_mcmc_steps, k.max_trials
 
     def _check(self):
-        if self.resampling not in RESAMPLERS:
-            raise ValueError(
-                f"resampling must be one of {sorted(RESAMPLERS)}; got {self.resampling!r}"
-            )
+        check_filter_args(self.num_particles, self.resampling, self.ess_threshold)
         if self.mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}; got {self.mode!r}")
         for name, low in (("num_trajectories", 1), ("num_mcmc_steps", 1), ("max_trials", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value or int(value) < low:
                 raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
-        if int(self.num_particles) < 1:
-            raise ValueError(f"num_particles must be >= 1; got {self.num_particles}")
         check_particle_mesh(self.particle_mesh, self.num_particles, self.particle_axes)
 
     def posterior(self, rng_key, ss: StateSpace, y, u, time_mask=None) -> ParticlePosterior:
