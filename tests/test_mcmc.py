@@ -735,7 +735,10 @@ def _sbc_ranks(model, prior_model, names, T, model_kwargs, num_reps, seed, targe
     k_prior, k_run = jax.random.split(key)
     prior = Predictive(prior_model, num_samples=num_reps)(k_prior, num_steps=T, **model_kwargs)
     y = np.concatenate([np.asarray(prior["y_1"])[:, None, 0], np.asarray(prior["y"])[:, :, 0]], 1)
-    params = {k: v for k, v in prior.items() if k not in ("y_1", "y", "x_1", "x")}
+    # the latent sites of the sampled model (conditioned ones are no coordinates of z)
+    tr = handlers.trace(handlers.seed(model, 0)).get_trace(**model_kwargs, y=y[0])
+    latent = {k for k, s in tr.items() if s["type"] == "sample" and not s["is_observed"]}
+    params = {k: v for k, v in prior.items() if k in latent}
     # unconstrained shapes of every latent site of the sampled model
     first = {k: jnp.asarray(v[0]) for k, v in params.items()}
     first["x_innovations"] = jnp.zeros((T, model_kwargs["state_dim"]))

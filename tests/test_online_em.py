@@ -18,7 +18,7 @@ import pytest
 from numpyro.handlers import condition
 from scipy.optimize import minimize
 
-from ppl_dyn.infer import EM, KalmanSmoother, OnlineEM
+from ppl_dyn.infer import EM, KalmanSmoother, LinearGaussianMStep, OnlineEM
 from ppl_dyn.models import lds
 
 TRUTH = dict(
@@ -212,6 +212,7 @@ def test_user_step_sizes_and_validation():
         (dict(ess_threshold=2.0), "ess_threshold"),
         (dict(monitor_decay=1.0), "monitor_decay"),
         (dict(m_step=object()), "m_step"),
+        (dict(m_step=LinearGaussianMStep(map_estimate=True)), "map_estimate"),
     ],
 )
 def test_bad_arguments_raise(kwargs, match):

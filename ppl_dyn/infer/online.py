@@ -179,6 +179,12 @@ class OnlineEM:
                 f"m_step must be a LinearGaussianMStep (online EM needs the closed-form "
                 f"map); got {type(m_step).__name__}"
             )
+        if m_step.map_estimate:
+            raise ValueError(
+                "m_step: online EM maximises the likelihood; LinearGaussianMStep("
+                "map_estimate=True) would weigh the prior against an averaged (per-step) "
+                "statistic. Use EM with a batch E-step for MAP estimates"
+            )
         self.model = model
         self.num_particles = int(num_particles)
         self.step_size = step_size
