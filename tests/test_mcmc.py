@@ -840,7 +840,13 @@ def test_sbc_tanh_rnn_latent_noncentred():
     )
     names = [("A", (i, j)) for i in range(2) for j in range(2)]
     names += [(s, (i,)) for s in ("Q", "R", "m0", "P0") for i in range(2)]
-    ranks, div = _sbc_ranks(noncentered(base), base, names, 25, kw, _sbc_replications(), 1)
+    # at NUTS's default target acceptance 0.8: 251 divergent transitions and R[0]'s ranks
+    # piled in the lowest bin (27 of 200 vs 10 expected; p = 2.1e-4, Q[0] 0.011): chains
+    # that do not reach the small-R region, where the states are pinned to the data (the
+    # funnel of a latent-state model); a smaller step size is the standard remedy
+    ranks, div = _sbc_ranks(
+        noncentered(base), base, names, 25, kw, _sbc_replications(), 1, target_accept=0.95
+    )
     pvals = {k: _chi2_uniform_pvalue(r) for k, r in ranks.items()}
     hists = {k: np.bincount(r * 20 // 100, minlength=20).tolist() for k, r in ranks.items()}
     print("SBC tanh-RNN p-values:", pvals, "divergences:", div, "histograms:", hists)
