@@ -369,13 +369,12 @@ class StreamPosterior(NamedTuple):
         stats: the running average :math:`\hat S_t = \sum_i w_t^i \tau_t^i` at the
             block's last step (already averaged: the M-step maps it as it is).
         log_marginal: the sum of the block's one-step predictive log-likelihoods
-            ``(1,)`` (under the parameters entering the block).
-        num_steps: the block's steps ``(1,)``.
+            ``(1,)`` (under the parameters entering the block; the first block of a pass
+            also predicts the pass's first observation, see :func:`block_ends`).
     """
 
     stats: LinearStats
     log_marginal: jax.Array
-    num_steps: jax.Array
 
     def linear_statistics(self, ss, y, u, time_mask=None):
         del ss, y, u, time_mask
@@ -398,7 +397,7 @@ class StreamingPARIS(NamedTuple):
         num_particles, kernel (a :class:`BackwardKernel`), resampling, ess_threshold:
             as :class:`~ppl_dyn.infer.PARISSmoother`.
         update_every: steps per block (per EM iteration).
-        step_size: the exponent :math:`lpha` of :math:`\gamma_t = t^{-lpha}`, or a
+        step_size: the exponent :math:`\alpha` of :math:`\gamma_t = t^{-\alpha}`, or a
             callable of the 1-based global step numbers (numpy ints; evaluated on the
             host through ``jax.pure_callback``).
         data_pattern: set by the driver (``with_data_pattern``); leave it None.
@@ -501,11 +500,9 @@ class StreamingPARIS(NamedTuple):
             return out, jnp.where(ok, lz, 0.0)
 
         (x, lw, logZ, tau), lzs = jax.lax.scan(one, (x, lw, logZ, tau), (ti, valid, gs))
-        n = jnp.sum(valid) + (b == 0)
         post = StreamPosterior(
             stats=weighted_sum(tau, lw),
             log_marginal=jnp.reshape(jnp.sum(lzs) + lz1, (1,)),
-            num_steps=jnp.reshape(n, (1,)),
         )
         return post, StreamState(x, lw, logZ, tau, state.block + 1)
 
