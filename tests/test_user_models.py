@@ -30,6 +30,7 @@ from ppl_dyn.infer import (
     ExtendedKalmanSmoother,
     KalmanSmoother,
     LinearGaussianMStep,
+    OnlineEM,
     PARISSmoother,
     ParticleSmoother,
     fit_sgd,
@@ -212,6 +213,10 @@ def test_structure_plugins_refuse_models_without_linear_structure(name):
         PARISSmoother(num_particles=10).smooth(params(name), model, rng_key=key, **k)
     with pytest.raises(ValueError, match="LinearStructure"):
         PGAS(model, num_particles=10).run(key, 1, init_params=params(name), **k)
+    with pytest.raises(ValueError, match="LinearStructure"):
+        OnlineEM(model, num_particles=10).run(
+            key, init_params=params(name), progress_bar=False, **k
+        )
 
 
 def test_structured_lds_closed_form_em_climbs_the_dense_likelihood():
